@@ -1,0 +1,227 @@
+//! Configuration: `relay.yaml` parsed, checked and turned into typed values.
+//!
+//! Loading is two steps. [`load`] reads the YAML into a tree that keeps the line and column
+//! of every node, deserializes each section into structs that reject unknown keys, and then
+//! validates what spans fields (routes naming destinations, duplicate app IDs, `${VAR}`
+//! references, URLs, CIDRs). Every problem found is collected, so `faceio-relay check`
+//! shows them all at once, each with `file:line:column`, the key path and, for a mistyped
+//! key, the nearest valid name.
+//!
+//! The rest of the daemon only sees the typed [`Config`] below: durations are
+//! [`Duration`]s, addresses are parsed, relative paths are already resolved against the
+//! config file's directory and secrets are wrapped in [`Secret`].
+
+mod load;
+mod secret;
+mod yaml;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub use load::{ConfigError, ConfigErrors, Warning, load, load_str};
+pub use secret::Secret;
+
+/// Where the daemon looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/faceio-relay/relay.yaml";
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from (absolute), for messages and relative paths.
+    pub source: PathBuf,
+    /// Ingress listen address (`listen`, default `127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// The path FACEIO posts to (`webhook_path`, default `/webhook`).
+    pub webhook_path: String,
+    /// Ingress limits and protections (`ingress:` section).
+    pub ingress: IngressConfig,
+    /// Durable store (`store:` section).
+    pub store: StoreConfig,
+    /// FACEIO applications whose webhooks are accepted. Never empty.
+    pub applications: Vec<Application>,
+    /// Destinations by name, in file order.
+    pub destinations: Vec<DestinationConfig>,
+    /// Routes in file order; every matching route applies.
+    pub routes: Vec<RouteConfig>,
+    /// Delivery-wide settings (`delivery:` section).
+    pub delivery: DeliveryConfig,
+}
+
+/// `ingress:` — how the HTTP side protects itself.
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    /// Largest accepted body (`max_body`, default 64 KiB); larger gets 413 unread.
+    pub max_body: usize,
+    /// Time allowed to send the request headers (`header_timeout`, default 5s).
+    pub header_timeout: Duration,
+    /// Time allowed to send the body once headers are in (`body_timeout`, default 5s).
+    pub body_timeout: Duration,
+    /// Longest the store may take to make an event durable before we answer 503
+    /// (`store_timeout`, default 3s, well inside FACEIO's 6 s).
+    pub store_timeout: Duration,
+    /// Concurrent connections (`max_connections`, default 1024); more wait in the backlog.
+    pub max_connections: usize,
+    /// Source addresses allowed to post (`allow_ips`); empty means everyone.
+    pub allow_ips: Vec<IpNet>,
+    /// Failed authentications tolerated per source IP before it gets 429 instead of 401
+    /// (`auth_failures`, default `{ per_second: 1, burst: 10 }`).
+    pub auth_failures: RateLimit,
+}
+
+/// `store:` — where events and deliveries live.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// SQLite database file (`path`, default `./data/relay.db`), resolved.
+    pub path: PathBuf,
+    /// How long delivered events are kept for inspection (`retention`, default 7d).
+    pub retention: Duration,
+}
+
+/// One FACEIO application.
+#[derive(Debug, Clone)]
+pub struct Application {
+    /// FACEIO application public ID (`app_id`).
+    pub app_id: String,
+    /// The application's webhook token (`token` or `token_file`).
+    pub token: Secret,
+}
+
+/// One destination, common settings plus its kind.
+#[derive(Debug, Clone)]
+pub struct DestinationConfig {
+    /// The key under `destinations:`.
+    pub name: String,
+    /// What it is and its kind-specific settings.
+    pub kind: DestinationKind,
+    /// Deliveries in flight at once (`concurrency`, default 4; file: 1).
+    pub concurrency: usize,
+    /// Per-request timeout (`timeout`, default 10s).
+    pub timeout: Duration,
+    /// Retry schedule (`retry:`).
+    pub retry: RetryPolicy,
+    /// Optional rate limit (`rate_limit: { per_second, burst }`).
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Kind-specific destination settings (`type:`).
+#[derive(Debug, Clone)]
+pub enum DestinationKind {
+    Slack(SlackConfig),
+    Http(HttpConfig),
+    File(FileConfig),
+}
+
+impl DestinationKind {
+    /// `slack`, `http` or `file`, as written in `type:`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Slack(_) => "slack",
+            Self::Http(_) => "http",
+            Self::File(_) => "file",
+        }
+    }
+}
+
+/// `type: slack`.
+#[derive(Debug, Clone)]
+pub struct SlackConfig {
+    /// Incoming-webhook URL; its path is the credential.
+    pub webhook_url: Secret,
+    /// minijinja template for `text` (already checked to compile); `None` = built-in default.
+    pub text: Option<String>,
+}
+
+/// `type: http`.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Target URL (already checked to parse as http/https).
+    pub url: Secret,
+    /// Extra headers (names validated; values secret).
+    pub headers: Vec<(String, Secret)>,
+    /// Standard Webhooks signing secret (`whsec_<base64>` or raw).
+    pub signing_secret: Option<Secret>,
+    /// Follow redirects (`follow_redirects`, default false).
+    pub follow_redirects: bool,
+}
+
+/// `type: file`.
+#[derive(Debug, Clone)]
+pub struct FileConfig {
+    /// JSON Lines file, resolved against the config directory.
+    pub path: PathBuf,
+}
+
+/// `retry: { max_attempts, initial_delay, max_delay }`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts before dead-lettering, counting the first (default 20).
+    pub max_attempts: u32,
+    /// Base of the exponential backoff (default 1s).
+    pub initial_delay: Duration,
+    /// Cap of the backoff (default 10m).
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 20,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `{ per_second, burst }`: a token bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Sustained rate; may be fractional (0.5 = one every two seconds). > 0.
+    pub per_second: f64,
+    /// Bucket size (default 1). >= 1.
+    pub burst: u32,
+}
+
+/// One route: a condition and the destinations it sends to.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// `name` (default `route-N`, 1-based).
+    pub name: String,
+    /// `match:`; all given keys must hold. Empty = every event.
+    pub matcher: MatchConfig,
+    /// Destination names (all exist in `Config::destinations`).
+    pub to: Vec<String>,
+}
+
+/// `match:` keys. `None` = not constrained. Lists mean "any of".
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MatchConfig {
+    pub event_name: Option<Vec<String>>,
+    pub app_id: Option<Vec<String>>,
+    pub facial_id: Option<Vec<String>>,
+    /// Addresses are stored as /32 or /128 networks.
+    pub client_ip: Option<Vec<IpNet>>,
+    /// `details.gender`.
+    pub gender: Option<Vec<String>>,
+    /// `details.age: { min, max }`, inclusive.
+    pub age: Option<AgeRange>,
+}
+
+/// Inclusive age bounds; at least one is set.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AgeRange {
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+/// `delivery:` — worker-wide settings.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// How long in-flight deliveries may run after SIGTERM (`shutdown_grace`, default 10s).
+    pub shutdown_grace: Duration,
+    /// How often idle workers look for work written by other processes, such as
+    /// `dead-letters replay` (`poll_interval`, default 1s).
+    pub poll_interval: Duration,
+}

@@ -1,0 +1,2 @@
+//! faceio-relay (work in progress skeleton).
+pub mod config;
