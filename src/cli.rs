@@ -1,0 +1,388 @@
+//! The command line: `run`, `check`, `simulate`, `dead-letters`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Config, DEFAULT_CONFIG_PATH};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Selection, Store};
+
+/// Receives FACEIO webhooks, verifies them, stores them durably and fans them out to
+/// Slack, HTTP APIs and files by the rules in relay.yaml.
+#[derive(Debug, Parser)]
+#[command(name = "faceio-relay", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Path to relay.yaml.
+    #[arg(short, long, global = true, env = "FACEIO_RELAY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay daemon (stop it with SIGTERM or Ctrl-C; nothing pending is lost).
+    Run,
+    /// Validate the config and exit: 0 with a summary, or 1 with every error
+    /// (file:line:column, key path, and a suggestion for mistyped keys).
+    Check,
+    /// Send one realistic, correctly authenticated FACEIO event to the running relay
+    /// and print its answer.
+    Simulate(SimulateArgs),
+    /// Inspect, replay and purge deliveries that failed for good.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Event to send: ENROLL, AUTH, DELETION (or any other name your routes expect).
+    pub event: String,
+    /// Application to send as (default: the first in the config).
+    #[arg(long)]
+    pub app_id: Option<String>,
+    /// Facial ID to put in the event (default: a fresh random one).
+    #[arg(long)]
+    pub facial_id: Option<String>,
+    /// Relay URL to post to (default: built from `listen` and `webhook_path`).
+    #[arg(long)]
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List dead letters, newest first.
+    List {
+        /// One JSON object per line (id, event_id, destination, attempts, last_error, failed_at).
+        #[arg(long)]
+        json: bool,
+        /// Only this destination's.
+        #[arg(long)]
+        destination: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one dead letter with its event's payload.
+    Show {
+        /// Dead-letter ID (from `list`).
+        id: i64,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue dead letters for delivery again (attempts start over). The running relay
+    /// picks them up within its poll interval (1s by default).
+    Replay(SelectArgs),
+    /// Delete dead letters for good.
+    Purge(SelectArgs),
+}
+
+/// Which dead letters: IDs, `--all`, or `--destination NAME`.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct SelectArgs {
+    /// Dead-letter IDs.
+    pub ids: Vec<i64>,
+    /// Every dead letter.
+    #[arg(long)]
+    pub all: bool,
+    /// Every dead letter of this destination.
+    #[arg(long)]
+    pub destination: Option<String>,
+}
+
+impl SelectArgs {
+    fn selection(&self) -> Selection {
+        if self.all {
+            Selection::All
+        } else if let Some(d) = &self.destination {
+            Selection::Destination(d.clone())
+        } else {
+            Selection::Ids(self.ids.clone())
+        }
+    }
+}
+
+/// Entry point used by `main`.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init();
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check => Ok(check(&cli.config)),
+        Command::Run => {
+            let Some(config) = load_or_report(&cli.config) else {
+                return Ok(ExitCode::FAILURE);
+            };
+            crate::run(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate(args) => {
+            let Some(config) = load_or_report(&cli.config) else {
+                return Ok(ExitCode::FAILURE);
+            };
+            simulate(&config, &args).await
+        }
+        Command::DeadLetters(cmd) => {
+            let Some(config) = load_or_report(&cli.config) else {
+                return Ok(ExitCode::FAILURE);
+            };
+            dead_letters(&config, cmd).await
+        }
+    }
+}
+
+/// Loads the config, printing warnings; on errors prints them all and returns `None`.
+fn load_or_report(path: &Path) -> Option<Config> {
+    match config::load(path) {
+        Ok((config, warnings)) => {
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            Some(config)
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+            eprintln!(
+                "{}: {} error(s); nothing was started",
+                path.display(),
+                errors.0.len()
+            );
+            None
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match load_or_report(path) {
+        Some(config) => {
+            println!("{}: OK", path.display());
+            println!("{}", config.summary());
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// A realistic FACEIO payload for `event`.
+pub fn sample_payload(event: &str, app_id: &str, facial_id: &str) -> serde_json::Value {
+    let mut payload = serde_json::json!({
+        "eventName": event,
+        "facialId": facial_id,
+        "appId": app_id,
+        "clientIp": "203.0.113.7",
+    });
+    if event == "ENROLL" {
+        let today = humantime::format_rfc3339(SystemTime::now()).to_string();
+        payload["details"] = serde_json::json!({
+            "timestamp": &today[..10],
+            "gender": "female",
+            "age": 31,
+        });
+    }
+    payload
+}
+
+async fn simulate(config: &Config, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
+    let app = match &args.app_id {
+        Some(id) => config
+            .applications
+            .iter()
+            .find(|a| &a.app_id == id)
+            .with_context(|| format!("no application with app_id {id} in the config"))?,
+        None => config
+            .applications
+            .first()
+            .context("the config has no applications")?,
+    };
+    let url = match &args.url {
+        Some(u) => u.clone(),
+        None => {
+            let mut addr = config.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(if addr.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            format!("http://{addr}{}", config.webhook_path)
+        }
+    };
+    let facial_id = args
+        .facial_id
+        .clone()
+        .unwrap_or_else(|| format!("sim-{}", uuid::Uuid::now_v7().simple()));
+    let payload = sample_payload(&args.event, &app.app_id, &facial_id);
+    println!("POST {url}\n{}", serde_json::to_string_pretty(&payload)?);
+    let response = reqwest::Client::new()
+        .post(&url)
+        .header("WWW-Authenticate", format!("Bearer {}", app.token.expose()))
+        .json(&payload)
+        .timeout(std::time::Duration::from_secs(6))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the relay at {url}: {}", e.without_url()))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    println!("\nHTTP {status}\n{body}");
+    Ok(if status.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<ExitCode> {
+    let path = config.store.path.clone();
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open_admin(&path)).await??;
+    match cmd {
+        DeadLetterCommand::List {
+            json,
+            destination,
+            limit,
+        } => {
+            let rows = store.dead_letters(destination.as_deref(), limit).await?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else if rows.is_empty() {
+                println!("no dead letters");
+            } else {
+                println!(
+                    "{:<8} {:<20} {:<10} {:>8}  {:<24}  LAST ERROR",
+                    "ID", "DESTINATION", "EVENT", "ATTEMPTS", "FAILED AT"
+                );
+                for r in &rows {
+                    let mut err = r.last_error.clone();
+                    if err.chars().count() > 60 {
+                        err = err.chars().take(59).collect::<String>() + "…";
+                    }
+                    println!(
+                        "{:<8} {:<20} {:<10} {:>8}  {:<24}  {}",
+                        r.id, r.destination, r.event_name, r.attempts, r.failed_at, err
+                    );
+                }
+            }
+        }
+        DeadLetterCommand::Show { id, json } => {
+            let Some((row, body)) = store.dead_letter(id).await? else {
+                eprintln!("no dead letter with id {id}");
+                return Ok(ExitCode::FAILURE);
+            };
+            let payload: serde_json::Value =
+                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+            if json {
+                let mut v = serde_json::to_value(&row)?;
+                v["payload"] = payload;
+                println!("{v}");
+            } else {
+                println!("id:          {}", row.id);
+                println!("event:       {} ({})", row.event_id, row.event_name);
+                println!("destination: {}", row.destination);
+                println!("attempts:    {}", row.attempts);
+                println!("failed at:   {}", row.failed_at);
+                println!("last error:  {}", row.last_error);
+                println!("payload:\n{}", serde_json::to_string_pretty(&payload)?);
+            }
+        }
+        DeadLetterCommand::Replay(select) => {
+            let n = store.replay(&select.selection()).await?;
+            println!(
+                "replayed {n} dead letter(s); a running relay picks them up within {}",
+                humantime::format_duration(config.delivery.poll_interval)
+            );
+        }
+        DeadLetterCommand::Purge(select) => {
+            let n = store.purge(&select.selection()).await?;
+            println!("purged {n} dead letter(s)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn replay_needs_exactly_one_selection() {
+        assert!(Cli::try_parse_from(["faceio-relay", "dead-letters", "replay"]).is_err());
+        assert!(
+            Cli::try_parse_from(["faceio-relay", "dead-letters", "replay", "--all", "3"]).is_err()
+        );
+        let cli = Cli::try_parse_from([
+            "faceio-relay",
+            "dead-letters",
+            "replay",
+            "3",
+            "4",
+            "--config",
+            "x.yaml",
+        ])
+        .unwrap();
+        assert_eq!(cli.config, PathBuf::from("x.yaml"));
+        match cli.command {
+            Command::DeadLetters(DeadLetterCommand::Replay(s)) => {
+                assert_eq!(s.selection(), Selection::Ids(vec![3, 4]))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn enroll_sample_has_details_and_others_do_not() {
+        let e = sample_payload("ENROLL", "app", "f");
+        assert_eq!(e["details"]["gender"], "female");
+        assert_eq!(e["details"]["timestamp"].as_str().unwrap().len(), 10);
+        assert!(sample_payload("AUTH", "app", "f").get("details").is_none());
+    }
+}

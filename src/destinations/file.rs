@@ -1,0 +1,188 @@
+//! `type: file`: append one JSON object per line (`{"id","received_at","event"}`).
+//!
+//! # Invariants
+//! - A delivery counts as done only after its line is written *and* `fdatasync`ed.
+//! - Readers never see a torn line: a write that fails half way is cut back to the last
+//!   complete line, and on open a tail left without its newline by a crash is cut off
+//!   (that line's delivery was never marked done, so it is written again whole).
+//! - `event` is the FACEIO body exactly as received.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use super::{DeliveryError, Destination};
+use crate::store::Delivery;
+
+/// A JSON Lines file destination.
+pub struct FileDestination {
+    path: PathBuf,
+    /// The open file; replaced on reopen (log rotation).
+    file: Arc<Mutex<File>>,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    id: &'a str,
+    received_at: String,
+    event: &'a RawValue,
+}
+
+impl FileDestination {
+    /// Opens (creating it and its directory) and repairs a torn last line.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let file = open_repaired(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: Arc::new(Mutex::new(file)),
+        })
+    }
+}
+
+fn open_repaired(path: &Path) -> anyhow::Result<File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    }
+    let mut file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let keep = complete_length(&mut file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let len = file.metadata()?.len();
+    if keep < len {
+        tracing::warn!(path = %path.display(), cut = len - keep, "cut a torn last line left by a crash");
+        file.set_len(keep)?;
+        file.sync_data()?;
+    }
+    Ok(file)
+}
+
+/// Length of the file up to and including its last newline.
+fn complete_length(file: &mut File) -> std::io::Result<u64> {
+    const CHUNK: u64 = 8192;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; CHUNK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let n = (end - start) as usize;
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf[..n])?;
+        if let Some(pos) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            return Ok(start + pos as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// Appends `line` and syncs it; on failure cuts the file back so no partial line stays.
+fn append_synced(file: &mut File, line: &[u8]) -> std::io::Result<()> {
+    let before = file.metadata()?.len();
+    let result = file.write_all(line).and_then(|()| file.sync_data());
+    if result.is_err() {
+        let _ = file.set_len(before);
+    }
+    result
+}
+
+#[async_trait]
+impl Destination for FileDestination {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    async fn deliver(&self, delivery: &Delivery) -> Result<(), DeliveryError> {
+        let text = std::str::from_utf8(&delivery.body)
+            .map_err(|_| DeliveryError::permanent("stored payload is not UTF-8"))?;
+        let event = RawValue::from_string(text.to_string())
+            .map_err(|e| DeliveryError::permanent(format!("stored payload is not JSON: {e}")))?;
+        let at = UNIX_EPOCH + Duration::from_millis(delivery.received_at_ms.max(0) as u64);
+        let mut line = serde_json::to_vec(&Line {
+            id: &delivery.event_id,
+            received_at: humantime::format_rfc3339_millis(at).to_string(),
+            event: &event,
+        })
+        .map_err(|e| DeliveryError::permanent(e.to_string()))?;
+        line.push(b'\n');
+        let file = Arc::clone(&self.file);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+            append_synced(&mut file, &line)
+        })
+        .await
+        .map_err(|e| DeliveryError::retryable(format!("write task failed: {e}")))?
+        .map_err(|e| DeliveryError::retryable(format!("cannot write {}: {e}", path.display())))
+    }
+
+    async fn reopen(&self) -> Result<(), DeliveryError> {
+        let fresh =
+            open_repaired(&self.path).map_err(|e| DeliveryError::retryable(e.to_string()))?;
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn delivery(id: &str) -> Delivery {
+        Delivery {
+            id: 1,
+            event_id: id.into(),
+            destination: "audit".into(),
+            attempts: 0,
+            received_at_ms: 1_764_230_400_000,
+            body: Bytes::from_static(br#"{"eventName":"AUTH","facialId":"f","extra":{"k":[1,2]}}"#),
+        }
+    }
+
+    #[tokio::test]
+    async fn appends_one_json_object_per_line_with_the_original_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/events.jsonl");
+        let dest = FileDestination::open(&path).unwrap();
+        dest.deliver(&delivery("a")).await.unwrap();
+        dest.deliver(&delivery("b")).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1]["id"], "b");
+        assert_eq!(lines[0]["event"]["extra"]["k"][1], 2);
+        assert!(
+            lines[0]["received_at"]
+                .as_str()
+                .unwrap()
+                .starts_with("2025-11-27T")
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"id\":\"a\"}\n{\"id\":\"b\",\"ev").unwrap();
+        let _dest = FileDestination::open(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"id\":\"a\"}\n");
+
+        std::fs::write(&path, "no newline at all").unwrap();
+        let _dest = FileDestination::open(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    }
+}

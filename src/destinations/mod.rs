@@ -1,0 +1,213 @@
+//! Destinations: where deliveries go. One trait, one file per kind.
+//!
+//! A destination makes exactly one attempt per call and classifies the result as success,
+//! a retryable failure (with the server's `Retry-After`, if it gave one) or a permanent
+//! failure. Scheduling, rate limits and the dead-letter decision belong to `delivery`;
+//! a destination never sleeps or loops.
+//!
+//! Error texts go to logs and to the dead-letter store, so they never contain a URL, a
+//! header value or a token: reqwest errors are stripped of their URL before formatting.
+
+mod file;
+mod http;
+mod slack;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+pub use file::FileDestination;
+pub use http::HttpDestination;
+pub use slack::SlackDestination;
+
+use crate::config::{DestinationConfig, DestinationKind};
+use crate::store::Delivery;
+
+/// Why an attempt failed, and whether trying again can help.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeliveryError {
+    /// Try again later (connect error, timeout, 408, 429, 5xx).
+    #[error("{reason}")]
+    Retryable {
+        reason: String,
+        /// The server's `Retry-After`, honoured by the scheduler.
+        retry_after: Option<Duration>,
+    },
+    /// Trying again cannot help (other 4xx, invalid payload for the destination).
+    #[error("{reason}")]
+    Permanent { reason: String },
+}
+
+impl DeliveryError {
+    pub fn retryable(reason: impl Into<String>) -> Self {
+        Self::Retryable {
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        Self::Permanent {
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether the scheduler should try again (budget permitting).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Retryable { .. })
+    }
+}
+
+/// One kind of destination.
+#[async_trait]
+pub trait Destination: Send + Sync {
+    /// `slack`, `http` or `file`.
+    fn kind(&self) -> &'static str;
+
+    /// One attempt to deliver `delivery`.
+    async fn deliver(&self, delivery: &Delivery) -> Result<(), DeliveryError>;
+
+    /// Called on SIGHUP-style reopen requests; only file destinations care.
+    async fn reopen(&self) -> Result<(), DeliveryError> {
+        Ok(())
+    }
+}
+
+/// Builds the destination a config describes.
+pub fn build(config: &DestinationConfig) -> anyhow::Result<Arc<dyn Destination>> {
+    Ok(match &config.kind {
+        DestinationKind::Slack(c) => Arc::new(SlackDestination::new(config, c)?),
+        DestinationKind::Http(c) => Arc::new(HttpDestination::new(config, c)?),
+        DestinationKind::File(c) => Arc::new(FileDestination::open(&c.path)?),
+    })
+}
+
+/// The HTTP client settings every HTTP-speaking destination shares.
+fn http_client(
+    config: &DestinationConfig,
+    follow_redirects: bool,
+) -> reqwest::Result<reqwest::Client> {
+    let redirects = if follow_redirects {
+        reqwest::redirect::Policy::limited(5)
+    } else {
+        reqwest::redirect::Policy::none()
+    };
+    reqwest::Client::builder()
+        .timeout(config.timeout)
+        .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+        .redirect(redirects)
+        .user_agent(concat!("faceio-relay/", env!("CARGO_PKG_VERSION")))
+        .pool_max_idle_per_host(config.concurrency)
+        .build()
+}
+
+/// Classifies a transport error. Every reqwest error before a response (connect, timeout,
+/// reset) is worth retrying; the URL is stripped so no credential reaches the message.
+fn transport_error(e: reqwest::Error) -> DeliveryError {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let e = e.without_url();
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    DeliveryError::retryable(format!("{kind}: {detail}"))
+}
+
+/// Status classes shared by HTTP and Slack: 408, 429 and 5xx are worth retrying.
+fn status_is_retryable(status: reqwest::StatusCode) -> bool {
+    status == reqwest::StatusCode::REQUEST_TIMEOUT
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+}
+
+/// Parses `Retry-After`: delta-seconds or an HTTP date. A date in the past means "now".
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Reads a short, printable excerpt of a failed response's body for the error message.
+async fn body_excerpt(response: reqwest::Response) -> String {
+    const MAX: usize = 200;
+    let bytes = response.bytes().await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]);
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+/// Turns a non-success response into an error: retryable by status, with `Retry-After`.
+async fn status_error(response: reqwest::Response, permanent_anyway: bool) -> DeliveryError {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let excerpt = body_excerpt(response).await;
+    let reason = if excerpt.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        format!("HTTP {status}: {excerpt}")
+    };
+    if !permanent_anyway && status_is_retryable(status) {
+        DeliveryError::Retryable {
+            reason,
+            retry_after,
+        }
+    } else {
+        DeliveryError::Permanent { reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = httpdate::parse_http_date("Fri, 27 Nov 2026 08:00:00 GMT").unwrap();
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Fri, 27 Nov 2026 08:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 27 Nov 2026 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn retryable_statuses() {
+        for s in [408, 429, 500, 502, 503] {
+            assert!(
+                status_is_retryable(reqwest::StatusCode::from_u16(s).unwrap()),
+                "{s}"
+            );
+        }
+        for s in [400, 401, 403, 404, 410, 301] {
+            assert!(
+                !status_is_retryable(reqwest::StatusCode::from_u16(s).unwrap()),
+                "{s}"
+            );
+        }
+    }
+}

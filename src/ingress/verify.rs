@@ -1,0 +1,285 @@
+//! Turning an HTTP request into a [`VerifiedEvent`].
+//!
+//! This is the only place a `VerifiedEvent` can be made: its fields are private and its
+//! constructor is private to this module, so an event that skipped the token check or the
+//! payload check cannot reach the store (the store only takes `&VerifiedEvent`).
+//!
+//! Order matters and is fixed here: the token is checked first (before the body is parsed),
+//! in constant time against every configured application, and names the application; the
+//! payload is then parsed and its `appId` must be that application.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::config::Application;
+
+/// The FACEIO payload fields the relay reads. Everything else in the body (a linked
+/// `payload` object on some plans, future fields) is kept in the original bytes and
+/// forwarded untouched.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Payload {
+    /// `ENROLL`, `AUTH`, `DELETION`, or any future event name.
+    pub event_name: String,
+    /// The user's unique Facial ID.
+    pub facial_id: String,
+    /// Public ID of the FACEIO application that sent it.
+    pub app_id: String,
+    /// Public IP of the browser that ran fio.js.
+    pub client_ip: String,
+    /// Filled on enrollment only.
+    #[serde(default)]
+    pub details: Option<Details>,
+}
+
+/// `details`: present on `ENROLL`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct Details {
+    /// Operation date, `YYYY-MM-DD` UTC.
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    /// `male` or `female`.
+    #[serde(default)]
+    pub gender: Option<String>,
+    /// Age approximation; FACEIO has sent it both as a number and as a string.
+    #[serde(default)]
+    pub age: Option<Age>,
+}
+
+/// An age that arrived as a number or a string.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Age {
+    Number(f64),
+    Text(String),
+}
+
+impl Age {
+    /// The age as a number, when it is one (`"31"` counts).
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Self::Number(n) => Some(*n),
+            Self::Text(s) => s.trim().parse().ok(),
+        }
+    }
+}
+
+impl Payload {
+    /// `details.age` as a number, if present and numeric.
+    pub fn age(&self) -> Option<f64> {
+        self.details.as_ref()?.age.as_ref()?.as_f64()
+    }
+
+    /// `details.gender`, if present.
+    pub fn gender(&self) -> Option<&str> {
+        self.details.as_ref()?.gender.as_deref()
+    }
+}
+
+/// Why a request was not turned into an event. The HTTP answer for each is decided in
+/// `ingress::server`; the variants carry what the log needs and never a token.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Rejection {
+    #[error("no WWW-Authenticate header")]
+    MissingToken,
+    #[error("token matches no configured application")]
+    UnknownToken,
+    #[error(
+        "payload appId {payload_app_id:?} is not the application the token belongs to ({token_app_id})"
+    )]
+    AppMismatch {
+        token_app_id: String,
+        payload_app_id: String,
+    },
+    #[error("invalid payload: {0}")]
+    InvalidPayload(String),
+}
+
+/// The application a valid token names. Step one of verification.
+#[derive(Debug, Clone, Copy)]
+pub struct Authenticated<'a> {
+    app: &'a Application,
+}
+
+impl<'a> Authenticated<'a> {
+    /// The authenticated application's ID.
+    pub fn app_id(&self) -> &'a str {
+        &self.app.app_id
+    }
+}
+
+/// Extracts the token from a `WWW-Authenticate` value: `Bearer <token>` with the scheme in
+/// any case, or a bare token.
+pub fn token_from_header(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii();
+    if value.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let token = match value.split_first_chunk::<7>() {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case(b"bearer ") => rest.trim_ascii(),
+        _ => value,
+    };
+    (!token.is_empty()).then_some(token)
+}
+
+/// Finds the application whose token equals `token`. Every configured token is compared,
+/// each in constant time, so timing says nothing about which one (or how much) matched.
+pub fn authenticate<'a>(
+    applications: &'a [Application],
+    header: Option<&[u8]>,
+) -> Result<Authenticated<'a>, Rejection> {
+    let token = header
+        .and_then(token_from_header)
+        .ok_or(Rejection::MissingToken)?;
+    let mut found = None;
+    for app in applications {
+        let equal: bool = app.token.expose().as_bytes().ct_eq(token).into();
+        if equal && found.is_none() {
+            found = Some(app);
+        }
+    }
+    found
+        .map(|app| Authenticated { app })
+        .ok_or(Rejection::UnknownToken)
+}
+
+/// An event that passed authentication and payload checks. Only [`verify`] makes one.
+#[derive(Debug, Clone)]
+pub struct VerifiedEvent {
+    id: String,
+    received_at_ms: i64,
+    payload: Payload,
+    body: Bytes,
+}
+
+impl VerifiedEvent {
+    /// The relay's ID for this event (UUIDv7: sortable by arrival).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// Arrival time, Unix milliseconds.
+    pub fn received_at_ms(&self) -> i64 {
+        self.received_at_ms
+    }
+    /// The fields routing reads.
+    pub fn payload(&self) -> &Payload {
+        &self.payload
+    }
+    /// The body exactly as FACEIO sent it.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+}
+
+/// Step two: parse the body and check it belongs to the authenticated application.
+pub fn verify(auth: Authenticated<'_>, body: Bytes) -> Result<VerifiedEvent, Rejection> {
+    let payload: Payload =
+        serde_json::from_slice(&body).map_err(|e| Rejection::InvalidPayload(e.to_string()))?;
+    if payload.event_name.is_empty() {
+        return Err(Rejection::InvalidPayload("eventName is empty".into()));
+    }
+    if payload.app_id != auth.app_id() {
+        return Err(Rejection::AppMismatch {
+            token_app_id: auth.app_id().to_string(),
+            payload_app_id: payload.app_id,
+        });
+    }
+    Ok(VerifiedEvent {
+        id: uuid::Uuid::now_v7().to_string(),
+        received_at_ms: now_ms(),
+        payload,
+        body,
+    })
+}
+
+/// Wall-clock Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn apps() -> Vec<Application> {
+        vec![
+            Application {
+                app_id: "fioa1".into(),
+                token: Secret::new("tok-one".into()),
+            },
+            Application {
+                app_id: "fioa2".into(),
+                token: Secret::new("tok-two".into()),
+            },
+        ]
+    }
+
+    #[test]
+    fn bearer_scheme_in_any_case_and_bare_tokens_are_accepted() {
+        assert_eq!(token_from_header(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(token_from_header(b"bEaReR   abc "), Some(&b"abc"[..]));
+        assert_eq!(token_from_header(b"abc"), Some(&b"abc"[..]));
+        assert_eq!(token_from_header(b"Bearer "), None);
+        assert_eq!(token_from_header(b""), None);
+    }
+
+    #[test]
+    fn the_token_names_the_application() {
+        let apps = apps();
+        let auth = authenticate(&apps, Some(b"Bearer tok-two")).unwrap();
+        assert_eq!(auth.app_id(), "fioa2");
+        assert_eq!(
+            authenticate(&apps, Some(b"Bearer tok-thr")).unwrap_err(),
+            Rejection::UnknownToken
+        );
+        assert_eq!(
+            authenticate(&apps, None).unwrap_err(),
+            Rejection::MissingToken
+        );
+    }
+
+    #[test]
+    fn payload_app_id_must_match_the_token() {
+        let apps = apps();
+        let auth = authenticate(&apps, Some(b"tok-one")).unwrap();
+        let body = br#"{"eventName":"AUTH","facialId":"f","appId":"fioa2","clientIp":"1.2.3.4"}"#;
+        let err = verify(auth, Bytes::from_static(body)).unwrap_err();
+        assert!(matches!(err, Rejection::AppMismatch { .. }));
+        assert!(!err.to_string().contains("tok-"));
+    }
+
+    #[test]
+    fn enrollment_details_and_unknown_fields_are_kept() {
+        let apps = apps();
+        let auth = authenticate(&apps, Some(b"tok-one")).unwrap();
+        let body = Bytes::from_static(
+            br#"{"eventName":"ENROLL","facialId":"f1","appId":"fioa1","clientIp":"1.2.3.4","details":{"timestamp":"2026-11-27","gender":"female","age":"31"},"payload":{"plan":"x"}}"#,
+        );
+        let ev = verify(auth, body.clone()).unwrap();
+        assert_eq!(ev.payload().age(), Some(31.0));
+        assert_eq!(ev.payload().gender(), Some("female"));
+        assert_eq!(ev.body(), &body, "original bytes are forwarded unchanged");
+    }
+
+    #[test]
+    fn missing_fields_and_wrong_types_are_invalid() {
+        let apps = apps();
+        let auth = authenticate(&apps, Some(b"tok-one")).unwrap();
+        for body in [
+            &br#"{"eventName":"AUTH","appId":"fioa1","clientIp":"1.2.3.4"}"#[..],
+            br#"{"eventName":5,"facialId":"f","appId":"fioa1","clientIp":"1.2.3.4"}"#,
+            br#"[1,2]"#,
+            br#"{"eventName":"","facialId":"f","appId":"fioa1","clientIp":"1.2.3.4"}"#,
+        ] {
+            let err = verify(auth, Bytes::copy_from_slice(body)).unwrap_err();
+            assert!(matches!(err, Rejection::InvalidPayload(_)), "{err:?}");
+        }
+    }
+}
