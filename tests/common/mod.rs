@@ -1,0 +1,363 @@
+//! Test harness: the real relay (in-process or as the built binary) on 127.0.0.1:0,
+//! fake receivers (Slack, HTTP APIs) that record what they get, and FACEIO-like senders.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::mpsc;
+
+use faceio_relay::Relay;
+use faceio_relay::config::{self, Config};
+
+/// How long any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub const TOKEN: &str = "tok-test-0123456789";
+pub const APP: &str = "fioa-test";
+
+/// One request a fake receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("receiver got JSON")
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    }
+}
+
+/// How a fake receiver answers one request.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            body: String::new(),
+            headers: vec![],
+        }
+    }
+    pub fn body(mut self, body: &str) -> Self {
+        self.body = body.into();
+        self
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+}
+
+struct ReceiverState {
+    script: Mutex<VecDeque<Reply>>,
+    default: Mutex<Reply>,
+    tx: mpsc::UnboundedSender<Received>,
+}
+
+/// A fake Slack / HTTP API on 127.0.0.1:0. Answers from its script, then its default.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    rx: mpsc::UnboundedReceiver<Received>,
+    state: Arc<ReceiverState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn receive(State(s): State<Arc<ReceiverState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let at = Instant::now();
+    let reply = s
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or_else(|| s.default.lock().unwrap().clone());
+    let _ = s.tx.send(Received { headers, body, at });
+    let mut r = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
+    for (k, v) in reply.headers {
+        r.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    r
+}
+
+impl Receiver {
+    /// Starts a receiver answering `default` to everything not scripted.
+    pub async fn start(default: Reply) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Arc::new(ReceiverState {
+            script: Mutex::new(VecDeque::new()),
+            default: Mutex::new(default),
+            tx,
+        });
+        let app = axum::Router::new()
+            .fallback(receive)
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            addr,
+            rx,
+            state,
+            task,
+        }
+    }
+
+    /// A receiver that answers 200 `ok` (Slack's success answer).
+    pub async fn ok() -> Self {
+        Self::start(Reply::status(200).body("ok")).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Queues answers for the next requests.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.state.script.lock().unwrap().extend(replies);
+    }
+
+    pub fn set_default(&self, reply: Reply) {
+        *self.state.default.lock().unwrap() = reply;
+    }
+
+    /// The next request, or panics after [`WAIT`].
+    pub async fn next(&mut self) -> Received {
+        tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .expect("receiver got nothing in time")
+            .expect("receiver closed")
+    }
+
+    /// Whether a request arrives within `within` (for asserting that nothing comes).
+    pub async fn next_within(&mut self, within: Duration) -> Option<Received> {
+        tokio::time::timeout(within, self.rx.recv()).await.ok().flatten()
+    }
+
+    /// Stops answering (connections are refused from now on).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+/// A scratch directory with a relay.yaml and a store.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `relay.yaml` from the given destinations and routes YAML (indented as
+    /// top-level keys), with one application using [`APP`]/[`TOKEN`], and returns its path.
+    pub fn write_config(&self, body: &str) -> PathBuf {
+        let yaml = format!(
+            "listen: 127.0.0.1:0\nwebhook_path: /webhook\nstore:\n  path: relay.db\n\
+             applications:\n  - app_id: {APP}\n    token: {TOKEN}\n\
+             delivery:\n  poll_interval: 200ms\n  shutdown_grace: 2s\n{body}"
+        );
+        let path = self.path("relay.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    /// Loads the written config through the real loader.
+    pub fn config(&self, body: &str) -> Config {
+        let path = self.write_config(body);
+        match config::load(&path) {
+            Ok((c, _warnings)) => c,
+            Err(e) => panic!("test config invalid:\n{e}"),
+        }
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.path("relay.db")).unwrap()
+    }
+}
+
+/// A relay running in this process.
+pub struct TestRelay {
+    pub relay: Relay,
+    pub url: String,
+    pub client: reqwest::Client,
+}
+
+impl TestRelay {
+    pub async fn start(config: Config) -> Self {
+        let relay = Relay::start(config).await.expect("relay starts");
+        let url = format!("http://{}/webhook", relay.local_addr());
+        Self {
+            relay,
+            url,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// POSTs a FACEIO event with the right token; returns status and JSON body.
+    pub async fn send(&self, event: &serde_json::Value) -> (u16, serde_json::Value) {
+        send(&self.client, &self.url, Some(TOKEN), event).await
+    }
+
+    pub async fn shutdown(self) {
+        self.relay.shutdown().await.unwrap();
+    }
+}
+
+/// POSTs `event` as FACEIO does.
+pub async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    event: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut req = client.post(url).json(event);
+    if let Some(t) = token {
+        req = req.header("WWW-Authenticate", format!("Bearer {t}"));
+    }
+    let resp = req.send().await.expect("relay answers");
+    let status = resp.status().as_u16();
+    let body = resp.json().await.unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
+
+/// A FACEIO payload.
+pub fn event(name: &str, facial_id: &str) -> serde_json::Value {
+    let mut e = serde_json::json!({
+        "eventName": name,
+        "facialId": facial_id,
+        "appId": APP,
+        "clientIp": "203.0.113.7",
+    });
+    if name == "ENROLL" {
+        e["details"] = serde_json::json!({"timestamp": "2026-11-27", "gender": "female", "age": 31});
+    }
+    e
+}
+
+/// Waits until `check` is true, looking every 20 ms, failing after [`WAIT`].
+pub async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Counts deliveries in `state` (pending, done, dead).
+pub fn count(setup: &Setup, state: &str) -> i64 {
+    setup
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM deliveries WHERE state = ?1",
+            [state],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+/// The relay as a child process (for kill -9 and signal tests).
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Every stderr line so far (a reader thread keeps collecting).
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_faceio-relay")
+}
+
+impl Daemon {
+    /// Starts `faceio-relay run --config <config>` and waits for its ready line.
+    pub fn start(config: &Path) -> Self {
+        let mut child = Command::new(binary())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("faceio-relay ready") {
+                        let _ = tx.send(line.clone());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let ready = rx.recv_timeout(WAIT).unwrap_or_else(|_| {
+            panic!("daemon not ready; log:\n{}", log.lock().unwrap().join("\n"))
+        });
+        let addr = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .expect("ready line names addr")
+            .parse()
+            .unwrap();
+        Self { child, addr, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/webhook", self.addr)
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}

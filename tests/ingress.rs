@@ -1,0 +1,233 @@
+//! Ingress: every answer the sender can get, and that 200 means stored.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+fn audit_only() -> &'static str {
+    "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n"
+}
+
+async fn raw(
+    relay: &TestRelay,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<reqwest::Body>,
+) -> (u16, serde_json::Value) {
+    let url = relay.url.replace("/webhook", path);
+    let mut req = relay.client.request(method, url).body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+fn body(e: &serde_json::Value) -> String {
+    e.to_string()
+}
+
+#[tokio::test]
+async fn accepted_event_is_stored_before_the_200() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(audit_only())).await;
+    let (status, answer) = relay.send(&event("ENROLL", "face-1")).await;
+    assert_eq!(status, 200);
+    let id = answer["id"].as_str().expect("answer carries the event id").to_string();
+    // Checked right after the answer, from another connection: the row is already there.
+    let (name, payload): (String, String) = setup
+        .db()
+        .query_row(
+            "SELECT event_name, payload FROM events WHERE id = ?1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(name, "ENROLL");
+    assert_eq!(payload, body(&event("ENROLL", "face-1")), "body stored byte for byte");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn tokens_are_checked_and_never_explained() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(audit_only())).await;
+    let e = body(&event("AUTH", "face-1"));
+    let ct = ("content-type", "application/json");
+
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        vec![ct],                                            // no header
+        vec![ct, ("www-authenticate", "Bearer wrong-token")],
+        vec![ct, ("www-authenticate", "Basic dG9rZW4=")],
+    ];
+    let mut answers = vec![];
+    for headers in cases {
+        let (status, answer) = raw(&relay, reqwest::Method::POST, "/webhook", &headers, e.clone()).await;
+        assert_eq!(status, 401);
+        answers.push(answer);
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "answers must not differ by cause: {answers:?}");
+
+    // Scheme in any case, and a bare token, are accepted.
+    for auth in [format!("bearer {TOKEN}"), format!("BEARER {TOKEN}"), TOKEN.to_string()] {
+        let (status, _) = raw(&relay, reqwest::Method::POST, "/webhook",
+            &[ct, ("www-authenticate", &auth)], e.clone()).await;
+        assert_eq!(status, 200, "{auth}");
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn payload_app_id_must_be_the_tokens_application() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(audit_only())).await;
+    let mut e = event("AUTH", "face-1");
+    e["appId"] = json!("some-other-app");
+    let (status, _) = relay.send(&e).await;
+    assert_eq!(status, 401);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_precise_answers() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(audit_only())).await;
+    let auth = format!("Bearer {TOKEN}");
+    let ok_headers = [("content-type", "application/json"), ("www-authenticate", auth.as_str())];
+
+    let (s, a) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers, "{not json").await;
+    assert_eq!(s, 400);
+    assert_eq!(a["error"], "invalid_payload");
+
+    let (s, a) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers,
+        r#"{"eventName":"AUTH","appId":"fioa-test","clientIp":"1.2.3.4"}"#).await;
+    assert_eq!(s, 400);
+    assert!(a["message"].as_str().unwrap().contains("facialId"), "{a}");
+
+    let (s, _) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers,
+        r#"{"eventName":"AUTH","facialId":7,"appId":"fioa-test","clientIp":"1.2.3.4"}"#).await;
+    assert_eq!(s, 400, "wrong type");
+
+    let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+    let (s, _) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers, deep).await;
+    // 100k brackets are 200 KB, over the 64 KiB limit: either way never a 200 or a crash.
+    assert!(s == 400 || s == 413, "{s}");
+    let deep = "[".repeat(20_000) + &"]".repeat(20_000);
+    let (s, _) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers, deep).await;
+    assert_eq!(s, 400, "deep nesting under the size limit");
+
+    let (s, _) = raw(&relay, reqwest::Method::POST, "/webhook",
+        &[("content-type", "text/plain"), ("www-authenticate", auth.as_str())],
+        body(&event("AUTH", "f"))).await;
+    assert_eq!(s, 415);
+
+    let (s, a) = raw(&relay, reqwest::Method::GET, "/webhook", &ok_headers, "").await;
+    assert_eq!(s, 405);
+    assert_eq!(a["error"], "method_not_allowed");
+
+    let (s, _) = raw(&relay, reqwest::Method::POST, "/elsewhere", &ok_headers, body(&event("AUTH", "f"))).await;
+    assert_eq!(s, 404);
+
+    let big = json!({"eventName":"AUTH","facialId":"f","appId":"fioa-test","clientIp":"1.2.3.4",
+        "pad": "x".repeat(70 * 1024)});
+    let (s, _) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers, big.to_string()).await;
+    assert_eq!(s, 413);
+
+    // A chunked body (no Content-Length) over the limit is cut off too.
+    let chunks = futures_util::stream::iter(
+        (0..100).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 1024]))),
+    );
+    let (s, _) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers,
+        reqwest::Body::wrap_stream(chunks)).await;
+    assert_eq!(s, 413);
+
+    assert_eq!(setup.db().query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0)).unwrap(), 0,
+        "nothing rejected was stored");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_event_names_and_extra_fields_are_kept() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(audit_only())).await;
+    let mut e = event("FACE_UPDATED", "face-9");
+    e["payload"] = json!({"linked": {"customer": 42}});
+    let (status, answer) = relay.send(&e).await;
+    assert_eq!(status, 200);
+    let stored: String = setup.db().query_row("SELECT payload FROM events WHERE id = ?1",
+        [answer["id"].as_str().unwrap()], |r| r.get(0)).unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&stored).unwrap(), e);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_tokens_is_cut_off_per_source() {
+    let setup = Setup::new();
+    let cfg = format!("ingress:\n  auth_failures: {{ per_second: 0.01, burst: 3 }}\n{}", audit_only());
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    let e = event("AUTH", "f");
+    let mut statuses = vec![];
+    for _ in 0..5 {
+        statuses.push(send(&relay.client, &relay.url, Some("bad"), &e).await.0);
+    }
+    assert_eq!(statuses, vec![401, 401, 401, 429, 429]);
+    // The real sender (right token) is not affected by the budget.
+    assert_eq!(relay.send(&e).await.0, 200);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn allow_ips_rejects_other_sources() {
+    let setup = Setup::new();
+    let cfg = format!("ingress:\n  allow_ips: [10.0.0.0/8]\n{}", audit_only());
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    assert_eq!(relay.send(&event("AUTH", "f")).await.0, 403);
+    relay.shutdown().await;
+
+    let setup = Setup::new();
+    let cfg = format!("ingress:\n  allow_ips: [127.0.0.1]\n{}", audit_only());
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    assert_eq!(relay.send(&event("AUTH", "f")).await.0, 200);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_do_not_block_others() {
+    use tokio::io::AsyncWriteExt;
+    let setup = Setup::new();
+    let cfg = format!("ingress:\n  header_timeout: 300ms\n{}", audit_only());
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    let addr = relay.relay.local_addr();
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"POST /webhook HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    // A normal client is served while the slow one dawdles.
+    assert_eq!(relay.send(&event("AUTH", "f")).await.0, 200);
+    // The slow one is disconnected by the header timeout (read returns EOF or an answer).
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut slow, &mut buf))
+        .await
+        .expect("slow connection closed by the header timeout");
+    let text = String::from_utf8_lossy(&buf[..n.unwrap_or(0)]).to_string();
+    assert!(n.unwrap_or(0) == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn store_failure_answers_503_never_200() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(audit_only())).await;
+    assert_eq!(relay.send(&event("AUTH", "before")).await.0, 200);
+    // Another process holds the write lock (as a stuck admin command would): the event
+    // cannot be made durable within store_timeout, so the answer must be 503.
+    let db = setup.db();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (status, _) = relay.send(&event("AUTH", "blocked")).await;
+    assert_eq!(status, 503);
+    db.execute_batch("ROLLBACK").unwrap();
+    // And it recovers by itself.
+    assert_eq!(relay.send(&event("AUTH", "after")).await.0, 200);
+    relay.shutdown().await;
+}
