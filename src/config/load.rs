@@ -1,42 +1,1377 @@
-//! TEMPORARY stand-in until the loader lands from the config branch.
+//! Reading `relay.yaml`: parse into a located tree, interpolate `${VAR}`, deserialize each
+//! section and element on its own, validate, and report every problem at once.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use super::Config;
+use base64::Engine as _;
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
 
-#[derive(Debug)]
+use super::de::{DeError, from_node, one_of};
+use super::interp::interpolate;
+use super::raw::{
+    DESTINATION_TYPES, Dur, OneOrMany, RawApplication, RawDelivery, RawFile, RawHttp, RawIngress,
+    RawMatch, RawRateLimit, RawRetry, RawRoute, RawSlack, RawStore, TOP_LEVEL_KEYS,
+};
+use super::suggest::did_you_mean;
+use super::yaml::{KeyPath, Kind, Loc, Node, parse};
+use super::{
+    AgeRange, Application, Config, DeliveryConfig, DestinationConfig, DestinationKind, FileConfig,
+    HttpConfig, IngressConfig, MatchConfig, RateLimit, RetryPolicy, RouteConfig, Secret,
+    SlackConfig, StoreConfig,
+};
+
+/// One problem in the config file.
+///
+/// Displays as `relay.yaml:12:5: destinations.crm.url: <message>`; the position is left
+/// out when unknown, the key path when there is none (a YAML syntax error).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The config file, as given.
+    pub file: PathBuf,
+    /// 1-based line; 0 when unknown.
+    pub line: u64,
+    /// 1-based column; 0 when unknown.
+    pub column: u64,
+    /// Key path such as `destinations.crm.url` or `routes[1].to[0]`; empty for the file as
+    /// a whole.
+    pub path: String,
+    /// What is wrong. Never contains a string value (it might be a secret).
+    pub message: String,
+}
+
+/// Something allowed but probably not meant; same shape and display as [`ConfigError`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
     pub file: PathBuf,
     pub line: u64,
     pub column: u64,
     pub path: String,
     pub message: String,
 }
-#[derive(Debug)]
+
+fn fmt_diag(
+    f: &mut fmt::Formatter<'_>,
+    file: &Path,
+    line: u64,
+    column: u64,
+    path: &str,
+    message: &str,
+) -> fmt::Result {
+    write!(f, "{}", file.display())?;
+    if line > 0 {
+        write!(f, ":{line}:{column}")?;
+    }
+    if !path.is_empty() {
+        write!(f, ": {path}")?;
+    }
+    write!(f, ": {message}")
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt_diag(
+            f,
+            &self.file,
+            self.line,
+            self.column,
+            &self.path,
+            &self.message,
+        )
+    }
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt_diag(
+            f,
+            &self.file,
+            self.line,
+            self.column,
+            &self.path,
+            &self.message,
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every problem found in the config file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
-impl std::fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} errors", self.0.len())
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
     }
 }
+
 impl std::error::Error for ConfigErrors {}
-pub type Warning = ConfigError;
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.message)
+
+/// Reads and validates the config file at `path`, with `${VAR}` taken from the process
+/// environment and relative paths resolved against the file's directory.
+pub fn load(path: &Path) -> Result<(Config, Vec<Warning>), ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    load_str(&text, path, &|name| std::env::var(name).ok())
+}
+
+/// Validates config `text` read from `source` (used in messages and to resolve relative
+/// paths against `source.parent()`), with `${VAR}` looked up through `env`.
+pub fn load_str(
+    text: &str,
+    source: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Vec<Warning>), ConfigErrors> {
+    let absolute = std::path::absolute(source).unwrap_or_else(|_| source.to_path_buf());
+    let base = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut diag = Diag {
+        file: source.to_path_buf(),
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        poisoned: Vec::new(),
+    };
+
+    let mut root = match parse(text) {
+        Ok(root) => root,
+        Err(e) => {
+            diag.push_error(e.loc, &KeyPath::root(), e.message);
+            return Err(ConfigErrors(diag.errors));
+        }
+    };
+
+    root.remove_duplicate_keys(&mut KeyPath::root(), &mut |path, at, first| {
+        diag.push_error(
+            at,
+            path,
+            format!(
+                "duplicate key; the first one is at line {} column {} (only it is used)",
+                first.line, first.column
+            ),
+        );
+    });
+
+    root.for_each_str_mut(&mut KeyPath::root(), &mut |node, path| {
+        let Kind::Str(text) = &node.kind else { return };
+        match interpolate(text, env) {
+            Ok(done) => {
+                node.interpolated = done.substituted;
+                node.kind = Kind::Str(done.value);
+            }
+            Err(messages) => {
+                for m in messages {
+                    diag.push_error(node.loc, path, m);
+                }
+                // Checks of this value would only repeat the problem: skip them.
+                diag.poisoned.push(path.clone());
+                node.interpolated = true;
+                node.kind = Kind::Str(String::new());
+            }
+        }
+    });
+
+    let mut ld = Loader {
+        root,
+        base,
+        diag,
+        app_ids: Vec::new(),
+    };
+    let config = ld.config(absolute);
+    let Loader { mut diag, .. } = ld;
+    diag.errors.sort_by_key(|e| (e.line == 0, e.line, e.column));
+    diag.warnings
+        .sort_by_key(|w| (w.line == 0, w.line, w.column));
+    if diag.errors.is_empty() {
+        Ok((config, diag.warnings))
+    } else {
+        Err(ConfigErrors(diag.errors))
     }
 }
-pub fn load(_path: &Path) -> Result<(Config, Vec<Warning>), ConfigErrors> {
-    Err(ConfigErrors(vec![]))
+
+/// Collected errors and warnings.
+struct Diag {
+    file: PathBuf,
+    errors: Vec<ConfigError>,
+    warnings: Vec<Warning>,
+    /// Values whose interpolation failed (already reported).
+    poisoned: Vec<KeyPath>,
 }
-pub fn load_str(
-    _text: &str,
-    _source: &Path,
-    _env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(Config, Vec<Warning>), ConfigErrors> {
-    Err(ConfigErrors(vec![]))
+
+impl Diag {
+    fn suppressed(&self, path: &KeyPath) -> bool {
+        self.poisoned.iter().any(|p| path.starts_with(p))
+    }
+
+    fn push_error(&mut self, loc: Loc, path: &KeyPath, message: impl Into<String>) {
+        if self.suppressed(path) {
+            return;
+        }
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            line: loc.line,
+            column: loc.column,
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn push_warning(&mut self, loc: Loc, path: &KeyPath, message: impl Into<String>) {
+        if self.suppressed(path) {
+            return;
+        }
+        self.warnings.push(Warning {
+            file: self.file.clone(),
+            line: loc.line,
+            column: loc.column,
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
 }
+
+/// Validation state: the interpolated tree and what was found so far.
+struct Loader {
+    root: Node,
+    /// Directory relative paths are resolved against.
+    base: PathBuf,
+    diag: Diag,
+    /// `app_id`s that parsed, for the `match.appId` check.
+    app_ids: Vec<String>,
+}
+
+fn top(key: &str) -> KeyPath {
+    KeyPath::root().key(key)
+}
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_WEBHOOK_PATH: &str = "/webhook";
+/// FACEIO aborts a webhook request after this long.
+const FACEIO_TIMEOUT: Duration = Duration::from_secs(6);
+const KNOWN_EVENTS: &[&str] = &["ENROLL", "AUTH", "DELETION"];
+const KNOWN_GENDERS: &[&str] = &["male", "female"];
+const MAX_CONCURRENCY: u64 = 1024;
+
+impl Loader {
+    // ----- reporting -------------------------------------------------------------------
+
+    /// An error about the value at `path`.
+    fn error(&mut self, path: &KeyPath, message: impl Into<String>) {
+        let loc = self.root.value_loc(path);
+        self.diag.push_error(loc, path, message);
+    }
+
+    /// An error about the key that ends `path` (or the nearest thing when it is missing).
+    fn key_error(&mut self, path: &KeyPath, message: impl Into<String>) {
+        let loc = self.root.key_loc(path);
+        self.diag.push_error(loc, path, message);
+    }
+
+    fn warn(&mut self, path: &KeyPath, message: impl Into<String>) {
+        let loc = self.root.value_loc(path);
+        self.diag.push_warning(loc, path, message);
+    }
+
+    fn key_warn(&mut self, path: &KeyPath, message: impl Into<String>) {
+        let loc = self.root.key_loc(path);
+        self.diag.push_warning(loc, path, message);
+    }
+
+    fn de_error(&mut self, e: DeError, path: &KeyPath) {
+        let loc = e.loc.unwrap_or_else(|| self.root.value_loc(path));
+        let at = e.path.unwrap_or_else(|| path.clone());
+        self.diag.push_error(loc, &at, e.message);
+    }
+
+    // ----- reading -----------------------------------------------------------------------
+
+    /// The node at `path`, unless absent or null.
+    fn node(&self, path: &KeyPath) -> Option<&Node> {
+        self.root.find(path).filter(|n| !n.is_null())
+    }
+
+    /// Deserializes the value at `path`; `None` when absent, null or invalid (reported).
+    fn de<T: DeserializeOwned>(&mut self, path: &KeyPath) -> Option<T> {
+        let node = self.node(path)?;
+        match from_node::<T>(node, path) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.de_error(e, path);
+                None
+            }
+        }
+    }
+
+    /// The number of elements of the list at `path` (0 when absent or null); an error when
+    /// it is something else.
+    fn list_len(&mut self, path: &KeyPath) -> usize {
+        let (len, found) = match self.node(path) {
+            None => (0, None),
+            Some(n) => match &n.kind {
+                Kind::Seq(items) => (items.len(), None),
+                other => (0, Some(other.describe())),
+            },
+        };
+        if let Some(found) = found {
+            self.error(path, format!("expected a list, found {found}"));
+        }
+        len
+    }
+
+    /// Resolves a configured path against the config file's directory.
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    // ----- the whole file ----------------------------------------------------------------
+
+    fn config(&mut self, source: PathBuf) -> Config {
+        match &self.root.kind {
+            Kind::Map(_) | Kind::Null => {}
+            other => {
+                let found = other.describe();
+                self.error(
+                    &KeyPath::root(),
+                    format!("the config must be a mapping of settings, found {found}"),
+                );
+                return self.empty_config(source);
+            }
+        }
+        let unknown: Vec<String> = self
+            .root
+            .entries()
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| !TOP_LEVEL_KEYS.contains(&e.key.as_str()))
+            .map(|e| e.key.clone())
+            .collect();
+        for key in unknown {
+            let msg = format!("unknown field `{key}`; {}", one_of(&key, TOP_LEVEL_KEYS));
+            self.key_error(&top(&key), msg);
+        }
+
+        let listen = self.listen();
+        let webhook_path = self.webhook_path();
+        let ingress = self.ingress();
+        let store = self.store();
+        let applications = self.applications();
+        let destinations = self.destinations();
+        let routes = self.routes();
+        let delivery = self.delivery();
+        Config {
+            source,
+            listen,
+            webhook_path,
+            ingress,
+            store,
+            applications,
+            destinations,
+            routes,
+            delivery,
+        }
+    }
+
+    /// A placeholder returned with errors when nothing could be read.
+    fn empty_config(&self, source: PathBuf) -> Config {
+        Config {
+            source,
+            listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            webhook_path: DEFAULT_WEBHOOK_PATH.into(),
+            ingress: ingress_defaults(),
+            store: StoreConfig {
+                path: self.resolve("./data/relay.db"),
+                retention: Duration::from_secs(7 * 86_400),
+            },
+            applications: Vec::new(),
+            destinations: Vec::new(),
+            routes: Vec::new(),
+            delivery: delivery_defaults(),
+        }
+    }
+
+    fn listen(&mut self) -> SocketAddr {
+        let default = DEFAULT_LISTEN.parse().expect("valid default");
+        let path = top("listen");
+        let Some(text) = self.de::<String>(&path) else {
+            return default;
+        };
+        match text.trim().parse() {
+            Ok(addr) => addr,
+            Err(_) => {
+                self.error(
+                    &path,
+                    "expected an IP address and port, such as 127.0.0.1:8080 or [::]:8080",
+                );
+                default
+            }
+        }
+    }
+
+    fn webhook_path(&mut self) -> String {
+        let path = top("webhook_path");
+        let Some(p) = self.de::<String>(&path) else {
+            return DEFAULT_WEBHOOK_PATH.into();
+        };
+        if !p.starts_with('/') {
+            self.error(&path, "must start with `/`, such as /webhook");
+        } else if p.contains(|c: char| c.is_whitespace() || c == '?' || c == '#') {
+            self.error(
+                &path,
+                "must be a plain URL path (no spaces, `?` or `#`), such as /webhook",
+            );
+        }
+        p
+    }
+
+    // ----- ingress / store / delivery ----------------------------------------------------
+
+    fn ingress(&mut self) -> IngressConfig {
+        let path = top("ingress");
+        let mut cfg = ingress_defaults();
+        let raw: RawIngress = self.de(&path).unwrap_or_default();
+        if let Some(size) = raw.max_body {
+            match usize::try_from(size.0) {
+                Ok(0) => self.error(&path.key("max_body"), "must be at least 1 byte"),
+                Ok(n) => cfg.max_body = n,
+                Err(_) => self.error(&path.key("max_body"), "size is too large"),
+            }
+        }
+        for (key, value, slot) in [
+            (
+                "header_timeout",
+                raw.header_timeout,
+                &mut cfg.header_timeout,
+            ),
+            ("body_timeout", raw.body_timeout, &mut cfg.body_timeout),
+        ] {
+            if let Some(d) = self.positive(&path.key(key), value) {
+                *slot = d;
+            }
+        }
+        if let Some(d) = self.positive(&path.key("store_timeout"), raw.store_timeout) {
+            if d >= FACEIO_TIMEOUT {
+                self.error(
+                    &path.key("store_timeout"),
+                    "must be less than 6s: FACEIO gives up on a webhook after 6 seconds",
+                );
+            } else {
+                cfg.store_timeout = d;
+            }
+        }
+        if let Some(n) = raw.max_connections {
+            match usize::try_from(n) {
+                Ok(0) => self.error(&path.key("max_connections"), "must be at least 1"),
+                Ok(n) => cfg.max_connections = n,
+                Err(_) => self.error(&path.key("max_connections"), "is too large"),
+            }
+        }
+        if let Some(ips) = raw.allow_ips {
+            let list = path.key("allow_ips");
+            for (i, text) in ips.iter().enumerate() {
+                match parse_net(text) {
+                    Some(net) => cfg.allow_ips.push(net),
+                    None => self.error(
+                        &list.index(i),
+                        "not an IP address or CIDR network (such as 10.0.0.0/8 or 192.168.1.7)",
+                    ),
+                }
+            }
+        }
+        if let Some(af) = raw.auth_failures {
+            let af_path = path.key("auth_failures");
+            if let Some(ps) = af.per_second
+                && self.check_per_second(&af_path.key("per_second"), ps)
+            {
+                cfg.auth_failures.per_second = ps;
+            }
+            if let Some(b) = af.burst
+                && self.check_burst(&af_path.key("burst"), b)
+            {
+                cfg.auth_failures.burst = b;
+            }
+        }
+        cfg
+    }
+
+    /// A duration that must be > 0.
+    fn positive(&mut self, path: &KeyPath, value: Option<Dur>) -> Option<Duration> {
+        let d = value?.0;
+        if d.is_zero() {
+            self.error(path, "must be greater than 0");
+            None
+        } else {
+            Some(d)
+        }
+    }
+
+    fn check_per_second(&mut self, path: &KeyPath, ps: f64) -> bool {
+        if ps.is_finite() && ps > 0.0 {
+            true
+        } else {
+            self.error(
+                path,
+                "must be a number greater than 0 (0.5 = one every two seconds)",
+            );
+            false
+        }
+    }
+
+    fn check_burst(&mut self, path: &KeyPath, burst: u32) -> bool {
+        if burst >= 1 {
+            true
+        } else {
+            self.error(path, "must be at least 1");
+            false
+        }
+    }
+
+    fn store(&mut self) -> StoreConfig {
+        let path = top("store");
+        let raw: RawStore = self.de(&path).unwrap_or_default();
+        let file = raw.path.unwrap_or_else(|| "./data/relay.db".into());
+        if file.trim().is_empty() {
+            self.error(&path.key("path"), "must not be empty");
+        }
+        StoreConfig {
+            path: self.resolve(&file),
+            retention: raw
+                .retention
+                .map_or(Duration::from_secs(7 * 86_400), |d| d.0),
+        }
+    }
+
+    fn delivery(&mut self) -> DeliveryConfig {
+        let path = top("delivery");
+        let raw: RawDelivery = self.de(&path).unwrap_or_default();
+        let mut cfg = delivery_defaults();
+        if let Some(d) = raw.shutdown_grace {
+            cfg.shutdown_grace = d.0;
+        }
+        if let Some(d) = self.positive(&path.key("poll_interval"), raw.poll_interval) {
+            cfg.poll_interval = d;
+        }
+        cfg
+    }
+
+    // ----- applications ------------------------------------------------------------------
+
+    fn applications(&mut self) -> Vec<Application> {
+        let path = top("applications");
+        if self.root.find(&path).is_none() {
+            self.key_error(
+                &path,
+                "missing required key `applications` (the FACEIO applications whose webhooks are accepted)",
+            );
+            return Vec::new();
+        }
+        let len = self.list_len(&path);
+        if len == 0
+            && self
+                .node(&path)
+                .is_none_or(|n| matches!(n.kind, Kind::Seq(_)))
+        {
+            self.error(&path, "must list at least one application");
+        }
+        let mut apps = Vec::new();
+        let mut seen: HashMap<String, Loc> = HashMap::new();
+        for i in 0..len {
+            let item = path.index(i);
+            let Some(raw) = self.de::<RawApplication>(&item) else {
+                continue;
+            };
+            let id_path = item.key("app_id");
+            let app_id = raw.app_id.trim().to_owned();
+            if app_id.is_empty() {
+                self.error(&id_path, "must not be empty");
+            } else if let Some(first) = seen.get(&app_id) {
+                let msg = format!(
+                    "duplicate app_id `{app_id}`; it is also at line {}",
+                    first.line
+                );
+                self.error(&id_path, msg);
+            } else {
+                seen.insert(app_id.clone(), self.root.value_loc(&id_path));
+                self.app_ids.push(app_id.clone());
+            }
+            let token = match (raw.token, raw.token_file) {
+                (Some(_), Some(_)) => {
+                    self.key_error(
+                        &item.key("token_file"),
+                        "give either `token` or `token_file`, not both",
+                    );
+                    None
+                }
+                (None, None) => {
+                    self.error(&item, "missing `token` or `token_file`");
+                    None
+                }
+                (Some(token), None) => {
+                    let token = token.trim().to_owned();
+                    if token.is_empty() {
+                        self.error(&item.key("token"), "must not be empty");
+                    }
+                    Some(token)
+                }
+                (None, Some(file)) => self.token_file(&item.key("token_file"), &file),
+            };
+            if let Some(token) = token {
+                apps.push(Application {
+                    app_id,
+                    token: Secret::new(token),
+                });
+            }
+        }
+        apps
+    }
+
+    fn token_file(&mut self, path: &KeyPath, file: &str) -> Option<String> {
+        if file.trim().is_empty() {
+            self.error(path, "must not be empty");
+            return None;
+        }
+        match std::fs::read_to_string(self.resolve(file)) {
+            Ok(content) => {
+                let token = content.trim_end().to_owned();
+                if token.is_empty() {
+                    self.error(path, "the token file is empty");
+                    None
+                } else {
+                    Some(token)
+                }
+            }
+            Err(e) => {
+                self.error(path, format!("cannot read the token file: {e}"));
+                None
+            }
+        }
+    }
+
+    // ----- destinations ------------------------------------------------------------------
+
+    fn destinations(&mut self) -> Vec<DestinationConfig> {
+        let path = top("destinations");
+        let entries: Vec<String> = match self.node(&path) {
+            None => return Vec::new(),
+            Some(n) => match &n.kind {
+                Kind::Map(entries) => entries.iter().map(|e| e.key.clone()).collect(),
+                other => {
+                    let msg = format!(
+                        "expected a mapping of destination names to settings, found {}",
+                        other.describe()
+                    );
+                    self.error(&path, msg);
+                    return Vec::new();
+                }
+            },
+        };
+        let mut out = Vec::new();
+        for name in entries {
+            let dpath = path.key(&name);
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            {
+                self.key_error(
+                    &dpath,
+                    "invalid destination name; use letters, digits, `_`, `.` and `-`",
+                );
+            }
+            if let Some(d) = self.destination(&name, &dpath) {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    fn destination(&mut self, name: &str, path: &KeyPath) -> Option<DestinationConfig> {
+        let node = self.root.find(path)?;
+        let type_path = path.key("type");
+        let kind = match &node.kind {
+            Kind::Map(_) => match node.get("type").map(|e| &e.value) {
+                None => Err(format!(
+                    "missing required key `type` (one of {})",
+                    quoted(DESTINATION_TYPES)
+                )),
+                Some(v) => match &v.kind {
+                    Kind::Str(s) if DESTINATION_TYPES.contains(&s.as_str()) => Ok(s.clone()),
+                    Kind::Str(s) => {
+                        let msg =
+                            format!("unknown destination type; {}", one_of(s, DESTINATION_TYPES));
+                        self.error(&type_path, msg);
+                        return None;
+                    }
+                    other => {
+                        let msg = format!("expected a string, found {}", other.describe());
+                        self.error(&type_path, msg);
+                        return None;
+                    }
+                },
+            },
+            other => Err(format!(
+                "expected a mapping with the destination's settings, found {}",
+                other.describe()
+            )),
+        };
+        let kind = match kind {
+            Ok(k) => k,
+            Err(msg) => {
+                self.error(path, msg);
+                return None;
+            }
+        };
+        match kind.as_str() {
+            "slack" => {
+                let raw: RawSlack = self.de(path)?;
+                let common = self.common(
+                    path,
+                    raw.timeout,
+                    raw.concurrency,
+                    raw.retry,
+                    raw.rate_limit,
+                    4,
+                );
+                let url_path = path.key("webhook_url");
+                let url_ok = self.check_url(&url_path, &raw.webhook_url, true);
+                let text_ok = match &raw.text {
+                    Some(t) => self.check_template(&path.key("text"), t),
+                    None => true,
+                };
+                let common = common?;
+                (url_ok && text_ok).then(|| {
+                    common.build(
+                        name,
+                        DestinationKind::Slack(SlackConfig {
+                            webhook_url: Secret::new(raw.webhook_url.trim().to_owned()),
+                            text: raw.text,
+                        }),
+                    )
+                })
+            }
+            "http" => {
+                let raw: RawHttp = self.de(path)?;
+                let common = self.common(
+                    path,
+                    raw.timeout,
+                    raw.concurrency,
+                    raw.retry,
+                    raw.rate_limit,
+                    4,
+                );
+                let mut ok = self.check_url(&path.key("url"), &raw.url, false);
+                let mut headers = Vec::new();
+                for (hname, value) in raw.headers.unwrap_or_default() {
+                    let hpath = path.key("headers").key(&hname);
+                    if hyper::header::HeaderName::from_bytes(hname.as_bytes()).is_err() {
+                        self.key_error(&hpath, "invalid header name");
+                        ok = false;
+                    }
+                    if hyper::header::HeaderValue::from_str(&value).is_err() {
+                        self.error(
+                            &hpath,
+                            "invalid header value (only visible ASCII, spaces and tabs are allowed)",
+                        );
+                        ok = false;
+                    }
+                    headers.push((hname, Secret::new(value)));
+                }
+                let signing_secret = match raw.signing_secret {
+                    None => None,
+                    Some(s) => {
+                        ok &= self.check_signing_secret(&path.key("signing_secret"), &s);
+                        Some(Secret::new(s))
+                    }
+                };
+                let common = common?;
+                ok.then(|| {
+                    common.build(
+                        name,
+                        DestinationKind::Http(HttpConfig {
+                            url: Secret::new(raw.url.trim().to_owned()),
+                            headers,
+                            signing_secret,
+                            follow_redirects: raw.follow_redirects.unwrap_or(false),
+                        }),
+                    )
+                })
+            }
+            _ => {
+                let raw: RawFile = self.de(path)?;
+                let common = self.common(
+                    path,
+                    raw.timeout,
+                    raw.concurrency,
+                    raw.retry,
+                    raw.rate_limit,
+                    1,
+                );
+                if raw.path.trim().is_empty() {
+                    self.error(&path.key("path"), "must not be empty");
+                    return None;
+                }
+                let file = self.resolve(&raw.path);
+                Some(common?.build(name, DestinationKind::File(FileConfig { path: file })))
+            }
+        }
+    }
+
+    /// The settings every destination type has.
+    fn common(
+        &mut self,
+        path: &KeyPath,
+        timeout: Option<Dur>,
+        concurrency: Option<u64>,
+        retry: Option<RawRetry>,
+        rate_limit: Option<RawRateLimit>,
+        default_concurrency: usize,
+    ) -> Option<Common> {
+        let mut ok = true;
+        let timeout = match timeout {
+            None => Duration::from_secs(10),
+            Some(_) => match self.positive(&path.key("timeout"), timeout) {
+                Some(d) => d,
+                None => {
+                    ok = false;
+                    Duration::ZERO
+                }
+            },
+        };
+        let concurrency = match concurrency {
+            None => default_concurrency,
+            Some(n) if (1..=MAX_CONCURRENCY).contains(&n) => n as usize,
+            Some(_) => {
+                self.error(
+                    &path.key("concurrency"),
+                    format!("must be between 1 and {MAX_CONCURRENCY}"),
+                );
+                ok = false;
+                0
+            }
+        };
+        let mut policy = RetryPolicy::default();
+        if let Some(r) = retry {
+            let rpath = path.key("retry");
+            if let Some(n) = r.max_attempts {
+                if n == 0 {
+                    self.error(&rpath.key("max_attempts"), "must be at least 1");
+                    ok = false;
+                } else {
+                    policy.max_attempts = n;
+                }
+            }
+            match self.positive(&rpath.key("initial_delay"), r.initial_delay) {
+                Some(d) => policy.initial_delay = d,
+                None => ok &= r.initial_delay.is_none(),
+            }
+            if let Some(d) = r.max_delay {
+                policy.max_delay = d.0;
+            }
+            if ok && policy.initial_delay > policy.max_delay {
+                let at = if r.initial_delay.is_some() {
+                    rpath.key("initial_delay")
+                } else {
+                    rpath.key("max_delay")
+                };
+                self.error(&at, "initial_delay must not be greater than max_delay");
+                ok = false;
+            }
+        }
+        let rate_limit = match rate_limit {
+            None => None,
+            Some(rl) => {
+                let rl_path = path.key("rate_limit");
+                let burst = rl.burst.unwrap_or(1);
+                ok &= self.check_per_second(&rl_path.key("per_second"), rl.per_second);
+                ok &= self.check_burst(&rl_path.key("burst"), burst);
+                Some(RateLimit {
+                    per_second: rl.per_second,
+                    burst,
+                })
+            }
+        };
+        ok.then_some(Common {
+            timeout,
+            concurrency,
+            retry: policy,
+            rate_limit,
+        })
+    }
+
+    /// An http(s) URL; for a Slack webhook URL, a warning when it would travel in clear
+    /// text. Messages never show the URL.
+    fn check_url(&mut self, path: &KeyPath, text: &str, warn_cleartext: bool) -> bool {
+        let url = match reqwest::Url::parse(text.trim()) {
+            Ok(url) => url,
+            Err(e) => {
+                self.error(path, format!("not a valid URL: {e}"));
+                return false;
+            }
+        };
+        if !matches!(url.scheme(), "http" | "https") {
+            self.error(path, "must be an http:// or https:// URL");
+            return false;
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            self.error(path, "the URL has no host");
+            return false;
+        }
+        if warn_cleartext && url.scheme() == "http" && !is_loopback(&url) {
+            self.warn(
+                path,
+                "plain http to a host that is not loopback: this URL is a credential and would cross the network unencrypted; use https",
+            );
+        }
+        true
+    }
+
+    fn check_template(&mut self, path: &KeyPath, text: &str) -> bool {
+        let env = minijinja::Environment::new();
+        match env.template_from_str(text) {
+            Ok(_) => true,
+            Err(e) => {
+                let mut msg = format!("invalid template: {}", e.kind());
+                if let Some(detail) = e.detail() {
+                    msg.push_str(&format!(": {detail}"));
+                }
+                if let Some(line) = e.line()
+                    && text.contains('\n')
+                {
+                    msg.push_str(&format!(" (template line {line})"));
+                }
+                self.error(path, msg);
+                false
+            }
+        }
+    }
+
+    fn check_signing_secret(&mut self, path: &KeyPath, secret: &str) -> bool {
+        if secret.is_empty() {
+            self.error(path, "must not be empty");
+            return false;
+        }
+        if let Some(b64) = secret.strip_prefix("whsec_") {
+            let decoded = base64::engine::general_purpose::STANDARD.decode(b64);
+            match decoded {
+                Ok(bytes) if !bytes.is_empty() => {}
+                Ok(_) => {
+                    self.error(path, "the part after `whsec_` is empty");
+                    return false;
+                }
+                Err(_) => {
+                    self.error(path, "the part after `whsec_` must be valid base64");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    // ----- routes ------------------------------------------------------------------------
+
+    fn routes(&mut self) -> Vec<RouteConfig> {
+        let path = top("routes");
+        // Every name under `destinations:`, even those with errors, so that a broken
+        // destination does not also make every route naming it an error.
+        let names: Vec<String> = self
+            .node(&top("destinations"))
+            .and_then(Node::entries)
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e.key.clone())
+            .collect();
+        let len = self.list_len(&path);
+        if len == 0
+            && self
+                .node(&path)
+                .is_none_or(|n| matches!(n.kind, Kind::Seq(_)))
+        {
+            self.key_warn(&path, "no routes: events are stored but sent nowhere");
+        }
+        self.unused_destinations(&names, len);
+
+        let mut out = Vec::new();
+        let mut seen_names: HashMap<String, u64> = HashMap::new();
+        for i in 0..len {
+            let rpath = path.index(i);
+            let Some(raw) = self.de::<RawRoute>(&rpath) else {
+                continue;
+            };
+            let mut ok = true;
+            let name = match raw.name {
+                Some(n) if n.trim().is_empty() => {
+                    self.error(&rpath.key("name"), "must not be empty");
+                    ok = false;
+                    n
+                }
+                Some(n) => n,
+                None => format!("route-{}", i + 1),
+            };
+            let line = self.root.value_loc(&rpath).line;
+            if let Some(first) = seen_names.get(&name) {
+                let msg = format!("duplicate route name `{name}`; the first is at line {first}");
+                self.error(&rpath.key("name"), msg);
+                ok = false;
+            } else {
+                seen_names.insert(name.clone(), line);
+            }
+
+            let to_path = rpath.key("to");
+            let mut to: Vec<String> = Vec::new();
+            if raw.to.is_empty() {
+                self.error(&to_path, "must name at least one destination");
+                ok = false;
+            }
+            for (idx, dest) in raw.to.items() {
+                let dpath = item_path(&to_path, idx);
+                if !names.iter().any(|n| n == dest) {
+                    let hint = match did_you_mean(dest, names.iter().map(String::as_str)) {
+                        Some(s) => format!("did you mean `{s}`?"),
+                        None if names.is_empty() => "no destinations are defined".into(),
+                        None => format!("defined destinations: {}", quoted(&names)),
+                    };
+                    self.error(&dpath, format!("unknown destination `{dest}`; {hint}"));
+                    ok = false;
+                } else if to.iter().any(|t| t == dest) {
+                    self.warn(&dpath, format!("destination `{dest}` is listed twice"));
+                } else {
+                    to.push(dest.to_owned());
+                }
+            }
+            let matcher = match raw.matcher {
+                None => MatchConfig::default(),
+                Some(m) => match self.matcher(&rpath.key("match"), m) {
+                    Some(m) => m,
+                    None => {
+                        ok = false;
+                        MatchConfig::default()
+                    }
+                },
+            };
+            if ok {
+                out.push(RouteConfig { name, matcher, to });
+            }
+        }
+        out
+    }
+
+    /// Warns about destinations that no route names (read from the tree, so that routes
+    /// with errors still count).
+    fn unused_destinations(&mut self, names: &[String], routes: usize) {
+        let mut used: HashSet<String> = HashSet::new();
+        for i in 0..routes {
+            let to = top("routes").index(i).key("to");
+            match self.root.find(&to).map(|n| &n.kind) {
+                Some(Kind::Str(s)) => {
+                    used.insert(s.clone());
+                }
+                Some(Kind::Seq(items)) => {
+                    used.extend(items.iter().filter_map(|n| n.as_str().map(str::to_owned)));
+                }
+                _ => {}
+            }
+        }
+        for name in names {
+            if !used.contains(name) {
+                self.key_warn(
+                    &top("destinations").key(name),
+                    format!("destination `{name}` is not used by any route"),
+                );
+            }
+        }
+    }
+
+    fn matcher(&mut self, path: &KeyPath, raw: RawMatch) -> Option<MatchConfig> {
+        let mut ok = true;
+        let mut m = MatchConfig::default();
+        let ev_path = path.key("eventName");
+        m.event_name = self.strings(&ev_path, raw.event_name.as_ref(), &mut ok);
+        for (idx, ev) in raw.event_name.iter().flat_map(OneOrMany::items) {
+            if !ev.is_empty() && !KNOWN_EVENTS.contains(&ev) {
+                let hint = match did_you_mean(ev, KNOWN_EVENTS.iter().copied()) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!("FACEIO sends {}", quoted(KNOWN_EVENTS)),
+                };
+                self.warn(
+                    &item_path(&ev_path, idx),
+                    format!("unknown event name `{ev}`; {hint}"),
+                );
+            }
+        }
+        let app_path = path.key("appId");
+        m.app_id = self.strings(&app_path, raw.app_id.as_ref(), &mut ok);
+        for (idx, id) in raw.app_id.iter().flat_map(OneOrMany::items) {
+            if !id.is_empty() && !self.app_ids.is_empty() && !self.app_ids.iter().any(|a| a == id) {
+                self.warn(
+                    &item_path(&app_path, idx),
+                    format!("`{id}` is not one of the configured applications; this never matches"),
+                );
+            }
+        }
+        m.facial_id = self.strings(&path.key("facialId"), raw.facial_id.as_ref(), &mut ok);
+        let gender_path = path.key("details.gender");
+        m.gender = self.strings(&gender_path, raw.gender.as_ref(), &mut ok);
+        for (idx, g) in raw.gender.iter().flat_map(OneOrMany::items) {
+            if !g.is_empty() && !KNOWN_GENDERS.contains(&g) {
+                self.warn(
+                    &item_path(&gender_path, idx),
+                    "FACEIO reports `male` or `female`; this value never matches",
+                );
+            }
+        }
+        if let Some(ips) = raw.client_ip {
+            let ip_path = path.key("clientIp");
+            if ips.is_empty() {
+                self.error(&ip_path, "must not be an empty list");
+                ok = false;
+            }
+            let mut nets = Vec::new();
+            for (idx, text) in ips.items() {
+                match parse_net(text) {
+                    Some(net) => nets.push(net),
+                    None => {
+                        self.error(
+                            &item_path(&ip_path, idx),
+                            "not an IP address or CIDR network (such as 10.0.0.0/8 or 192.168.1.7)",
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            m.client_ip = Some(nets);
+        }
+        if let Some(age) = raw.age {
+            let age_path = path.key("details.age");
+            for (key, v) in [("min", age.min), ("max", age.max)] {
+                if v.is_some_and(|v| !v.is_finite()) {
+                    self.error(&age_path.key(key), "must be a finite number");
+                    ok = false;
+                }
+            }
+            match (age.min, age.max) {
+                (None, None) => {
+                    self.error(&age_path, "give `min`, `max` or both");
+                    ok = false;
+                }
+                (Some(min), Some(max)) if min > max => {
+                    self.error(&age_path.key("min"), "min must not be greater than max");
+                    ok = false;
+                }
+                _ => {}
+            }
+            m.age = Some(AgeRange {
+                min: age.min,
+                max: age.max,
+            });
+        }
+        ok.then_some(m)
+    }
+
+    /// A `match:` list of strings: not empty, no empty strings.
+    fn strings(
+        &mut self,
+        path: &KeyPath,
+        value: Option<&OneOrMany>,
+        ok: &mut bool,
+    ) -> Option<Vec<String>> {
+        let value = value?;
+        if value.is_empty() {
+            self.error(path, "must not be an empty list");
+            *ok = false;
+        }
+        let mut out = Vec::new();
+        for (idx, s) in value.items() {
+            if s.is_empty() {
+                self.error(&item_path(path, idx), "must not be empty");
+                *ok = false;
+            }
+            out.push(s.to_owned());
+        }
+        Some(out)
+    }
+}
+
+/// `path[n]` for a list element, `path` for a single value.
+fn item_path(path: &KeyPath, idx: Option<usize>) -> KeyPath {
+    idx.map_or_else(|| path.clone(), |n| path.index(n))
+}
+
+struct Common {
+    timeout: Duration,
+    concurrency: usize,
+    retry: RetryPolicy,
+    rate_limit: Option<RateLimit>,
+}
+
+impl Common {
+    fn build(self, name: &str, kind: DestinationKind) -> DestinationConfig {
+        DestinationConfig {
+            name: name.to_owned(),
+            kind,
+            concurrency: self.concurrency,
+            timeout: self.timeout,
+            retry: self.retry,
+            rate_limit: self.rate_limit,
+        }
+    }
+}
+
+fn ingress_defaults() -> IngressConfig {
+    IngressConfig {
+        max_body: 64 * 1024,
+        header_timeout: Duration::from_secs(5),
+        body_timeout: Duration::from_secs(5),
+        store_timeout: Duration::from_secs(3),
+        max_connections: 1024,
+        allow_ips: Vec::new(),
+        auth_failures: RateLimit {
+            per_second: 1.0,
+            burst: 10,
+        },
+    }
+}
+
+fn delivery_defaults() -> DeliveryConfig {
+    DeliveryConfig {
+        shutdown_grace: Duration::from_secs(10),
+        poll_interval: Duration::from_secs(1),
+    }
+}
+
+/// An address (as a /32 or /128 network) or a CIDR network.
+fn parse_net(text: &str) -> Option<IpNet> {
+    let t = text.trim();
+    t.parse::<IpNet>()
+        .ok()
+        .or_else(|| t.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            let h = bare.to_ascii_lowercase();
+            h == "localhost" || h.ends_with(".localhost")
+        }
+    }
+}
+
+fn quoted<S: AsRef<str>>(names: &[S]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{}`", n.as_ref()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ----- summary -------------------------------------------------------------------------
+
 impl Config {
+    /// A short description for `faceio-relay check`: addresses, paths, application IDs,
+    /// destinations (type and limits) and routes. Never shows URLs, tokens or headers.
     pub fn summary(&self) -> String {
-        String::new()
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "listen {} (webhook path {})",
+            self.listen, self.webhook_path
+        );
+        let _ = writeln!(
+            s,
+            "store {} (retention {})",
+            self.store.path.display(),
+            humantime::format_duration(self.store.retention)
+        );
+        let ids: Vec<&str> = self
+            .applications
+            .iter()
+            .map(|a| a.app_id.as_str())
+            .collect();
+        let _ = writeln!(s, "applications ({}): {}", ids.len(), ids.join(", "));
+        let _ = writeln!(s, "destinations ({}):", self.destinations.len());
+        for d in &self.destinations {
+            let rate = match d.rate_limit {
+                Some(r) => format!("rate limit {}/s burst {}", r.per_second, r.burst),
+                None => "no rate limit".into(),
+            };
+            let _ = writeln!(
+                s,
+                "  {}: {}, concurrency {}, timeout {}, {}, retry {} attempts {}..{}",
+                d.name,
+                d.kind.type_name(),
+                d.concurrency,
+                humantime::format_duration(d.timeout),
+                rate,
+                d.retry.max_attempts,
+                humantime::format_duration(d.retry.initial_delay),
+                humantime::format_duration(d.retry.max_delay),
+            );
+        }
+        let _ = writeln!(s, "routes ({}):", self.routes.len());
+        for r in &self.routes {
+            let _ = writeln!(
+                s,
+                "  {}: {} -> {}",
+                r.name,
+                describe_match(&r.matcher),
+                r.to.join(", ")
+            );
+        }
+        s
+    }
+}
+
+fn describe_match(m: &MatchConfig) -> String {
+    let mut parts = Vec::new();
+    let mut list = |key: &str, v: &Option<Vec<String>>| {
+        if let Some(v) = v {
+            parts.push(format!("{key} {}", v.join("|")));
+        }
+    };
+    list("eventName", &m.event_name);
+    list("appId", &m.app_id);
+    list("facialId", &m.facial_id);
+    list("details.gender", &m.gender);
+    if let Some(nets) = &m.client_ip {
+        let nets: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        parts.push(format!("clientIp {}", nets.join("|")));
+    }
+    if let Some(age) = m.age {
+        parts.push(match (age.min, age.max) {
+            (Some(a), Some(b)) => format!("details.age {a}..{b}"),
+            (Some(a), None) => format!("details.age >= {a}"),
+            (None, Some(b)) => format!("details.age <= {b}"),
+            (None, None) => "details.age any".into(),
+        });
+    }
+    if parts.is_empty() {
+        "every event".into()
+    } else {
+        parts.join(" and ")
     }
 }

@@ -11,8 +11,12 @@
 //! [`Duration`]s, addresses are parsed, relative paths are already resolved against the
 //! config file's directory and secrets are wrapped in [`Secret`].
 
+mod de;
+mod interp;
 mod load;
+mod raw;
 mod secret;
+mod suggest;
 mod yaml;
 
 use std::net::SocketAddr;
