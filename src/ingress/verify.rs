@@ -176,6 +176,11 @@ impl VerifiedEvent {
 
 /// Step two: parse the body and check it belongs to the authenticated application.
 pub fn verify(auth: Authenticated<'_>, body: Bytes) -> Result<VerifiedEvent, Rejection> {
+    // serde accepts a struct written as a JSON array; FACEIO sends objects, and an array
+    // would be forwarded as such, so refuse it here.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(Rejection::InvalidPayload("body is not a JSON object".into()));
+    }
     let payload: Payload =
         serde_json::from_slice(&body).map_err(|e| Rejection::InvalidPayload(e.to_string()))?;
     if payload.event_name.is_empty() {
@@ -276,6 +281,7 @@ mod tests {
             &br#"{"eventName":"AUTH","appId":"fioa1","clientIp":"1.2.3.4"}"#[..],
             br#"{"eventName":5,"facialId":"f","appId":"fioa1","clientIp":"1.2.3.4"}"#,
             br#"[1,2]"#,
+            br#"["AUTH","f","fioa1","1.2.3.4"]"#,
             br#"{"eventName":"","facialId":"f","appId":"fioa1","clientIp":"1.2.3.4"}"#,
         ] {
             let err = verify(auth, Bytes::copy_from_slice(body)).unwrap_err();
