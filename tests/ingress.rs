@@ -36,7 +36,10 @@ async fn accepted_event_is_stored_before_the_200() {
     let relay = TestRelay::start(setup.config(audit_only())).await;
     let (status, answer) = relay.send(&event("ENROLL", "face-1")).await;
     assert_eq!(status, 200);
-    let id = answer["id"].as_str().expect("answer carries the event id").to_string();
+    let id = answer["id"]
+        .as_str()
+        .expect("answer carries the event id")
+        .to_string();
     // Checked right after the answer, from another connection: the row is already there.
     let (name, payload): (String, String) = setup
         .db()
@@ -47,7 +50,11 @@ async fn accepted_event_is_stored_before_the_200() {
         )
         .unwrap();
     assert_eq!(name, "ENROLL");
-    assert_eq!(payload, body(&event("ENROLL", "face-1")), "body stored byte for byte");
+    assert_eq!(
+        payload,
+        body(&event("ENROLL", "face-1")),
+        "body stored byte for byte"
+    );
     relay.shutdown().await;
 }
 
@@ -59,22 +66,42 @@ async fn tokens_are_checked_and_never_explained() {
     let ct = ("content-type", "application/json");
 
     let cases: Vec<Vec<(&str, &str)>> = vec![
-        vec![ct],                                            // no header
+        vec![ct], // no header
         vec![ct, ("www-authenticate", "Bearer wrong-token")],
         vec![ct, ("www-authenticate", "Basic dG9rZW4=")],
     ];
     let mut answers = vec![];
     for headers in cases {
-        let (status, answer) = raw(&relay, reqwest::Method::POST, "/webhook", &headers, e.clone()).await;
+        let (status, answer) = raw(
+            &relay,
+            reqwest::Method::POST,
+            "/webhook",
+            &headers,
+            e.clone(),
+        )
+        .await;
         assert_eq!(status, 401);
         answers.push(answer);
     }
-    assert!(answers.windows(2).all(|w| w[0] == w[1]), "answers must not differ by cause: {answers:?}");
+    assert!(
+        answers.windows(2).all(|w| w[0] == w[1]),
+        "answers must not differ by cause: {answers:?}"
+    );
 
     // Scheme in any case, and a bare token, are accepted.
-    for auth in [format!("bearer {TOKEN}"), format!("BEARER {TOKEN}"), TOKEN.to_string()] {
-        let (status, _) = raw(&relay, reqwest::Method::POST, "/webhook",
-            &[ct, ("www-authenticate", &auth)], e.clone()).await;
+    for auth in [
+        format!("bearer {TOKEN}"),
+        format!("BEARER {TOKEN}"),
+        TOKEN.to_string(),
+    ] {
+        let (status, _) = raw(
+            &relay,
+            reqwest::Method::POST,
+            "/webhook",
+            &[ct, ("www-authenticate", &auth)],
+            e.clone(),
+        )
+        .await;
         assert_eq!(status, 200, "{auth}");
     }
     relay.shutdown().await;
@@ -96,19 +123,41 @@ async fn malformed_requests_get_precise_answers() {
     let setup = Setup::new();
     let relay = TestRelay::start(setup.config(audit_only())).await;
     let auth = format!("Bearer {TOKEN}");
-    let ok_headers = [("content-type", "application/json"), ("www-authenticate", auth.as_str())];
+    let ok_headers = [
+        ("content-type", "application/json"),
+        ("www-authenticate", auth.as_str()),
+    ];
 
-    let (s, a) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers, "{not json").await;
+    let (s, a) = raw(
+        &relay,
+        reqwest::Method::POST,
+        "/webhook",
+        &ok_headers,
+        "{not json",
+    )
+    .await;
     assert_eq!(s, 400);
     assert_eq!(a["error"], "invalid_payload");
 
-    let (s, a) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers,
-        r#"{"eventName":"AUTH","appId":"fioa-test","clientIp":"1.2.3.4"}"#).await;
+    let (s, a) = raw(
+        &relay,
+        reqwest::Method::POST,
+        "/webhook",
+        &ok_headers,
+        r#"{"eventName":"AUTH","appId":"fioa-test","clientIp":"1.2.3.4"}"#,
+    )
+    .await;
     assert_eq!(s, 400);
     assert!(a["message"].as_str().unwrap().contains("facialId"), "{a}");
 
-    let (s, _) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers,
-        r#"{"eventName":"AUTH","facialId":7,"appId":"fioa-test","clientIp":"1.2.3.4"}"#).await;
+    let (s, _) = raw(
+        &relay,
+        reqwest::Method::POST,
+        "/webhook",
+        &ok_headers,
+        r#"{"eventName":"AUTH","facialId":7,"appId":"fioa-test","clientIp":"1.2.3.4"}"#,
+    )
+    .await;
     assert_eq!(s, 400, "wrong type");
 
     let deep = "[".repeat(100_000) + &"]".repeat(100_000);
@@ -119,33 +168,67 @@ async fn malformed_requests_get_precise_answers() {
     let (s, _) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers, deep).await;
     assert_eq!(s, 400, "deep nesting under the size limit");
 
-    let (s, _) = raw(&relay, reqwest::Method::POST, "/webhook",
-        &[("content-type", "text/plain"), ("www-authenticate", auth.as_str())],
-        body(&event("AUTH", "f"))).await;
+    let (s, _) = raw(
+        &relay,
+        reqwest::Method::POST,
+        "/webhook",
+        &[
+            ("content-type", "text/plain"),
+            ("www-authenticate", auth.as_str()),
+        ],
+        body(&event("AUTH", "f")),
+    )
+    .await;
     assert_eq!(s, 415);
 
     let (s, a) = raw(&relay, reqwest::Method::GET, "/webhook", &ok_headers, "").await;
     assert_eq!(s, 405);
     assert_eq!(a["error"], "method_not_allowed");
 
-    let (s, _) = raw(&relay, reqwest::Method::POST, "/elsewhere", &ok_headers, body(&event("AUTH", "f"))).await;
+    let (s, _) = raw(
+        &relay,
+        reqwest::Method::POST,
+        "/elsewhere",
+        &ok_headers,
+        body(&event("AUTH", "f")),
+    )
+    .await;
     assert_eq!(s, 404);
 
     let big = json!({"eventName":"AUTH","facialId":"f","appId":"fioa-test","clientIp":"1.2.3.4",
         "pad": "x".repeat(70 * 1024)});
-    let (s, _) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers, big.to_string()).await;
+    let (s, _) = raw(
+        &relay,
+        reqwest::Method::POST,
+        "/webhook",
+        &ok_headers,
+        big.to_string(),
+    )
+    .await;
     assert_eq!(s, 413);
 
     // A chunked body (no Content-Length) over the limit is cut off too.
     let chunks = futures_util::stream::iter(
         (0..100).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 1024]))),
     );
-    let (s, _) = raw(&relay, reqwest::Method::POST, "/webhook", &ok_headers,
-        reqwest::Body::wrap_stream(chunks)).await;
+    let (s, _) = raw(
+        &relay,
+        reqwest::Method::POST,
+        "/webhook",
+        &ok_headers,
+        reqwest::Body::wrap_stream(chunks),
+    )
+    .await;
     assert_eq!(s, 413);
 
-    assert_eq!(setup.db().query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0)).unwrap(), 0,
-        "nothing rejected was stored");
+    assert_eq!(
+        setup
+            .db()
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))
+            .unwrap(),
+        0,
+        "nothing rejected was stored"
+    );
     relay.shutdown().await;
 }
 
@@ -157,16 +240,28 @@ async fn unknown_event_names_and_extra_fields_are_kept() {
     e["payload"] = json!({"linked": {"customer": 42}});
     let (status, answer) = relay.send(&e).await;
     assert_eq!(status, 200);
-    let stored: String = setup.db().query_row("SELECT payload FROM events WHERE id = ?1",
-        [answer["id"].as_str().unwrap()], |r| r.get(0)).unwrap();
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&stored).unwrap(), e);
+    let stored: String = setup
+        .db()
+        .query_row(
+            "SELECT payload FROM events WHERE id = ?1",
+            [answer["id"].as_str().unwrap()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&stored).unwrap(),
+        e
+    );
     relay.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_flood_of_bad_tokens_is_cut_off_per_source() {
     let setup = Setup::new();
-    let cfg = format!("ingress:\n  auth_failures: {{ per_second: 0.01, burst: 3 }}\n{}", audit_only());
+    let cfg = format!(
+        "ingress:\n  auth_failures: {{ per_second: 0.01, burst: 3 }}\n{}",
+        audit_only()
+    );
     let relay = TestRelay::start(setup.config(&cfg)).await;
     let e = event("AUTH", "f");
     let mut statuses = vec![];
@@ -202,7 +297,9 @@ async fn slow_headers_are_cut_off_and_do_not_block_others() {
     let relay = TestRelay::start(setup.config(&cfg)).await;
     let addr = relay.relay.local_addr();
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
-    slow.write_all(b"POST /webhook HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    slow.write_all(b"POST /webhook HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     // A normal client is served while the slow one dawdles.
     assert_eq!(relay.send(&event("AUTH", "f")).await.0, 200);
     // The slow one is disconnected by the header timeout (read returns EOF or an answer).

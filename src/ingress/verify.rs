@@ -179,7 +179,9 @@ pub fn verify(auth: Authenticated<'_>, body: Bytes) -> Result<VerifiedEvent, Rej
     // serde accepts a struct written as a JSON array; FACEIO sends objects, and an array
     // would be forwarded as such, so refuse it here.
     if body.trim_ascii_start().first() != Some(&b'{') {
-        return Err(Rejection::InvalidPayload("body is not a JSON object".into()));
+        return Err(Rejection::InvalidPayload(
+            "body is not a JSON object".into(),
+        ));
     }
     let payload: Payload =
         serde_json::from_slice(&body).map_err(|e| Rejection::InvalidPayload(e.to_string()))?;

@@ -156,7 +156,10 @@ impl Receiver {
 
     /// Whether a request arrives within `within` (for asserting that nothing comes).
     pub async fn next_within(&mut self, within: Duration) -> Option<Received> {
-        tokio::time::timeout(within, self.rx.recv()).await.ok().flatten()
+        tokio::time::timeout(within, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Stops answering (connections are refused from now on).
@@ -262,7 +265,8 @@ pub fn event(name: &str, facial_id: &str) -> serde_json::Value {
         "clientIp": "203.0.113.7",
     });
     if name == "ENROLL" {
-        e["details"] = serde_json::json!({"timestamp": "2026-11-27", "gender": "female", "age": 31});
+        e["details"] =
+            serde_json::json!({"timestamp": "2026-11-27", "gender": "female", "age": 31});
     }
     e
 }
@@ -350,10 +354,7 @@ impl Daemon {
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         self.child.wait().unwrap()
     }
 
