@@ -5,6 +5,8 @@
 //! (default `info`). Secrets never reach a log line: they live in
 //! [`crate::config::Secret`] and error texts are built without URLs.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber writing to stderr. Safe to call more than once.
@@ -14,5 +16,7 @@ pub fn init() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colours only for a person at a terminal; journald and log files get plain text.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .try_init();
 }

@@ -196,12 +196,12 @@ async fn webhook(
     match stored {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            tracing::error!(event_id = event.id(), error = %e, "event not stored; answered 503");
+            tracing::error!(event_id = %event.id(), error = %e, "event not stored; answered 503");
             return unavailable();
         }
         Err(_) => {
             tracing::error!(
-                event_id = event.id(),
+                event_id = %event.id(),
                 timeout_ms = limits.store_timeout.as_millis() as u64,
                 "store did not confirm in time; answered 503"
             );
@@ -213,7 +213,7 @@ async fn webhook(
     }
     let p = event.payload();
     tracing::info!(
-        event_id = event.id(),
+        event_id = %event.id(),
         app_id = %p.app_id,
         event_name = %p.event_name,
         destinations = targets.len(),
