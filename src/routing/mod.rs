@@ -144,6 +144,35 @@ mod tests {
     }
 
     #[test]
+    fn a_destination_named_by_several_matching_routes_gets_the_event_once() {
+        let route = |name: &str, matcher: MatchConfig, to: Vec<usize>| Route {
+            name: name.into(),
+            matcher,
+            to,
+        };
+        let enroll = MatchConfig {
+            event_name: list(&["ENROLL"]),
+            ..Default::default()
+        };
+        let router = Router {
+            destinations: vec!["slack".into(), "crm".into(), "audit".into()],
+            routes: vec![
+                route("enrollments", enroll, vec![0, 1]),
+                route("crm-all", MatchConfig::default(), vec![1]),
+                route("everything", MatchConfig::default(), vec![2, 1]),
+            ],
+        };
+        let enrolled = payload("ENROLL", "1.1.1.1", None, None);
+        assert_eq!(router.route(&enrolled), vec!["slack", "crm", "audit"]);
+        assert_eq!(
+            router.matching_routes(&enrolled),
+            vec!["enrollments", "crm-all", "everything"]
+        );
+        let auth = payload("AUTH", "1.1.1.1", None, None);
+        assert_eq!(router.route(&auth), vec!["crm", "audit"]);
+    }
+
+    #[test]
     fn empty_match_takes_everything() {
         assert!(matches(
             &MatchConfig::default(),

@@ -24,6 +24,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -113,8 +114,19 @@ impl Command {
     }
 }
 
+/// Counters kept by the writer thread.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Transactions committed.
+    pub commits: AtomicU64,
+    /// Commands carried by those transactions.
+    pub commands: AtomicU64,
+}
+
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
+    /// Shared with the writer thread.
+    stats: Arc<WriterStats>,
     /// Queue to the writer thread (group commit).
     writer: mpsc::Sender<Command>,
     /// Connection for reads; WAL lets it read while the writer writes.
@@ -166,15 +178,23 @@ impl SqliteStore {
         let reader = open_connection(path)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let path_buf = path.to_path_buf();
+        let stats = Arc::new(WriterStats::default());
+        let writer_stats = Arc::clone(&stats);
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(path_buf, Some(conn), rx))
+            .spawn(move || writer_loop(path_buf, Some(conn), rx, &writer_stats))
             .map_err(|e| open_err(path, e))?;
         Ok(Self {
+            stats,
             writer: tx,
             reader: Arc::new(Mutex::new(reader)),
             _lock: lock,
         })
+    }
+
+    /// Writer counters (commits and the commands they carried).
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -248,7 +268,12 @@ fn migrate(conn: &Connection) -> Result<(), String> {
 }
 
 /// The writer thread: drain the queue, one transaction per batch, reply after commit.
-fn writer_loop(path: PathBuf, mut conn: Option<Connection>, mut rx: mpsc::Receiver<Command>) {
+fn writer_loop(
+    path: PathBuf,
+    mut conn: Option<Connection>,
+    mut rx: mpsc::Receiver<Command>,
+    stats: &WriterStats,
+) {
     let mut synchronous_full = true;
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -282,8 +307,12 @@ fn writer_loop(path: PathBuf, mut conn: Option<Connection>, mut rx: mpsc::Receiv
             }
             synchronous_full = want_full;
         }
+        let size = batch.len() as u64;
         match run_batch(c, batch) {
-            Ok(()) => {}
+            Ok(()) => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats.commands.fetch_add(size, Ordering::Relaxed);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "store commit failed; reopening the database");
                 conn = None;
@@ -654,5 +683,184 @@ impl Store for SqliteStore {
             Ok((deliveries + events) as u64)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Application, Secret};
+    use crate::ingress::verify::{authenticate, verify};
+
+    fn app() -> Vec<Application> {
+        vec![Application {
+            app_id: "fioa1".into(),
+            token: Secret::new("t".into()),
+        }]
+    }
+
+    fn event(name: &str) -> VerifiedEvent {
+        let apps = app();
+        let auth = authenticate(&apps, Some(b"t")).unwrap();
+        let body = format!(
+            r#"{{"eventName":"{name}","facialId":"f","appId":"fioa1","clientIp":"1.2.3.4"}}"#
+        );
+        verify(auth, Bytes::from(body)).unwrap()
+    }
+
+    fn open() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db/relay.db")).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn an_inserted_event_is_due_for_each_destination() {
+        let (_dir, store) = open();
+        let ev = event("ENROLL");
+        store.insert_event(&ev, &["a", "b"]).await.unwrap();
+        let due_a = store.due("a", now_ms(), 10).await.unwrap();
+        assert_eq!(due_a.len(), 1);
+        assert_eq!(due_a[0].event_id, ev.id());
+        assert_eq!(due_a[0].body, ev.body());
+        assert_eq!(store.due("b", now_ms(), 10).await.unwrap().len(), 1);
+        assert!(store.due("c", now_ms(), 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn outcomes_move_deliveries_through_retry_done_and_dead() {
+        let (_dir, store) = open();
+        store
+            .insert_event(&event("AUTH"), &["a", "b"])
+            .await
+            .unwrap();
+        let a = store.due("a", now_ms(), 10).await.unwrap().remove(0);
+        let later = now_ms() + 60_000;
+        store
+            .record(
+                a.id,
+                Outcome::Retry {
+                    attempts: 1,
+                    next_attempt_at_ms: later,
+                    error: "HTTP 500".into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            store.due("a", now_ms(), 10).await.unwrap().is_empty(),
+            "not due before its time"
+        );
+        assert_eq!(store.next_due_at("a").await.unwrap(), Some(later));
+        let again = store.due("a", later, 10).await.unwrap();
+        assert_eq!(again[0].attempts, 1);
+        store
+            .record(a.id, Outcome::Done { attempts: 2 })
+            .await
+            .unwrap();
+        assert_eq!(store.next_due_at("a").await.unwrap(), None);
+
+        let b = store.due("b", now_ms(), 10).await.unwrap().remove(0);
+        store
+            .record(
+                b.id,
+                Outcome::Dead {
+                    attempts: 1,
+                    error: "HTTP 404: channel_not_found".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let dead = store.dead_letters(None, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].id, b.id);
+        assert_eq!(dead[0].last_error, "HTTP 404: channel_not_found");
+        assert_eq!(dead[0].event_name, "AUTH");
+        let (shown, body) = store.dead_letter(b.id).await.unwrap().unwrap();
+        assert_eq!(shown, dead[0]);
+        assert!(body.starts_with(b"{"));
+
+        assert_eq!(
+            store
+                .replay(&Selection::Destination("b".into()))
+                .await
+                .unwrap(),
+            1
+        );
+        let replayed = store.due("b", now_ms(), 10).await.unwrap();
+        assert_eq!(replayed[0].attempts, 0, "attempts start over");
+        store
+            .record(
+                b.id,
+                Outcome::Dead {
+                    attempts: 1,
+                    error: "again".into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.purge(&Selection::Ids(vec![b.id])).await.unwrap(), 1);
+        assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn concurrent_inserts_share_commits() {
+        let (_dir, store) = open();
+        let store = Arc::new(store);
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.insert_event(&event("AUTH"), &["a"]).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let commits = store.stats().commits.load(Ordering::Relaxed);
+        assert_eq!(store.stats().commands.load(Ordering::Relaxed), 200);
+        assert!(
+            commits < 200,
+            "200 inserts took {commits} commits: no group commit"
+        );
+        assert_eq!(store.due("a", now_ms(), 1000).await.unwrap().len(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_second_daemon_cannot_open_the_same_store() {
+        let (dir, _store) = open();
+        let err = SqliteStore::open(&dir.path().join("db/relay.db"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        // The admin commands can.
+        SqliteStore::open_admin(&dir.path().join("db/relay.db")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn orphans_are_dead_lettered_and_old_done_rows_pruned() {
+        let (_dir, store) = open();
+        store
+            .insert_event(&event("AUTH"), &["kept", "removed"])
+            .await
+            .unwrap();
+        assert_eq!(store.dead_letter_orphans(&["kept"]).await.unwrap(), 1);
+        let dead = store.dead_letters(None, 10).await.unwrap();
+        assert_eq!(dead[0].destination, "removed");
+        assert!(dead[0].last_error.contains("no longer in the config"));
+
+        let kept = store.due("kept", now_ms(), 10).await.unwrap().remove(0);
+        store
+            .record(kept.id, Outcome::Done { attempts: 1 })
+            .await
+            .unwrap();
+        // The dead letter keeps its event; the done delivery goes.
+        assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1);
+        assert_eq!(store.dead_letters(None, 10).await.unwrap().len(), 1);
+        store.purge(&Selection::All).await.unwrap();
+        assert_eq!(
+            store.prune(now_ms() + 1).await.unwrap(),
+            1,
+            "now the event goes too"
+        );
     }
 }
