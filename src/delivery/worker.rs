@@ -171,10 +171,17 @@ impl Dispatcher {
     }
 
     /// How long to sleep when nothing is due: until the next retry, at most one poll.
+    /// Attempts under way wake the dispatcher when they finish, so they need no timer.
     async fn idle_wait(&self) -> Duration {
-        match self.shared.store.next_due_at(&self.shared.name).await {
+        let now = now_ms();
+        match self
+            .shared
+            .store
+            .next_due_after(&self.shared.name, now)
+            .await
+        {
             Ok(Some(at)) => {
-                let ms = (at - now_ms()).max(1) as u64;
+                let ms = (at - now).max(1) as u64;
                 Duration::from_millis(ms).min(self.poll_interval)
             }
             _ => self.poll_interval,

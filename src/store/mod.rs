@@ -118,8 +118,14 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Delivery>, StoreError>;
 
-    /// When the next pending delivery for `destination` is due, if any.
-    async fn next_due_at(&self, destination: &str) -> Result<Option<i64>, StoreError>;
+    /// The earliest time after `after_ms` at which a pending delivery for `destination`
+    /// falls due, if any. (Deliveries due at or before `after_ms` are either being
+    /// attempted or were just read, so the dispatcher asks about the future only.)
+    async fn next_due_after(
+        &self,
+        destination: &str,
+        after_ms: i64,
+    ) -> Result<Option<i64>, StoreError>;
 
     /// Records an attempt's outcome (committed, not synced).
     async fn record(&self, delivery_id: i64, outcome: Outcome) -> Result<(), StoreError>;

@@ -559,14 +559,18 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn next_due_at(&self, destination: &str) -> Result<Option<i64>, StoreError> {
+    async fn next_due_after(
+        &self,
+        destination: &str,
+        after_ms: i64,
+    ) -> Result<Option<i64>, StoreError> {
         let destination = destination.to_string();
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT MIN(next_attempt_at) FROM deliveries
-                 WHERE destination = ?1 AND state = 'pending'",
+                 WHERE destination = ?1 AND state = 'pending' AND next_attempt_at > ?2",
             )?
-            .query_row(params![destination], |r| r.get(0))
+            .query_row(params![destination, after_ms], |r| r.get(0))
         })
         .await
     }
@@ -751,14 +755,18 @@ mod tests {
             store.due("a", now_ms(), 10).await.unwrap().is_empty(),
             "not due before its time"
         );
-        assert_eq!(store.next_due_at("a").await.unwrap(), Some(later));
+        assert_eq!(
+            store.next_due_after("a", now_ms()).await.unwrap(),
+            Some(later)
+        );
+        assert_eq!(store.next_due_after("a", later).await.unwrap(), None);
         let again = store.due("a", later, 10).await.unwrap();
         assert_eq!(again[0].attempts, 1);
         store
             .record(a.id, Outcome::Done { attempts: 2 })
             .await
             .unwrap();
-        assert_eq!(store.next_due_at("a").await.unwrap(), None);
+        assert_eq!(store.next_due_after("a", 0).await.unwrap(), None);
 
         let b = store.due("b", now_ms(), 10).await.unwrap().remove(0);
         store
