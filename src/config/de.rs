@@ -22,6 +22,8 @@ pub struct DeError {
     pub loc: Option<Loc>,
     pub path: Option<KeyPath>,
     pub message: String,
+    /// For a missing required key: its name.
+    pub missing: Option<&'static str>,
 }
 
 impl DeError {
@@ -30,6 +32,7 @@ impl DeError {
             loc: None,
             path: None,
             message,
+            missing: None,
         }
     }
 
@@ -124,7 +127,10 @@ impl de::Error for DeError {
     }
 
     fn missing_field(field: &'static str) -> Self {
-        Self::msg(format!("missing required key `{field}`"))
+        Self {
+            missing: Some(field),
+            ..Self::msg(format!("missing required key `{field}`"))
+        }
     }
 
     fn duplicate_field(field: &'static str) -> Self {

@@ -18,7 +18,7 @@ use super::raw::{
     RawMatch, RawRateLimit, RawRetry, RawRoute, RawSlack, RawStore, TOP_LEVEL_KEYS,
 };
 use super::suggest::did_you_mean;
-use super::yaml::{KeyPath, Kind, Loc, Node, parse};
+use super::yaml::{KeyPath, Kind, Loc, Node, Seg, parse};
 use super::{
     AgeRange, Application, Config, DeliveryConfig, DestinationConfig, DestinationKind, FileConfig,
     HttpConfig, IngressConfig, MatchConfig, RateLimit, RetryPolicy, RouteConfig, Secret,
@@ -306,15 +306,43 @@ impl Loader {
         self.root.find(path).filter(|n| !n.is_null())
     }
 
-    /// Deserializes the value at `path`; `None` when absent, null or invalid (reported).
+    /// Deserializes the value at `path`; `None` when absent or null, or when it cannot be
+    /// read at all.
+    ///
+    /// serde stops at the first error, so after each error the entry holding the bad
+    /// value is removed (from a copy) and deserialization is tried again: every unknown
+    /// key and bad value of a section is reported, and what remains is returned for the
+    /// checks that follow. Removed entries are not checked again (they are poisoned).
     fn de<T: DeserializeOwned>(&mut self, path: &KeyPath) -> Option<T> {
-        let node = self.node(path)?;
-        match from_node::<T>(node, path) {
-            Ok(v) => Some(v),
-            Err(e) => {
+        let mut node = self.node(path)?.clone();
+        let mut removed: Vec<KeyPath> = Vec::new();
+        loop {
+            let e = match from_node::<T>(&node, path) {
+                Ok(v) => return Some(v),
+                Err(e) => e,
+            };
+            let at = e.path.clone().unwrap_or_else(|| path.clone());
+            // A required key whose value was already reported as wrong is not reported
+            // again as missing; the mapping that needs it is dropped instead.
+            let consequence = e.missing.is_some_and(|f| removed.contains(&at.key(f)));
+            if !consequence {
                 self.de_error(e, path);
-                None
             }
+            // The nearest mapping entry below `path` that holds the error.
+            let cut = (path.len()..at.len())
+                .rev()
+                .find(|&n| matches!(at.0[n], Seg::Key(_)))?;
+            let entry = KeyPath(at.0[..=cut].to_vec());
+            let relative = &entry.0[path.len()..];
+            let Some((Seg::Key(key), parent)) = relative.split_last() else {
+                return None;
+            };
+            match node.find_mut(parent).map(|p| &mut p.kind) {
+                Some(Kind::Map(entries)) => entries.retain(|en| &en.key != key),
+                _ => return None,
+            }
+            self.diag.poisoned.push(entry.clone());
+            removed.push(entry);
         }
     }
 
@@ -623,7 +651,11 @@ impl Loader {
                     None
                 }
                 (None, None) => {
-                    self.error(&item, "missing `token` or `token_file`");
+                    if !self.diag.suppressed(&item.key("token"))
+                        && !self.diag.suppressed(&item.key("token_file"))
+                    {
+                        self.error(&item, "missing `token` or `token_file`");
+                    }
                     None
                 }
                 (Some(token), None) => {
@@ -887,7 +919,11 @@ impl Loader {
             if let Some(d) = r.max_delay {
                 policy.max_delay = d.0;
             }
-            if ok && policy.initial_delay > policy.max_delay {
+            if ok
+                && policy.initial_delay > policy.max_delay
+                && !self.diag.suppressed(&rpath.key("initial_delay"))
+                && !self.diag.suppressed(&rpath.key("max_delay"))
+            {
                 let at = if r.initial_delay.is_some() {
                     rpath.key("initial_delay")
                 } else {
@@ -1170,7 +1206,11 @@ impl Loader {
             }
             match (age.min, age.max) {
                 (None, None) => {
-                    self.error(&age_path, "give `min`, `max` or both");
+                    if !self.diag.suppressed(&age_path.key("min"))
+                        && !self.diag.suppressed(&age_path.key("max"))
+                    {
+                        self.error(&age_path, "give `min`, `max` or both");
+                    }
                     ok = false;
                 }
                 (Some(min), Some(max)) if min > max => {

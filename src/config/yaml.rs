@@ -134,6 +134,21 @@ impl Node {
         Some(node)
     }
 
+    /// The node at `path` below this one, mutably.
+    pub fn find_mut(&mut self, path: &[Seg]) -> Option<&mut Node> {
+        let mut node = self;
+        for seg in path {
+            node = match (seg, &mut node.kind) {
+                (Seg::Key(k), Kind::Map(entries)) => {
+                    &mut entries.iter_mut().find(|e| &e.key == k)?.value
+                }
+                (Seg::Index(i), Kind::Seq(items)) => items.get_mut(*i)?,
+                _ => return None,
+            };
+        }
+        Some(node)
+    }
+
     /// Where the value at `path` starts; the nearest existing ancestor's position when the
     /// path does not exist (a missing key).
     pub fn value_loc(&self, path: &[Seg]) -> Loc {
