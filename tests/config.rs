@@ -433,6 +433,35 @@ routes:
 }
 
 #[test]
+fn names_from_the_environment_are_not_echoed() {
+    let text = "\
+applications:
+  - { app_id: \"${CRM_TOKEN}\", token: a }
+  - { app_id: \"${CRM_TOKEN}\", token: b }
+destinations:
+  audit: { type: file, path: a.jsonl }
+routes:
+  - to: [\"${CRM_TOKEN}\", audit]
+";
+    let errors = load_str(text, Path::new("relay.yaml"), &test_env).unwrap_err();
+    let shown = errors.to_string();
+    assert_eq!(errors.0.len(), 2, "{shown}");
+    assert!(!shown.contains("crm-bearer"), "{shown}");
+    assert!(
+        shown.contains(
+            "relay.yaml:3:15: applications[1].app_id: duplicate app_id (value from the environment)"
+        ),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(
+            "relay.yaml:7:10: routes[0].to[0]: unknown destination (value from the environment)"
+        ),
+        "{shown}"
+    );
+}
+
+#[test]
 fn summary_describes_the_config() {
     let file = fixture_path("valid/full.yaml");
     let text = std::fs::read_to_string(&file).unwrap();

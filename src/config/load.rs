@@ -293,6 +293,15 @@ impl Loader {
         self.diag.push_warning(loc, path, message);
     }
 
+    /// A name or ID for a message, in backquotes, unless it came from `${VAR}`
+    /// interpolation (messages never show interpolated values).
+    fn shown(&self, path: &KeyPath, value: &str) -> String {
+        match self.root.find(path) {
+            Some(n) if n.interpolated => "(value from the environment)".into(),
+            _ => format!("`{value}`"),
+        }
+    }
+
     fn de_error(&mut self, e: DeError, path: &KeyPath) {
         let loc = e.loc.unwrap_or_else(|| self.root.value_loc(path));
         let at = e.path.unwrap_or_else(|| path.clone());
@@ -634,7 +643,8 @@ impl Loader {
                 self.error(&id_path, "must not be empty");
             } else if let Some(first) = seen.get(&app_id) {
                 let msg = format!(
-                    "duplicate app_id `{app_id}`; it is also at line {}",
+                    "duplicate app_id {}; it is also at line {}",
+                    self.shown(&id_path, &app_id),
                     first.line
                 );
                 self.error(&id_path, msg);
@@ -1065,7 +1075,10 @@ impl Loader {
             };
             let line = self.root.value_loc(&rpath).line;
             if let Some(first) = seen_names.get(&name) {
-                let msg = format!("duplicate route name `{name}`; the first is at line {first}");
+                let msg = format!(
+                    "duplicate route name {}; the first is at line {first}",
+                    self.shown(&rpath.key("name"), &name)
+                );
                 self.error(&rpath.key("name"), msg);
                 ok = false;
             } else {
@@ -1086,10 +1099,12 @@ impl Loader {
                         None if names.is_empty() => "no destinations are defined".into(),
                         None => format!("defined destinations: {}", quoted(&names)),
                     };
-                    self.error(&dpath, format!("unknown destination `{dest}`; {hint}"));
+                    let msg = format!("unknown destination {}; {hint}", self.shown(&dpath, dest));
+                    self.error(&dpath, msg);
                     ok = false;
                 } else if to.iter().any(|t| t == dest) {
-                    self.warn(&dpath, format!("destination `{dest}` is listed twice"));
+                    let msg = format!("destination {} is listed twice", self.shown(&dpath, dest));
+                    self.warn(&dpath, msg);
                 } else {
                     to.push(dest.to_owned());
                 }
@@ -1148,20 +1163,21 @@ impl Loader {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("FACEIO sends {}", quoted(KNOWN_EVENTS)),
                 };
-                self.warn(
-                    &item_path(&ev_path, idx),
-                    format!("unknown event name `{ev}`; {hint}"),
-                );
+                let at = item_path(&ev_path, idx);
+                let msg = format!("unknown event name {}; {hint}", self.shown(&at, ev));
+                self.warn(&at, msg);
             }
         }
         let app_path = path.key("appId");
         m.app_id = self.strings(&app_path, raw.app_id.as_ref(), &mut ok);
         for (idx, id) in raw.app_id.iter().flat_map(OneOrMany::items) {
             if !id.is_empty() && !self.app_ids.is_empty() && !self.app_ids.iter().any(|a| a == id) {
-                self.warn(
-                    &item_path(&app_path, idx),
-                    format!("`{id}` is not one of the configured applications; this never matches"),
+                let at = item_path(&app_path, idx);
+                let msg = format!(
+                    "{} is not one of the configured applications; this never matches",
+                    self.shown(&at, id)
                 );
+                self.warn(&at, msg);
             }
         }
         m.facial_id = self.strings(&path.key("facialId"), raw.facial_id.as_ref(), &mut ok);

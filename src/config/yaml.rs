@@ -312,6 +312,9 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
         // Repeated keys are reported by the loader with both positions, among the other
         // errors, instead of stopping the parse.
         duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
+        // YAML 1.2 booleans only: `y`, `n`, `yes`, `no`, `on`, `off` stay strings (a key
+        // `y:` or a value `no` is not silently a boolean).
+        strict_booleans: true,
     };
     match serde_saphyr::from_str_with_options::<Spanned<Located>>(text, options) {
         Ok(root) => Ok(located(root)),
@@ -553,6 +556,47 @@ mod tests {
                 ("e", Kind::Str("12".into())),
                 ("f", Kind::Str("5s".into())),
                 ("-1", Kind::Str("x".into())),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_yaml_1_2_booleans() {
+        let root = p("y: on\nn: no\nt: true\nf: False\n");
+        let kinds: Vec<_> = root
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.kind.clone()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("y", Kind::Str("on".into())),
+                ("n", Kind::Str("no".into())),
+                ("t", Kind::Bool(true)),
+                ("f", Kind::Bool(false)),
+            ]
+        );
+    }
+
+    #[test]
+    fn merge_keys_are_expanded() {
+        let root = p("d: &d {x: 1, z: 3}\nb:\n  <<: *d\n  y: 2\n  z: 4\n");
+        let b = &root.get("b").unwrap().value;
+        let mut keys: Vec<(&str, Kind)> = b
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.kind.clone()))
+            .collect();
+        keys.sort_by_key(|k| k.0);
+        assert_eq!(
+            keys,
+            vec![
+                ("x", Kind::Int(1)),
+                ("y", Kind::Int(2)),
+                ("z", Kind::Int(4))
             ]
         );
     }
