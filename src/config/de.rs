@@ -24,6 +24,8 @@ pub struct DeError {
     pub message: String,
     /// For a missing required key: its name.
     pub missing: Option<&'static str>,
+    /// The error is about the key itself (unknown field), not its value.
+    pub at_key: bool,
 }
 
 impl DeError {
@@ -33,6 +35,7 @@ impl DeError {
             path: None,
             message,
             missing: None,
+            at_key: false,
         }
     }
 
@@ -123,7 +126,10 @@ impl de::Error for DeError {
     }
 
     fn unknown_field(field: &str, known: &'static [&'static str]) -> Self {
-        Self::msg(format!("unknown field `{field}`; {}", one_of(field, known)))
+        Self {
+            at_key: true,
+            ..Self::msg(format!("unknown field `{field}`; {}", one_of(field, known)))
+        }
     }
 
     fn missing_field(field: &'static str) -> Self {

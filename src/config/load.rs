@@ -210,7 +210,9 @@ struct Diag {
     file: PathBuf,
     errors: Vec<ConfigError>,
     warnings: Vec<Warning>,
-    /// Values whose interpolation failed (already reported).
+    /// Values already reported as wrong (failed interpolation, or removed after a
+    /// deserialization error): further errors about them or below them are not reported.
+    /// Errors about keys (unknown or invalid names) still are.
     poisoned: Vec<KeyPath>,
 }
 
@@ -220,9 +222,13 @@ impl Diag {
     }
 
     fn push_error(&mut self, loc: Loc, path: &KeyPath, message: impl Into<String>) {
-        if self.suppressed(path) {
-            return;
+        if !self.suppressed(path) {
+            self.push_key_error(loc, path, message);
         }
+    }
+
+    /// An error about a key: reported even when its value was wrong too.
+    fn push_key_error(&mut self, loc: Loc, path: &KeyPath, message: impl Into<String>) {
         self.errors.push(ConfigError {
             file: self.file.clone(),
             line: loc.line,
@@ -280,7 +286,7 @@ impl Loader {
     /// An error about the key that ends `path` (or the nearest thing when it is missing).
     fn key_error(&mut self, path: &KeyPath, message: impl Into<String>) {
         let loc = self.root.key_loc(path);
-        self.diag.push_error(loc, path, message);
+        self.diag.push_key_error(loc, path, message);
     }
 
     fn warn(&mut self, path: &KeyPath, message: impl Into<String>) {
@@ -305,7 +311,11 @@ impl Loader {
     fn de_error(&mut self, e: DeError, path: &KeyPath) {
         let loc = e.loc.unwrap_or_else(|| self.root.value_loc(path));
         let at = e.path.unwrap_or_else(|| path.clone());
-        self.diag.push_error(loc, &at, e.message);
+        if e.at_key {
+            self.diag.push_key_error(loc, &at, e.message);
+        } else {
+            self.diag.push_error(loc, &at, e.message);
+        }
     }
 
     // ----- reading -----------------------------------------------------------------------
