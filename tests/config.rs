@@ -227,7 +227,8 @@ fn full_example_is_typed_as_written() {
     assert_eq!(config.ingress.auth_failures.per_second, 0.5);
     assert_eq!(config.ingress.auth_failures.burst, 5);
     let dir = file.parent().unwrap();
-    assert_eq!(config.store.path, dir.join("./state/relay.db"));
+    assert_eq!(config.store.path, dir.join("state/relay.db"));
+    assert!(!config.store.path.to_string_lossy().contains("/./"));
     assert_eq!(config.store.retention, Duration::from_secs(30 * 86_400));
     assert_eq!(config.delivery.shutdown_grace, Duration::from_secs(20));
     assert_eq!(config.delivery.poll_interval, Duration::from_millis(250));
@@ -299,7 +300,7 @@ fn full_example_is_typed_as_written() {
     let DestinationKind::File(f) = &audit.kind else {
         panic!("{audit:?}")
     };
-    assert_eq!(f.path, dir.join("./data/events.jsonl"));
+    assert_eq!(f.path, dir.join("data/events.jsonl"));
     assert_eq!(audit.concurrency, 1);
     assert_eq!(audit.rate_limit, None);
 

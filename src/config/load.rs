@@ -382,12 +382,17 @@ impl Loader {
     }
 
     /// Resolves a configured path against the config file's directory.
+    /// A leading `./` is dropped, so that messages and `check` show `/etc/x/data/relay.db`.
     fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
             p.to_path_buf()
         } else {
-            self.base.join(p)
+            let rest: PathBuf = p
+                .components()
+                .skip_while(|c| matches!(c, std::path::Component::CurDir))
+                .collect();
+            self.base.join(rest)
         }
     }
 
