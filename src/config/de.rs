@@ -121,8 +121,8 @@ impl de::Error for DeError {
         Self::msg(format!("expected {}, found {len} elements", expected(exp)))
     }
 
-    fn unknown_variant(_variant: &str, known: &'static [&'static str]) -> Self {
-        Self::msg(format!("unknown value; {}", one_of(_variant, known)))
+    fn unknown_variant(variant: &str, known: &'static [&'static str]) -> Self {
+        Self::msg(format!("unknown value; {}", one_of(variant, known)))
     }
 
     fn unknown_field(field: &str, known: &'static [&'static str]) -> Self {

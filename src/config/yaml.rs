@@ -344,7 +344,8 @@ fn has_content(text: &str) -> bool {
 /// the position in front).
 fn plain_message(err: &serde_saphyr::Error, loc: Loc) -> String {
     if matches!(err, serde_saphyr::Error::MultipleDocuments { .. }) {
-        return "the config must be a single YAML document (found another `---`)".into();
+        return "the config must be a single YAML document; another one starts after a `---` line"
+            .into();
     }
     let text = err.to_string();
     let first = text.lines().next().unwrap_or("").trim();
@@ -614,6 +615,14 @@ mod tests {
         assert!(err.message.starts_with("invalid YAML: "), "{err:?}");
         let err = parse("a:\n  b: 1\n c: 2\n").unwrap_err();
         assert_eq!(err.loc.line, 3, "{err:?}");
+    }
+
+    #[test]
+    fn one_document_only() {
+        let err = parse("a: 1\n---\nb: 2\n").unwrap_err();
+        assert!(err.message.contains("single YAML document"), "{err:?}");
+        assert_eq!(err.loc.line, 3, "{err:?}");
+        assert_eq!(p("---\na: 1\n").get("a").unwrap().value.kind, Kind::Int(1));
     }
 
     #[test]
