@@ -469,7 +469,8 @@ fn summary_describes_the_config() {
     let (config, _) = load_str(&text, &file, &test_env).unwrap();
     let summary = config.summary();
     for expected in [
-        "listen 0.0.0.0:8443 (webhook path /faceio/webhook)",
+        "listen 0.0.0.0:8443 (http, webhook path /faceio/webhook)",
+        "admin 127.0.0.1:9090 (/metrics, /healthz, /readyz)",
         "retention 30days",
         "applications (2): fioa1234, fiob5678",
         "team-slack: slack, concurrency 4",

@@ -15,14 +15,14 @@ use super::de::{DeError, from_node, one_of};
 use super::interp::interpolate;
 use super::raw::{
     DESTINATION_TYPES, Dur, OneOrMany, RawApplication, RawDelivery, RawFile, RawHttp, RawIngress,
-    RawMatch, RawRateLimit, RawRetry, RawRoute, RawSlack, RawStore, TOP_LEVEL_KEYS,
+    RawMatch, RawRateLimit, RawRetry, RawRoute, RawSlack, RawStore, RawTls, TOP_LEVEL_KEYS,
 };
 use super::suggest::did_you_mean;
 use super::yaml::{KeyPath, Kind, Loc, Node, Seg, parse};
 use super::{
-    AgeRange, Application, Config, DeliveryConfig, DestinationConfig, DestinationKind, FileConfig,
-    HttpConfig, IngressConfig, MatchConfig, RateLimit, RetryPolicy, RouteConfig, Secret,
-    SlackConfig, StoreConfig,
+    AgeRange, Application, Config, DEFAULT_ADMIN_LISTEN, DeliveryConfig, DestinationConfig,
+    DestinationKind, FileConfig, HttpConfig, IngressConfig, LogFormat, MatchConfig, RateLimit,
+    RetryPolicy, RouteConfig, Secret, SlackConfig, StoreConfig, TlsConfig,
 };
 
 /// One problem in the config file.
@@ -431,6 +431,10 @@ impl Loader {
         let destinations = self.destinations();
         let routes = self.routes();
         let delivery = self.delivery();
+        let admin_listen = self.admin_listen(listen);
+        let log_format = self.log_format();
+        let log_level = self.log_level();
+        let tls = self.tls();
         Config {
             source,
             listen,
@@ -441,6 +445,10 @@ impl Loader {
             destinations,
             routes,
             delivery,
+            admin_listen,
+            log_format,
+            log_level,
+            tls,
         }
     }
 
@@ -459,7 +467,96 @@ impl Loader {
             destinations: Vec::new(),
             routes: Vec::new(),
             delivery: delivery_defaults(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.parse().ok(),
+            log_format: LogFormat::Text,
+            log_level: None,
+            tls: None,
         }
+    }
+
+    fn admin_listen(&mut self, ingress: SocketAddr) -> Option<SocketAddr> {
+        let default = DEFAULT_ADMIN_LISTEN.parse().ok();
+        let path = top("admin_listen");
+        let Some(text) = self.de::<String>(&path) else {
+            return default;
+        };
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("off") {
+            return None;
+        }
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if addr == ingress && addr.port() != 0 => {
+                self.error(
+                    &path,
+                    "must differ from `listen`: metrics and health endpoints never share the webhook port",
+                );
+                default
+            }
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(
+                    &path,
+                    "expected an IP address and port, such as 127.0.0.1:9090, or `off`",
+                );
+                default
+            }
+        }
+    }
+
+    fn log_format(&mut self) -> LogFormat {
+        let path = top("log_format");
+        let Some(text) = self.de::<String>(&path) else {
+            return LogFormat::Text;
+        };
+        match text.trim() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                let msg = format!(
+                    "unknown log format `{other}`; {}",
+                    one_of(other, &["text", "json"])
+                );
+                self.error(&path, msg);
+                LogFormat::Text
+            }
+        }
+    }
+
+    fn log_level(&mut self) -> Option<String> {
+        let path = top("log_level");
+        let text = self.de::<String>(&path)?;
+        match tracing_subscriber::EnvFilter::builder().parse(text.trim()) {
+            Ok(_) => Some(text.trim().to_string()),
+            Err(e) => {
+                self.error(
+                    &path,
+                    format!("not a valid log filter ({e}); try `info` or `faceio_relay=debug`"),
+                );
+                None
+            }
+        }
+    }
+
+    fn tls(&mut self) -> Option<TlsConfig> {
+        let path = top("tls");
+        let raw: RawTls = self.de(&path)?;
+        let mut ok = true;
+        for (key, value) in [("cert", &raw.cert), ("key", &raw.key)] {
+            if value.trim().is_empty() {
+                self.error(&path.key(key), "must not be empty");
+                ok = false;
+            } else if let Err(e) = std::fs::metadata(self.resolve(value)) {
+                self.error(
+                    &path.key(key),
+                    format!("cannot read {}: {e}", self.resolve(value).display()),
+                );
+                ok = false;
+            }
+        }
+        ok.then(|| TlsConfig {
+            cert: self.resolve(&raw.cert),
+            key: self.resolve(&raw.key),
+        })
     }
 
     fn listen(&mut self) -> SocketAddr {
@@ -1367,11 +1464,20 @@ impl Config {
     pub fn summary(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let _ = writeln!(
             s,
-            "listen {} (webhook path {})",
+            "listen {} ({scheme}, webhook path {})",
             self.listen, self.webhook_path
         );
+        match self.admin_listen {
+            Some(a) => {
+                let _ = writeln!(s, "admin {a} (/metrics, /healthz, /readyz)");
+            }
+            None => {
+                let _ = writeln!(s, "admin off");
+            }
+        }
         let _ = writeln!(
             s,
             "store {} (retention {})",

@@ -52,6 +52,35 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Delivery-wide settings (`delivery:` section).
     pub delivery: DeliveryConfig,
+    /// Admin endpoints (`/metrics`, `/healthz`, `/readyz`) address (`admin_listen`,
+    /// default `127.0.0.1:9090`; `off` disables them). Never the ingress address.
+    pub admin_listen: Option<SocketAddr>,
+    /// Log line format when not under journald (`log_format`, default `text`).
+    pub log_format: LogFormat,
+    /// Log filter (`log_level`, e.g. `info` or `faceio_relay=debug`); `RUST_LOG` wins.
+    pub log_level: Option<String>,
+    /// HTTPS on the ingress (`tls: { cert, key }`); `None` = plain HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// Default admin address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
+/// `log_format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `tls:` — certificate and key files (resolved paths; read again on SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `ingress:` — how the HTTP side protects itself.
