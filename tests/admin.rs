@@ -16,7 +16,10 @@ async fn metrics_count_events_rejections_deliveries_and_backlog() {
     let mut api = Receiver::ok().await;
     api.script([Reply::status(500)]);
     let setup = Setup::new();
-    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let cfg = format!(
         "destinations:
   api:
@@ -33,10 +36,19 @@ routes:
         api.url()
     );
     let relay = TestRelay::start(setup.config(&cfg)).await;
-    let admin = format!("http://{}", relay.relay.admin_addr().expect("admin enabled"));
+    let admin = format!(
+        "http://{}",
+        relay.relay.admin_addr().expect("admin enabled")
+    );
     relay.send(&event("ENROLL", "f1")).await;
     relay.send(&event("AUTH", "f2")).await;
-    send(&relay.client, &relay.url, Some("wrong"), &event("AUTH", "f3")).await;
+    send(
+        &relay.client,
+        &relay.url,
+        Some("wrong"),
+        &event("AUTH", "f3"),
+    )
+    .await;
     api.next().await;
     api.next().await;
     api.next().await;
@@ -52,16 +64,45 @@ routes:
             == 2
     })
     .await;
-    let text = reqwest::get(format!("{admin}/metrics")).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let get = |k: &str| metric(&text, k).unwrap_or_else(|| panic!("{k} missing:\n{text}"));
-    assert_eq!(get("faceio_relay_events_received_total{app_id=\"fioa-test\",event_name=\"ENROLL\"}"), 1.0);
-    assert_eq!(get("faceio_relay_events_received_total{app_id=\"fioa-test\",event_name=\"AUTH\"}"), 1.0);
-    assert_eq!(get("faceio_relay_ingress_rejections_total{reason=\"unauthorized\"}"), 1.0);
-    assert_eq!(get("faceio_relay_ingress_responses_total{status=\"401\"}"), 1.0);
-    assert_eq!(get("faceio_relay_deliveries_total{destination=\"api\",outcome=\"delivered\"}"), 2.0);
-    assert_eq!(get("faceio_relay_deliveries_total{destination=\"api\",outcome=\"retry\"}"), 1.0);
-    assert_eq!(get("faceio_relay_delivery_attempt_duration_seconds_count{destination=\"api\"}"), 3.0);
-    assert_eq!(get("faceio_relay_end_to_end_latency_seconds_count{destination=\"api\"}"), 2.0);
+    assert_eq!(
+        get("faceio_relay_events_received_total{app_id=\"fioa-test\",event_name=\"ENROLL\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("faceio_relay_events_received_total{app_id=\"fioa-test\",event_name=\"AUTH\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("faceio_relay_ingress_rejections_total{reason=\"unauthorized\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("faceio_relay_ingress_responses_total{status=\"401\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("faceio_relay_deliveries_total{destination=\"api\",outcome=\"delivered\"}"),
+        2.0
+    );
+    assert_eq!(
+        get("faceio_relay_deliveries_total{destination=\"api\",outcome=\"retry\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("faceio_relay_delivery_attempt_duration_seconds_count{destination=\"api\"}"),
+        3.0
+    );
+    assert_eq!(
+        get("faceio_relay_end_to_end_latency_seconds_count{destination=\"api\"}"),
+        2.0
+    );
     assert_eq!(get("faceio_relay_ack_latency_seconds_count"), 2.0);
     // The dead destination's backlog is read from the store.
     eventually("down attempted once each", || {
@@ -76,9 +117,28 @@ routes:
             == 2
     })
     .await;
-    let text = reqwest::get(format!("{admin}/metrics")).await.unwrap().text().await.unwrap();
-    assert_eq!(metric(&text, "faceio_relay_pending_deliveries{destination=\"down\"}"), Some(2.0), "{text}");
-    assert!(metric(&text, "faceio_relay_oldest_pending_age_seconds{destination=\"down\"}").unwrap() >= 0.0);
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "faceio_relay_pending_deliveries{destination=\"down\"}"
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "faceio_relay_oldest_pending_age_seconds{destination=\"down\"}"
+        )
+        .unwrap()
+            >= 0.0
+    );
     assert!(!text.contains(&api.url()), "no destination URL in metrics");
     relay.shutdown().await;
 }
@@ -110,7 +170,9 @@ async fn readyz_reports_a_store_that_cannot_write() {
 async fn admin_can_be_turned_off() {
     let setup = Setup::new();
     let path = setup.write_config("");
-    let text = std::fs::read_to_string(&path).unwrap().replace("admin_listen: 127.0.0.1:0", "admin_listen: off");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("admin_listen: 127.0.0.1:0", "admin_listen: off");
     std::fs::write(&path, text).unwrap();
     let (config, _) = faceio_relay::config::load(&path).unwrap();
     let relay = TestRelay::start(config).await;

@@ -6,7 +6,9 @@ use common::*;
 use std::time::Duration;
 
 fn http(name: &str, url: &str) -> String {
-    format!("  {name}:\n    type: http\n    url: {url}\n    retry: {{ max_attempts: 100, initial_delay: 1h, max_delay: 1h }}\n")
+    format!(
+        "  {name}:\n    type: http\n    url: {url}\n    retry: {{ max_attempts: 100, initial_delay: 1h, max_delay: 1h }}\n"
+    )
 }
 
 #[tokio::test]
@@ -44,12 +46,24 @@ async fn tokens_change_on_reload() {
     let relay = TestRelay::start(setup.config("")).await;
     assert_eq!(relay.send(&event("AUTH", "x")).await.0, 200);
     let path = setup.write_config("");
-    let text = std::fs::read_to_string(&path).unwrap().replace(TOKEN, "rotated-token");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(TOKEN, "rotated-token");
     std::fs::write(&path, text).unwrap();
     let (config, _) = faceio_relay::config::load(&path).unwrap();
     relay.relay.reload(config).await.unwrap();
-    assert_eq!(relay.send(&event("AUTH", "x")).await.0, 401, "old token refused");
-    let (status, _) = send(&relay.client, &relay.url, Some("rotated-token"), &event("AUTH", "x")).await;
+    assert_eq!(
+        relay.send(&event("AUTH", "x")).await.0,
+        401,
+        "old token refused"
+    );
+    let (status, _) = send(
+        &relay.client,
+        &relay.url,
+        Some("rotated-token"),
+        &event("AUTH", "x"),
+    )
+    .await;
     assert_eq!(status, 200);
     relay.shutdown().await;
 }
@@ -57,7 +71,10 @@ async fn tokens_change_on_reload() {
 #[tokio::test]
 async fn a_removed_destinations_queue_goes_to_dead_letters() {
     let setup = Setup::new();
-    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let relay = TestRelay::start(setup.config(&format!(
         "destinations:\n{}  audit:\n    type: file\n    path: e.jsonl\nroutes:\n  - to: [gone, audit]\n",
         http("gone", &format!("http://{down}/"))
@@ -82,7 +99,12 @@ async fn a_removed_destinations_queue_goes_to_dead_letters() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(reasons.len(), 3);
-    assert!(reasons.iter().all(|r| r.contains("no longer in the config")), "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.contains("no longer in the config")),
+        "{reasons:?}"
+    );
     relay.shutdown().await;
 }
 
@@ -94,13 +116,20 @@ async fn file_destinations_reopen_their_file_on_reload() {
     let live = setup.path("events.jsonl");
     let rotated = setup.path("events.jsonl.1");
     relay.send(&event("AUTH", "one")).await;
-    eventually("first line", || std::fs::read_to_string(&live).map(|t| t.lines().count() == 1).unwrap_or(false)).await;
+    eventually("first line", || {
+        std::fs::read_to_string(&live)
+            .map(|t| t.lines().count() == 1)
+            .unwrap_or(false)
+    })
+    .await;
     // logrotate moves the file, then reloads the relay.
     std::fs::rename(&live, &rotated).unwrap();
     relay.relay.reload(setup.config(cfg)).await.unwrap();
     relay.send(&event("AUTH", "two")).await;
     eventually("second line in the new file", || {
-        std::fs::read_to_string(&live).map(|t| t.contains("\"two\"")).unwrap_or(false)
+        std::fs::read_to_string(&live)
+            .map(|t| t.contains("\"two\""))
+            .unwrap_or(false)
     })
     .await;
     let old = std::fs::read_to_string(&rotated).unwrap();
@@ -128,15 +157,24 @@ async fn a_changed_destination_does_not_deliver_twice_what_is_under_way() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let setup = Setup::new();
     let cfg = |timeout: &str| {
-        format!("destinations:\n  slow:\n    type: http\n    url: http://{addr}/\n    timeout: {timeout}\nroutes:\n  - to: [slow]\n")
+        format!(
+            "destinations:\n  slow:\n    type: http\n    url: http://{addr}/\n    timeout: {timeout}\nroutes:\n  - to: [slow]\n"
+        )
     };
     let relay = TestRelay::start(setup.config(&cfg("20s"))).await;
     relay.send(&event("AUTH", "once")).await;
-    tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     let summary = relay.relay.reload(setup.config(&cfg("21s"))).await.unwrap();
     assert!(summary.contains("restarted: slow"), "{summary}");
     // The new dispatcher must not pick up the delivery the old one is still attempting.
-    assert!(tokio::time::timeout(Duration::from_millis(700), rx.recv()).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), rx.recv())
+            .await
+            .is_err()
+    );
     release.notify_waiters();
     eventually("done once", || count(&setup, "done") == 1).await;
     relay.shutdown().await;
