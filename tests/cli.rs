@@ -249,3 +249,18 @@ async fn simulate_without_a_relay_fails_clearly() {
     assert!(!out.all().contains("panicked"), "{}", out.all());
     assert!(!out.all().contains(TOKEN), "{}", out.all());
 }
+
+#[tokio::test]
+async fn dead_letters_before_the_first_run_fails_clearly_and_creates_nothing() {
+    let setup = Setup::new();
+    let config = setup.write_config("");
+    let out = cli(&config, &["dead-letters", "list"]).await;
+    assert!(!out.ok(), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("has the relay run with this config yet"),
+        "{}",
+        out.all()
+    );
+    assert!(!setup.path("relay.db").exists(), "list created the store");
+}
