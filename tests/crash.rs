@@ -176,3 +176,80 @@ async fn kill9_in_the_middle_of_a_stream_keeps_every_acknowledged_event() {
     eventually("nothing left pending", || count(&setup, "pending") == 0).await;
     daemon.terminate(WAIT).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill9_while_writing_the_file_destination_leaves_whole_lines() {
+    let setup = Setup::new();
+    let config = setup.write_config(
+        "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n",
+    );
+    let daemon = Relayd::start(&config).await;
+    let ledger = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut senders = vec![];
+    for s in 0..4 {
+        let ledger = ledger.clone();
+        let url = daemon.url();
+        senders.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for i in 0.. {
+                let face = format!("file-{s}-{i}");
+                let sent = client
+                    .post(&url)
+                    .header("WWW-Authenticate", format!("Bearer {TOKEN}"))
+                    .json(&event("AUTH", &face))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == 200 => {
+                        ledger.lock().unwrap().insert(face);
+                    }
+                    Ok(r) => panic!("unexpected {}", r.status()),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    // Killed while events are still being accepted and appended.
+    eventually("the file is being written", || {
+        std::fs::read_to_string(setup.path("events.jsonl")).is_ok_and(|t| t.lines().count() >= 40)
+    })
+    .await;
+    daemon.kill9().await;
+    for s in senders {
+        tokio::time::timeout(WAIT, s)
+            .await
+            .expect("sender stops")
+            .unwrap();
+    }
+    let ledger = ledger.lock().unwrap().clone();
+
+    let daemon = Relayd::start(&config).await;
+    let faces_in_file = || -> Option<BTreeMap<String, usize>> {
+        let text = std::fs::read_to_string(setup.path("events.jsonl")).ok()?;
+        let mut faces = BTreeMap::new();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("torn or invalid line {line:?}: {e}"));
+            let face = v["event"]["facialId"].as_str().unwrap().to_string();
+            *faces.entry(face).or_insert(0) += 1;
+        }
+        Some(faces)
+    };
+    eventually("every acknowledged event is in the file", || {
+        faces_in_file().is_some_and(|f| ledger.iter().all(|l| f.contains_key(l)))
+    })
+    .await;
+    eventually("nothing left pending", || count(&setup, "pending") == 0).await;
+    let faces = faces_in_file().unwrap();
+    let duplicates: usize = faces.values().map(|n| n - 1).sum();
+    println!(
+        "kill -9 while writing the file: {} acknowledged, 0 lost, {duplicates} duplicate lines",
+        ledger.len()
+    );
+    assert!(
+        std::fs::read_to_string(setup.path("events.jsonl"))
+            .unwrap()
+            .ends_with('\n')
+    );
+    daemon.terminate(WAIT).await;
+}

@@ -67,17 +67,20 @@ async fn receive_all(receiver: &mut Receiver, faces: &[&str]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_exits_zero_and_says_shutdown_complete() {
-    let setup = Setup::new();
-    let config = setup.write_config(
-        "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n",
-    );
-    let daemon = Relayd::start(&config).await;
-    send_faces(&daemon.url(), &["t1"]).await;
-    eventually("delivered", || count(&setup, "done") == 1).await;
-    let exited = daemon.terminate(WAIT).await;
-    assert_clean_exit(&exited);
-    assert!(exited.text().contains("shutting down"), "{}", exited.text());
+async fn sigterm_and_ctrl_c_exit_zero_and_say_shutdown_complete() {
+    for signal in ["TERM", "INT"] {
+        let setup = Setup::new();
+        let config = setup.write_config(
+            "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n",
+        );
+        let daemon = Relayd::start(&config).await;
+        send_faces(&daemon.url(), &["t1"]).await;
+        eventually("delivered", || count(&setup, "done") == 1).await;
+        daemon.signal(signal);
+        let exited = daemon.wait_exit(WAIT).await;
+        assert_clean_exit(&exited);
+        assert!(exited.text().contains("shutting down"), "{}", exited.text());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
