@@ -330,6 +330,88 @@ async fn purge_deletes_dead_letters_for_good() {
     daemon.terminate(WAIT).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_leaves_dead_letters_of_removed_destinations_alone() {
+    // crm is down, then removed from the config: its pending delivery becomes a dead
+    // letter at the next start. A replay cannot deliver it (no dispatcher): it must not be
+    // queued where nothing will ever pick it up, and must not be reported as replayed.
+    let mut chat = Receiver::start(Reply::status(404).body("channel_not_found")).await;
+    let closed = Gate::start(chat.addr, GateMode::Refuse).await;
+    let setup = Setup::new();
+    let with_crm = format!(
+        "destinations:\n{}{}routes:\n  - to: [chat, crm]\n",
+        slack("chat", &chat.url()),
+        http(
+            "crm",
+            &closed.url("/crm"),
+            "    retry: { max_attempts: 1000, initial_delay: 10ms, max_delay: 50ms }\n"
+        )
+    );
+    let config = setup.write_config(&with_crm);
+    let daemon = Relayd::start(&config).await;
+    post(&daemon.url(), &event("AUTH", "orphan")).await;
+    eventually("chat dead, crm retrying", || {
+        count(&setup, "dead") == 1 && closed.accepted() >= 1
+    })
+    .await;
+    daemon.terminate(WAIT).await;
+    drain(&mut chat).await;
+
+    let config = setup.write_config(&format!(
+        "destinations:\n{}routes:\n  - to: [chat]\n",
+        slack("chat", &chat.url())
+    ));
+    let daemon = Relayd::start(&config).await;
+    let list = dead_letters_json(&config).await;
+    assert_eq!(list.len(), 2, "{list:?}");
+    let orphan = list.iter().find(|l| l["destination"] == "crm").unwrap();
+    assert!(
+        orphan["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no longer in the config"),
+        "{orphan}"
+    );
+    let orphan_id = orphan["id"].as_i64().unwrap();
+    let crm_state = || -> String {
+        setup
+            .db()
+            .query_row(
+                "SELECT state FROM deliveries WHERE id = ?1",
+                [orphan_id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+
+    let out = cli(&config, &["dead-letters", "replay", "--destination", "crm"]).await;
+    assert!(
+        !out.ok(),
+        "replaying an unknown destination must fail:\n{}",
+        out.all()
+    );
+    assert!(out.stderr.contains("crm"), "{}", out.all());
+    let out = cli(&config, &["dead-letters", "replay", &orphan_id.to_string()]).await;
+    assert!(!out.ok(), "{}", out.all());
+    assert!(out.stderr.contains("crm"), "{}", out.all());
+    assert_eq!(crm_state(), "dead");
+
+    // --all replays what can be delivered and says what it left.
+    chat.set_default(Reply::status(200).body("ok"));
+    let out = cli(&config, &["dead-letters", "replay", "--all"]).await;
+    assert!(out.ok(), "{}", out.all());
+    assert!(out.stdout.contains("replayed 1 "), "{}", out.all());
+    assert!(out.stderr.contains("crm"), "{}", out.all());
+    assert_eq!(slack_face(&chat.next().await), "orphan");
+    eventually("chat delivered", || count(&setup, "done") == 1).await;
+    assert_eq!(crm_state(), "dead");
+
+    let out = cli(&config, &["dead-letters", "purge", "--destination", "crm"]).await;
+    assert!(out.stdout.contains("purged 1"), "{}", out.all());
+    assert!(dead_letters_json(&config).await.is_empty());
+    daemon.terminate(WAIT).await;
+}
+
 /// Sends `n` events at once (each must get its 200).
 async fn send_burst(url: &str, prefix: &str, n: usize) {
     let client = reqwest::Client::new();
