@@ -113,9 +113,14 @@ delivery:
 async fn the_shipped_config_passes_check() {
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.yaml");
     let shipped = shipped.to_str().unwrap();
+    // Its ${FACEIO_APP_ID:-...} defaults apply when the variables are unset.
     let out = run_cli(&["--config", shipped, "check"], &[], None).await;
     assert!(out.ok(), "shipped relay.yaml fails check:\n{}", out.all());
     assert!(out.stdout.contains("audit"), "{}", out.stdout);
+    assert!(out.stdout.contains("everything"), "{}", out.stdout);
+    // The same file named by FACEIO_RELAY_CONFIG instead of --config.
+    let out = run_cli(&["check"], &[("FACEIO_RELAY_CONFIG", shipped)], None).await;
+    assert!(out.ok(), "{}", out.all());
     assert!(out.stdout.contains("everything"), "{}", out.stdout);
 }
 

@@ -39,6 +39,8 @@ pub async fn run_cli(args: &[&str], envs: &[(&str, &str)], cwd: Option<&Path>) -
     let mut cmd = tokio::process::Command::new(binary());
     cmd.args(args)
         .env_remove("FACEIO_RELAY_CONFIG")
+        .env_remove("FACEIO_APP_ID")
+        .env_remove("FACEIO_TOKEN")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
