@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, Config, DEFAULT_CONFIG_PATH};
+use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogFormat};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Selection, Store};
 
@@ -26,7 +26,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the relay daemon (stop it with SIGTERM or Ctrl-C; nothing pending is lost).
+    /// Run the relay daemon. SIGHUP reloads the config (an invalid one is reported and
+    /// the running one kept); SIGTERM or Ctrl-C stops it without losing anything pending.
     Run,
     /// Validate the config and exit: 0 with a summary, or 1 with every error
     /// (file:line:column, key path, and a suggestion for mistyped keys).
@@ -113,7 +114,6 @@ impl SelectArgs {
 /// Entry point used by `main`.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::telemetry::init();
     match dispatch(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -130,16 +130,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(config) = load_or_report(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
-            crate::run(config, shutdown_signal()).await?;
+            let logs = crate::telemetry::init(config.log_format, config.log_level.as_deref());
+            crate::service::run(&cli.config, config, logs).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => {
+            crate::telemetry::init(LogFormat::Text, None);
             let Some(config) = load_or_report(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
             simulate(&config, &args).await
         }
         Command::DeadLetters(cmd) => {
+            crate::telemetry::init(LogFormat::Text, None);
             let Some(config) = load_or_report(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
@@ -179,30 +182,6 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
     }
 }
 

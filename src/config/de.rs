@@ -22,6 +22,10 @@ pub struct DeError {
     pub loc: Option<Loc>,
     pub path: Option<KeyPath>,
     pub message: String,
+    /// For a missing required key: its name.
+    pub missing: Option<&'static str>,
+    /// The error is about the key itself (unknown field), not its value.
+    pub at_key: bool,
 }
 
 impl DeError {
@@ -30,6 +34,8 @@ impl DeError {
             loc: None,
             path: None,
             message,
+            missing: None,
+            at_key: false,
         }
     }
 
@@ -115,16 +121,22 @@ impl de::Error for DeError {
         Self::msg(format!("expected {}, found {len} elements", expected(exp)))
     }
 
-    fn unknown_variant(_variant: &str, known: &'static [&'static str]) -> Self {
-        Self::msg(format!("unknown value; {}", one_of(_variant, known)))
+    fn unknown_variant(variant: &str, known: &'static [&'static str]) -> Self {
+        Self::msg(format!("unknown value; {}", one_of(variant, known)))
     }
 
     fn unknown_field(field: &str, known: &'static [&'static str]) -> Self {
-        Self::msg(format!("unknown field `{field}`; {}", one_of(field, known)))
+        Self {
+            at_key: true,
+            ..Self::msg(format!("unknown field `{field}`; {}", one_of(field, known)))
+        }
     }
 
     fn missing_field(field: &'static str) -> Self {
-        Self::msg(format!("missing required key `{field}`"))
+        Self {
+            missing: Some(field),
+            ..Self::msg(format!("missing required key `{field}`"))
+        }
     }
 
     fn duplicate_field(field: &'static str) -> Self {
@@ -134,6 +146,19 @@ impl de::Error for DeError {
 
 /// "did you mean `x`?" or the list of valid names.
 pub fn one_of(given: &str, known: &[&str]) -> String {
+    let prefix = format!("{given}.");
+    let dotted: Vec<&str> = known
+        .iter()
+        .copied()
+        .filter(|k| k.starts_with(&prefix))
+        .collect();
+    if let Some(first) = dotted.first() {
+        let names: Vec<String> = dotted.iter().map(|k| format!("`{k}`")).collect();
+        return format!(
+            "{} are written as one dotted key, such as `{first}: ...`",
+            names.join(" and ")
+        );
+    }
     match did_you_mean(given, known.iter().copied()) {
         Some(s) => format!("did you mean `{s}`?"),
         None if known.is_empty() => "no keys are allowed here".into(),
@@ -538,6 +563,19 @@ mod tests {
         let e = de::<Outer>("name: x\nretry: 5\n").unwrap_err();
         assert_eq!(e.message, "expected a mapping, found integer `5`");
         assert_eq!(e.loc, Some(Loc::new(2, 8)));
+    }
+
+    #[test]
+    fn nested_form_of_a_dotted_key_is_explained() {
+        assert_eq!(
+            one_of("details", &["eventName", "details.gender", "details.age"]),
+            "`details.gender` and `details.age` are written as one dotted key, such as `details.gender: ...`"
+        );
+        assert_eq!(
+            one_of("colour", &["type", "path"]),
+            "expected one of `type`, `path`"
+        );
+        assert_eq!(one_of("tpye", &["type", "path"]), "did you mean `type`?");
     }
 
     #[test]

@@ -15,14 +15,14 @@ use super::de::{DeError, from_node, one_of};
 use super::interp::interpolate;
 use super::raw::{
     DESTINATION_TYPES, Dur, OneOrMany, RawApplication, RawDelivery, RawFile, RawHttp, RawIngress,
-    RawMatch, RawRateLimit, RawRetry, RawRoute, RawSlack, RawStore, TOP_LEVEL_KEYS,
+    RawMatch, RawRateLimit, RawRetry, RawRoute, RawSlack, RawStore, RawTls, TOP_LEVEL_KEYS,
 };
 use super::suggest::did_you_mean;
-use super::yaml::{KeyPath, Kind, Loc, Node, parse};
+use super::yaml::{KeyPath, Kind, Loc, Node, Seg, parse};
 use super::{
-    AgeRange, Application, Config, DeliveryConfig, DestinationConfig, DestinationKind, FileConfig,
-    HttpConfig, IngressConfig, MatchConfig, RateLimit, RetryPolicy, RouteConfig, Secret,
-    SlackConfig, StoreConfig,
+    AgeRange, Application, Config, DEFAULT_ADMIN_LISTEN, DeliveryConfig, DestinationConfig,
+    DestinationKind, FileConfig, HttpConfig, IngressConfig, LogFormat, MatchConfig, RateLimit,
+    RetryPolicy, RouteConfig, Secret, SlackConfig, StoreConfig, TlsConfig,
 };
 
 /// One problem in the config file.
@@ -210,7 +210,9 @@ struct Diag {
     file: PathBuf,
     errors: Vec<ConfigError>,
     warnings: Vec<Warning>,
-    /// Values whose interpolation failed (already reported).
+    /// Values already reported as wrong (failed interpolation, or removed after a
+    /// deserialization error): further errors about them or below them are not reported.
+    /// Errors about keys (unknown or invalid names) still are.
     poisoned: Vec<KeyPath>,
 }
 
@@ -220,9 +222,13 @@ impl Diag {
     }
 
     fn push_error(&mut self, loc: Loc, path: &KeyPath, message: impl Into<String>) {
-        if self.suppressed(path) {
-            return;
+        if !self.suppressed(path) {
+            self.push_key_error(loc, path, message);
         }
+    }
+
+    /// An error about a key: reported even when its value was wrong too.
+    fn push_key_error(&mut self, loc: Loc, path: &KeyPath, message: impl Into<String>) {
         self.errors.push(ConfigError {
             file: self.file.clone(),
             line: loc.line,
@@ -280,7 +286,7 @@ impl Loader {
     /// An error about the key that ends `path` (or the nearest thing when it is missing).
     fn key_error(&mut self, path: &KeyPath, message: impl Into<String>) {
         let loc = self.root.key_loc(path);
-        self.diag.push_error(loc, path, message);
+        self.diag.push_key_error(loc, path, message);
     }
 
     fn warn(&mut self, path: &KeyPath, message: impl Into<String>) {
@@ -293,10 +299,23 @@ impl Loader {
         self.diag.push_warning(loc, path, message);
     }
 
+    /// A name or ID for a message, in backquotes, unless it came from `${VAR}`
+    /// interpolation (messages never show interpolated values).
+    fn shown(&self, path: &KeyPath, value: &str) -> String {
+        match self.root.find(path) {
+            Some(n) if n.interpolated => "(value from the environment)".into(),
+            _ => format!("`{value}`"),
+        }
+    }
+
     fn de_error(&mut self, e: DeError, path: &KeyPath) {
         let loc = e.loc.unwrap_or_else(|| self.root.value_loc(path));
         let at = e.path.unwrap_or_else(|| path.clone());
-        self.diag.push_error(loc, &at, e.message);
+        if e.at_key {
+            self.diag.push_key_error(loc, &at, e.message);
+        } else {
+            self.diag.push_error(loc, &at, e.message);
+        }
     }
 
     // ----- reading -----------------------------------------------------------------------
@@ -306,15 +325,43 @@ impl Loader {
         self.root.find(path).filter(|n| !n.is_null())
     }
 
-    /// Deserializes the value at `path`; `None` when absent, null or invalid (reported).
+    /// Deserializes the value at `path`; `None` when absent or null, or when it cannot be
+    /// read at all.
+    ///
+    /// serde stops at the first error, so after each error the entry holding the bad
+    /// value is removed (from a copy) and deserialization is tried again: every unknown
+    /// key and bad value of a section is reported, and what remains is returned for the
+    /// checks that follow. Removed entries are not checked again (they are poisoned).
     fn de<T: DeserializeOwned>(&mut self, path: &KeyPath) -> Option<T> {
-        let node = self.node(path)?;
-        match from_node::<T>(node, path) {
-            Ok(v) => Some(v),
-            Err(e) => {
+        let mut node = self.node(path)?.clone();
+        let mut removed: Vec<KeyPath> = Vec::new();
+        loop {
+            let e = match from_node::<T>(&node, path) {
+                Ok(v) => return Some(v),
+                Err(e) => e,
+            };
+            let at = e.path.clone().unwrap_or_else(|| path.clone());
+            // A required key whose value was already reported as wrong is not reported
+            // again as missing; the mapping that needs it is dropped instead.
+            let consequence = e.missing.is_some_and(|f| removed.contains(&at.key(f)));
+            if !consequence {
                 self.de_error(e, path);
-                None
             }
+            // The nearest mapping entry below `path` that holds the error.
+            let cut = (path.len()..at.len())
+                .rev()
+                .find(|&n| matches!(at.0[n], Seg::Key(_)))?;
+            let entry = KeyPath(at.0[..=cut].to_vec());
+            let relative = &entry.0[path.len()..];
+            let Some((Seg::Key(key), parent)) = relative.split_last() else {
+                return None;
+            };
+            match node.find_mut(parent).map(|p| &mut p.kind) {
+                Some(Kind::Map(entries)) => entries.retain(|en| &en.key != key),
+                _ => return None,
+            }
+            self.diag.poisoned.push(entry.clone());
+            removed.push(entry);
         }
     }
 
@@ -335,12 +382,17 @@ impl Loader {
     }
 
     /// Resolves a configured path against the config file's directory.
+    /// A leading `./` is dropped, so that messages and `check` show `/etc/x/data/relay.db`.
     fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
             p.to_path_buf()
         } else {
-            self.base.join(p)
+            let rest: PathBuf = p
+                .components()
+                .skip_while(|c| matches!(c, std::path::Component::CurDir))
+                .collect();
+            self.base.join(rest)
         }
     }
 
@@ -379,6 +431,10 @@ impl Loader {
         let destinations = self.destinations();
         let routes = self.routes();
         let delivery = self.delivery();
+        let admin_listen = self.admin_listen(listen);
+        let log_format = self.log_format();
+        let log_level = self.log_level();
+        let tls = self.tls();
         Config {
             source,
             listen,
@@ -389,6 +445,10 @@ impl Loader {
             destinations,
             routes,
             delivery,
+            admin_listen,
+            log_format,
+            log_level,
+            tls,
         }
     }
 
@@ -407,7 +467,96 @@ impl Loader {
             destinations: Vec::new(),
             routes: Vec::new(),
             delivery: delivery_defaults(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.parse().ok(),
+            log_format: LogFormat::Text,
+            log_level: None,
+            tls: None,
         }
+    }
+
+    fn admin_listen(&mut self, ingress: SocketAddr) -> Option<SocketAddr> {
+        let default = DEFAULT_ADMIN_LISTEN.parse().ok();
+        let path = top("admin_listen");
+        let Some(text) = self.de::<String>(&path) else {
+            return default;
+        };
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("off") {
+            return None;
+        }
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if addr == ingress && addr.port() != 0 => {
+                self.error(
+                    &path,
+                    "must differ from `listen`: metrics and health endpoints never share the webhook port",
+                );
+                default
+            }
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(
+                    &path,
+                    "expected an IP address and port, such as 127.0.0.1:9090, or `off`",
+                );
+                default
+            }
+        }
+    }
+
+    fn log_format(&mut self) -> LogFormat {
+        let path = top("log_format");
+        let Some(text) = self.de::<String>(&path) else {
+            return LogFormat::Text;
+        };
+        match text.trim() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                let msg = format!(
+                    "unknown log format `{other}`; {}",
+                    one_of(other, &["text", "json"])
+                );
+                self.error(&path, msg);
+                LogFormat::Text
+            }
+        }
+    }
+
+    fn log_level(&mut self) -> Option<String> {
+        let path = top("log_level");
+        let text = self.de::<String>(&path)?;
+        match tracing_subscriber::EnvFilter::builder().parse(text.trim()) {
+            Ok(_) => Some(text.trim().to_string()),
+            Err(e) => {
+                self.error(
+                    &path,
+                    format!("not a valid log filter ({e}); try `info` or `faceio_relay=debug`"),
+                );
+                None
+            }
+        }
+    }
+
+    fn tls(&mut self) -> Option<TlsConfig> {
+        let path = top("tls");
+        let raw: RawTls = self.de(&path)?;
+        let mut ok = true;
+        for (key, value) in [("cert", &raw.cert), ("key", &raw.key)] {
+            if value.trim().is_empty() {
+                self.error(&path.key(key), "must not be empty");
+                ok = false;
+            } else if let Err(e) = std::fs::metadata(self.resolve(value)) {
+                self.error(
+                    &path.key(key),
+                    format!("cannot read {}: {e}", self.resolve(value).display()),
+                );
+                ok = false;
+            }
+        }
+        ok.then(|| TlsConfig {
+            cert: self.resolve(&raw.cert),
+            key: self.resolve(&raw.key),
+        })
     }
 
     fn listen(&mut self) -> SocketAddr {
@@ -606,7 +755,8 @@ impl Loader {
                 self.error(&id_path, "must not be empty");
             } else if let Some(first) = seen.get(&app_id) {
                 let msg = format!(
-                    "duplicate app_id `{app_id}`; it is also at line {}",
+                    "duplicate app_id {}; it is also at line {}",
+                    self.shown(&id_path, &app_id),
                     first.line
                 );
                 self.error(&id_path, msg);
@@ -623,7 +773,11 @@ impl Loader {
                     None
                 }
                 (None, None) => {
-                    self.error(&item, "missing `token` or `token_file`");
+                    if !self.diag.suppressed(&item.key("token"))
+                        && !self.diag.suppressed(&item.key("token_file"))
+                    {
+                        self.error(&item, "missing `token` or `token_file`");
+                    }
                     None
                 }
                 (Some(token), None) => {
@@ -887,7 +1041,11 @@ impl Loader {
             if let Some(d) = r.max_delay {
                 policy.max_delay = d.0;
             }
-            if ok && policy.initial_delay > policy.max_delay {
+            if ok
+                && policy.initial_delay > policy.max_delay
+                && !self.diag.suppressed(&rpath.key("initial_delay"))
+                && !self.diag.suppressed(&rpath.key("max_delay"))
+            {
                 let at = if r.initial_delay.is_some() {
                     rpath.key("initial_delay")
                 } else {
@@ -1029,7 +1187,10 @@ impl Loader {
             };
             let line = self.root.value_loc(&rpath).line;
             if let Some(first) = seen_names.get(&name) {
-                let msg = format!("duplicate route name `{name}`; the first is at line {first}");
+                let msg = format!(
+                    "duplicate route name {}; the first is at line {first}",
+                    self.shown(&rpath.key("name"), &name)
+                );
                 self.error(&rpath.key("name"), msg);
                 ok = false;
             } else {
@@ -1050,10 +1211,12 @@ impl Loader {
                         None if names.is_empty() => "no destinations are defined".into(),
                         None => format!("defined destinations: {}", quoted(&names)),
                     };
-                    self.error(&dpath, format!("unknown destination `{dest}`; {hint}"));
+                    let msg = format!("unknown destination {}; {hint}", self.shown(&dpath, dest));
+                    self.error(&dpath, msg);
                     ok = false;
                 } else if to.iter().any(|t| t == dest) {
-                    self.warn(&dpath, format!("destination `{dest}` is listed twice"));
+                    let msg = format!("destination {} is listed twice", self.shown(&dpath, dest));
+                    self.warn(&dpath, msg);
                 } else {
                     to.push(dest.to_owned());
                 }
@@ -1112,20 +1275,21 @@ impl Loader {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("FACEIO sends {}", quoted(KNOWN_EVENTS)),
                 };
-                self.warn(
-                    &item_path(&ev_path, idx),
-                    format!("unknown event name `{ev}`; {hint}"),
-                );
+                let at = item_path(&ev_path, idx);
+                let msg = format!("unknown event name {}; {hint}", self.shown(&at, ev));
+                self.warn(&at, msg);
             }
         }
         let app_path = path.key("appId");
         m.app_id = self.strings(&app_path, raw.app_id.as_ref(), &mut ok);
         for (idx, id) in raw.app_id.iter().flat_map(OneOrMany::items) {
             if !id.is_empty() && !self.app_ids.is_empty() && !self.app_ids.iter().any(|a| a == id) {
-                self.warn(
-                    &item_path(&app_path, idx),
-                    format!("`{id}` is not one of the configured applications; this never matches"),
+                let at = item_path(&app_path, idx);
+                let msg = format!(
+                    "{} is not one of the configured applications; this never matches",
+                    self.shown(&at, id)
                 );
+                self.warn(&at, msg);
             }
         }
         m.facial_id = self.strings(&path.key("facialId"), raw.facial_id.as_ref(), &mut ok);
@@ -1170,7 +1334,11 @@ impl Loader {
             }
             match (age.min, age.max) {
                 (None, None) => {
-                    self.error(&age_path, "give `min`, `max` or both");
+                    if !self.diag.suppressed(&age_path.key("min"))
+                        && !self.diag.suppressed(&age_path.key("max"))
+                    {
+                        self.error(&age_path, "give `min`, `max` or both");
+                    }
                     ok = false;
                 }
                 (Some(min), Some(max)) if min > max => {
@@ -1296,11 +1464,20 @@ impl Config {
     pub fn summary(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let _ = writeln!(
             s,
-            "listen {} (webhook path {})",
+            "listen {} ({scheme}, webhook path {})",
             self.listen, self.webhook_path
         );
+        match self.admin_listen {
+            Some(a) => {
+                let _ = writeln!(s, "admin {a} (/metrics, /healthz, /readyz)");
+            }
+            None => {
+                let _ = writeln!(s, "admin off");
+            }
+        }
         let _ = writeln!(
             s,
             "store {} (retention {})",

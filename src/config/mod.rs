@@ -52,6 +52,35 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Delivery-wide settings (`delivery:` section).
     pub delivery: DeliveryConfig,
+    /// Admin endpoints (`/metrics`, `/healthz`, `/readyz`) address (`admin_listen`,
+    /// default `127.0.0.1:9090`; `off` disables them). Never the ingress address.
+    pub admin_listen: Option<SocketAddr>,
+    /// Log line format when not under journald (`log_format`, default `text`).
+    pub log_format: LogFormat,
+    /// Log filter (`log_level`, e.g. `info` or `faceio_relay=debug`); `RUST_LOG` wins.
+    pub log_level: Option<String>,
+    /// HTTPS on the ingress (`tls: { cert, key }`); `None` = plain HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// Default admin address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
+/// `log_format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `tls:` — certificate and key files (resolved paths; read again on SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `ingress:` — how the HTTP side protects itself.
@@ -94,7 +123,7 @@ pub struct Application {
 }
 
 /// One destination, common settings plus its kind.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DestinationConfig {
     /// The key under `destinations:`.
     pub name: String,
@@ -111,7 +140,7 @@ pub struct DestinationConfig {
 }
 
 /// Kind-specific destination settings (`type:`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DestinationKind {
     Slack(SlackConfig),
     Http(HttpConfig),
@@ -130,7 +159,7 @@ impl DestinationKind {
 }
 
 /// `type: slack`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SlackConfig {
     /// Incoming-webhook URL; its path is the credential.
     pub webhook_url: Secret,
@@ -139,7 +168,7 @@ pub struct SlackConfig {
 }
 
 /// `type: http`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpConfig {
     /// Target URL (already checked to parse as http/https).
     pub url: Secret,
@@ -152,7 +181,7 @@ pub struct HttpConfig {
 }
 
 /// `type: file`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FileConfig {
     /// JSON Lines file, resolved against the config directory.
     pub path: PathBuf,
@@ -186,6 +215,18 @@ pub struct RateLimit {
     pub per_second: f64,
     /// Bucket size (default 1). >= 1.
     pub burst: u32,
+}
+
+impl RateLimit {
+    /// The governor quota for this bucket: one cell every `1/per_second`, `burst` cells.
+    pub fn quota(&self) -> governor::Quota {
+        let period = Duration::from_secs_f64(1.0 / self.per_second);
+        let burst =
+            std::num::NonZeroU32::new(self.burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+        governor::Quota::with_period(period)
+            .unwrap_or_else(|| governor::Quota::per_second(std::num::NonZeroU32::MAX))
+            .allow_burst(burst)
+    }
 }
 
 /// One route: a condition and the destinations it sends to.

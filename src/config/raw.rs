@@ -24,7 +24,21 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "destinations",
     "routes",
     "delivery",
+    "admin_listen",
+    "log_format",
+    "log_level",
+    "tls",
 ];
+
+/// `tls:` — terminate HTTPS in the daemon.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain (leaf first).
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
 
 /// `ingress:` — limits and protections of the webhook endpoint.
 #[derive(Debug, Default, Deserialize)]

@@ -134,6 +134,21 @@ impl Node {
         Some(node)
     }
 
+    /// The node at `path` below this one, mutably.
+    pub fn find_mut(&mut self, path: &[Seg]) -> Option<&mut Node> {
+        let mut node = self;
+        for seg in path {
+            node = match (seg, &mut node.kind) {
+                (Seg::Key(k), Kind::Map(entries)) => {
+                    &mut entries.iter_mut().find(|e| &e.key == k)?.value
+                }
+                (Seg::Index(i), Kind::Seq(items)) => items.get_mut(*i)?,
+                _ => return None,
+            };
+        }
+        Some(node)
+    }
+
     /// Where the value at `path` starts; the nearest existing ancestor's position when the
     /// path does not exist (a missing key).
     pub fn value_loc(&self, path: &[Seg]) -> Loc {
@@ -297,6 +312,9 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
         // Repeated keys are reported by the loader with both positions, among the other
         // errors, instead of stopping the parse.
         duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
+        // YAML 1.2 booleans only: `y`, `n`, `yes`, `no`, `on`, `off` stay strings (a key
+        // `y:` or a value `no` is not silently a boolean).
+        strict_booleans: true,
     };
     match serde_saphyr::from_str_with_options::<Spanned<Located>>(text, options) {
         Ok(root) => Ok(located(root)),
@@ -326,7 +344,8 @@ fn has_content(text: &str) -> bool {
 /// the position in front).
 fn plain_message(err: &serde_saphyr::Error, loc: Loc) -> String {
     if matches!(err, serde_saphyr::Error::MultipleDocuments { .. }) {
-        return "the config must be a single YAML document (found another `---`)".into();
+        return "the config must be a single YAML document; another one starts after a `---` line"
+            .into();
     }
     let text = err.to_string();
     let first = text.lines().next().unwrap_or("").trim();
@@ -543,6 +562,47 @@ mod tests {
     }
 
     #[test]
+    fn only_yaml_1_2_booleans() {
+        let root = p("y: on\nn: no\nt: true\nf: False\n");
+        let kinds: Vec<_> = root
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.kind.clone()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("y", Kind::Str("on".into())),
+                ("n", Kind::Str("no".into())),
+                ("t", Kind::Bool(true)),
+                ("f", Kind::Bool(false)),
+            ]
+        );
+    }
+
+    #[test]
+    fn merge_keys_are_expanded() {
+        let root = p("d: &d {x: 1, z: 3}\nb:\n  <<: *d\n  y: 2\n  z: 4\n");
+        let b = &root.get("b").unwrap().value;
+        let mut keys: Vec<(&str, Kind)> = b
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.kind.clone()))
+            .collect();
+        keys.sort_by_key(|k| k.0);
+        assert_eq!(
+            keys,
+            vec![
+                ("x", Kind::Int(1)),
+                ("y", Kind::Int(2)),
+                ("z", Kind::Int(4))
+            ]
+        );
+    }
+
+    #[test]
     fn empty_document_is_null() {
         assert_eq!(p("# nothing\n\n").kind, Kind::Null);
         assert_eq!(p("").kind, Kind::Null);
@@ -555,6 +615,14 @@ mod tests {
         assert!(err.message.starts_with("invalid YAML: "), "{err:?}");
         let err = parse("a:\n  b: 1\n c: 2\n").unwrap_err();
         assert_eq!(err.loc.line, 3, "{err:?}");
+    }
+
+    #[test]
+    fn one_document_only() {
+        let err = parse("a: 1\n---\nb: 2\n").unwrap_err();
+        assert!(err.message.contains("single YAML document"), "{err:?}");
+        assert_eq!(err.loc.line, 3, "{err:?}");
+        assert_eq!(p("---\na: 1\n").get("a").unwrap().value.kind, Kind::Int(1));
     }
 
     #[test]

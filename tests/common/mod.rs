@@ -188,7 +188,7 @@ impl Setup {
     /// top-level keys), with one application using [`APP`]/[`TOKEN`], and returns its path.
     pub fn write_config(&self, body: &str) -> PathBuf {
         let yaml = format!(
-            "listen: 127.0.0.1:0\nwebhook_path: /webhook\nstore:\n  path: relay.db\n\
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nwebhook_path: /webhook\nstore:\n  path: relay.db\n\
              applications:\n  - app_id: {APP}\n    token: {TOKEN}\n\
              delivery:\n  poll_interval: 200ms\n  shutdown_grace: 2s\n{body}"
         );
