@@ -21,6 +21,7 @@ const DOWN_HEADER: &str = "downSECRETheader44";
 
 const CONFIG: &str = "\
 listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
 store:
   path: relay.db
 applications:
@@ -189,6 +190,25 @@ async fn secrets_never_reach_logs_cli_output_or_the_store() {
         let show = cli_env(&config, &["dead-letters", "show", &id], &env).await;
         assert!(show.ok(), "{}", show.all());
         outputs.push(("dead-letters show", show.all()));
+    }
+
+    // The admin endpoint (metrics carry destination labels and error counts).
+    let admin = daemon.admin.expect("admin endpoint is on");
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let resp = client
+            .get(format!("http://{admin}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+        let body = resp.text().await.unwrap();
+        if path == "/metrics" {
+            assert!(
+                body.contains("team-slack"),
+                "per-destination metrics:\n{body}"
+            );
+        }
+        outputs.push(("admin endpoint", body));
     }
 
     let exited = daemon.terminate(WAIT).await;

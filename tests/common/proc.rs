@@ -92,6 +92,8 @@ pub async fn dead_letters_json(config: &Path) -> Vec<serde_json::Value> {
 pub struct Relayd {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The admin endpoint (`/metrics`, `/healthz`, `/readyz`), unless `admin_listen: off`.
+    pub admin: Option<SocketAddr>,
     pub config: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     reader: Option<std::thread::JoinHandle<()>>,
@@ -159,6 +161,7 @@ impl Relayd {
         let mut me = Self {
             child: Some(child),
             addr: "0.0.0.0:0".parse().unwrap(),
+            admin: None,
             config,
             log,
             reader: Some(reader),
@@ -167,12 +170,17 @@ impl Relayd {
             Ok(line) => line,
             Err(_) => panic!("daemon not ready; log:\n{}", me.log_text()),
         };
-        me.addr = ready
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
+        let field = |name: &str| {
+            ready
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_string)
+        };
+        me.addr = field("addr=")
             .expect("ready line names addr")
             .parse()
             .expect("ready addr parses");
+        me.admin = field("admin=").and_then(|a| a.parse().ok());
         me
     }
 
