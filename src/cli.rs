@@ -143,7 +143,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::DeadLetters(cmd) => {
             crate::telemetry::init(LogFormat::Text, None);
-            let Some(config) = load_or_report(&cli.config) else {
+            let Some(config) = load_for_admin(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
             dead_letters(&config, cmd).await
@@ -171,6 +171,26 @@ fn load_or_report(path: &Path) -> Option<Config> {
             );
             None
         }
+    }
+}
+
+/// Stands in for secrets the operator's shell does not have (the daemon gets them from
+/// its unit). It parses as a URL, so URL-valued secrets still validate.
+const ADMIN_PLACEHOLDER: &str = "http://unset.invalid/";
+
+/// Loads the config for the `dead-letters` commands, which need only the store path and
+/// the destination names: variables holding secrets need not be set in the operator's
+/// shell. Every other error is reported as for `run`.
+fn load_for_admin(path: &Path) -> Option<Config> {
+    let (Ok(text), Ok(absolute)) = (std::fs::read_to_string(path), std::fs::canonicalize(path))
+    else {
+        return load_or_report(path);
+    };
+    let env =
+        |name: &str| Some(std::env::var(name).unwrap_or_else(|_| ADMIN_PLACEHOLDER.to_string()));
+    match config::load_str(&text, &absolute, &env) {
+        Ok((config, _warnings)) => Some(config),
+        Err(_) => load_or_report(path),
     }
 }
 
@@ -264,6 +284,9 @@ async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result
             limit,
         } => {
             let rows = store.dead_letters(destination.as_deref(), limit).await?;
+            if rows.len() == limit {
+                eprintln!("(showing the newest {limit}; pass --limit to see more)");
+            }
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);

@@ -57,6 +57,9 @@ use crate::telemetry::metrics::Metrics;
 /// How often done deliveries past the retention period are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// How often quiet sources' failed-authentication counters are dropped.
+const FORGET_INTERVAL: Duration = Duration::from_secs(60);
+
 /// A running relay: ingress, admin endpoint, dispatchers and store.
 pub struct Relay {
     /// The address ingress actually listens on (resolves a configured port 0).
@@ -72,11 +75,11 @@ pub struct Relay {
     /// Every dispatcher, attempt and housekeeping task.
     tracker: TaskTracker,
     /// The dispatchers, replaced on reload.
-    deliveries: Deliveries,
+    deliveries: Arc<Deliveries>,
     /// Ingress's swappable state.
     ingress_state: Arc<IngressState>,
-    /// The config in force (for reload comparisons).
-    current: Mutex<Arc<Config>>,
+    /// The config in force (for reload comparisons and late sweeps).
+    current: Arc<Mutex<Arc<Config>>>,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
 }
@@ -99,13 +102,14 @@ impl Relay {
             soft: CancellationToken::new(),
             hard: CancellationToken::new(),
         };
-        let deliveries = Deliveries::new(
+        let deliveries = Arc::new(Deliveries::new(
             Arc::clone(&store),
             Arc::clone(&metrics),
             tracker.clone(),
             delivery.clone(),
-        );
+        ));
         let (wakers, _) = deliveries.apply(&config).await?;
+        deliveries.dead_letter_orphans(&config).await?;
 
         let listener = TcpListener::bind(config.listen)
             .await
@@ -182,7 +186,7 @@ impl Relay {
             tracker,
             deliveries,
             ingress_state,
-            current: Mutex::new(config),
+            current: Arc::new(Mutex::new(config)),
             metrics,
             store,
         })
@@ -245,9 +249,31 @@ impl Relay {
         new.tls = old.tls.clone();
         let new = Arc::new(new);
 
-        let (wakers, applied) = self.deliveries.apply(&new).await?;
+        let (wakers, mut applied) = self.deliveries.apply(&new).await?;
         self.ingress_state.replace(Arc::clone(&new), wakers);
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = new;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&new);
+        // Ingress uses the new routes from here on; requests that read the old ones may
+        // still be storing deliveries for a removed destination, so sweep again once
+        // they have certainly ended.
+        applied.dead_lettered = self.deliveries.dead_letter_orphans(&new).await?;
+        if !applied.stopped.is_empty() {
+            let deliveries = Arc::clone(&self.deliveries);
+            let limits = &new.ingress;
+            let later = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
+            let stop = self.delivery.soft.clone();
+            let current = Arc::clone(&self.current);
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(later) => {}
+                    () = stop.cancelled() => return,
+                }
+                // The config in force then: a later reload may have brought one back.
+                let config = Arc::clone(&current.lock().unwrap_or_else(|p| p.into_inner()));
+                if let Err(e) = deliveries.dead_letter_orphans(&config).await {
+                    tracing::warn!(error = %e, "cannot sweep deliveries of removed destinations");
+                }
+            });
+        }
         Ok(describe(&applied))
     }
 
@@ -346,13 +372,17 @@ async fn housekeeping(
     retention: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(PRUNE_INTERVAL);
+    let mut prune = tokio::time::interval(PRUNE_INTERVAL);
+    let mut forget = tokio::time::interval(FORGET_INTERVAL);
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = prune.tick() => {}
+            _ = forget.tick() => {
+                ingress.forget_idle_sources();
+                continue;
+            }
             () = stop.cancelled() => return,
         }
-        ingress.forget_idle_sources();
         let cutoff = ingress::verify::now_ms() - retention.as_millis() as i64;
         match store.prune(cutoff).await {
             Ok(0) => {}

@@ -68,7 +68,17 @@ async fn reload(relay: &Relay, path: &Path, logs: &LogControl) {
     }
     notify(&states);
     tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-    match config::load(path) {
+    // Reading files (and token files) blocks: keep it off the runtime's threads.
+    let loaded = {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || config::load(&path)).await
+    };
+    let Ok(loaded) = loaded else {
+        tracing::error!("config reload task failed; still running on the previous one");
+        notify(&[NotifyState::Ready]);
+        return;
+    };
+    match loaded {
         Ok((config, warnings)) => {
             for w in &warnings {
                 tracing::warn!("config: {w}");

@@ -220,7 +220,9 @@ pub struct RateLimit {
 impl RateLimit {
     /// The governor quota for this bucket: one cell every `1/per_second`, `burst` cells.
     pub fn quota(&self) -> governor::Quota {
-        let period = Duration::from_secs_f64(1.0 / self.per_second);
+        // A rate too small to express (or not finite) becomes one cell a year.
+        let period = Duration::try_from_secs_f64(1.0 / self.per_second)
+            .unwrap_or(Duration::from_secs(365 * 86_400));
         let burst =
             std::num::NonZeroU32::new(self.burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
         governor::Quota::with_period(period)

@@ -18,11 +18,15 @@ pub struct Claims {
     released: HashMap<i64, u64>,
     /// Bumped by every release.
     epoch: u64,
+    /// Reads under way (two dispatchers share the claims for a moment during a reload).
+    reads: usize,
 }
 
 impl Claims {
-    /// Call before reading due rows; pass the result to [`Claims::claim`].
-    pub fn read_started(&self) -> u64 {
+    /// Call before reading due rows; pass the result to [`Claims::claim`], and call
+    /// [`Claims::read_finished`] afterwards whether the read worked or not.
+    pub fn read_started(&mut self) -> u64 {
+        self.reads += 1;
         self.epoch
     }
 
@@ -43,10 +47,13 @@ impl Claims {
         }
     }
 
-    /// Forgets releases no read can be confused by: every read from now on starts after
-    /// them. Called when a read finished and no other read is under way.
-    pub fn read_finished(&mut self, read_epoch: u64) {
-        self.released.retain(|_, e| *e > read_epoch);
+    /// Ends a read. When no read is under way, forgets the releases: every later read
+    /// starts after them and sees their committed outcome.
+    pub fn read_finished(&mut self) {
+        self.reads = self.reads.saturating_sub(1);
+        if self.reads == 0 {
+            self.released.clear();
+        }
     }
 
     /// How many are claimed.
@@ -84,7 +91,8 @@ mod tests {
             !c.claim(7, stale_read),
             "stale row must not be claimed again"
         );
-        c.read_finished(stale_read);
+        c.read_finished();
+        c.read_finished();
         // A read that starts after the release saw the committed outcome; if 7 is due
         // again (a retry), it may be claimed.
         let fresh = c.read_started();
@@ -98,9 +106,21 @@ mod tests {
             let r = c.read_started();
             c.claim(id, r);
             c.release(id);
+            c.read_finished();
         }
-        let r = c.read_started();
-        c.read_finished(r);
+        assert!(c.released.is_empty(), "no read under way: nothing remembered");
+        let first = c.read_started();
+        assert!(c.claim(500, first));
+        c.read_finished();
+        let older = c.read_started();
+        let _newer = c.read_started();
+        c.release(500);
+        c.read_finished();
+        assert!(
+            !c.claim(500, older),
+            "an older read still under way keeps its protection"
+        );
+        c.read_finished();
         assert!(c.released.is_empty());
         assert!(c.is_empty());
     }

@@ -119,9 +119,9 @@ impl Deliveries {
 
     /// Makes the running dispatchers match `config`: unchanged destinations keep running
     /// (file destinations reopen their files, for log rotation), changed ones are
-    /// rebuilt, new ones start, removed ones stop and their pending deliveries go to the
-    /// dead-letter store. Every destination is built before anything changes, so an error
-    /// leaves the old set running.
+    /// rebuilt, new ones start, removed ones stop (their pending deliveries are for
+    /// [`Deliveries::dead_letter_orphans`]). Every destination is built before anything
+    /// changes, so an error leaves the old set running.
     pub async fn apply(&self, config: &Config) -> anyhow::Result<(Wakers, Applied)> {
         let poll = config.delivery.poll_interval;
         let mut keep = Vec::new();
@@ -145,7 +145,6 @@ impl Deliveries {
 
         let mut applied = Applied::default();
         let wakers = self.swap(config, build, &mut applied);
-        applied.dead_lettered = self.dead_letter_orphans(config).await?;
         Ok((wakers, applied))
     }
 
@@ -228,7 +227,9 @@ impl Deliveries {
     }
 
     /// Moves pending deliveries for destinations not in `config` to the dead letters.
-    async fn dead_letter_orphans(&self, config: &Config) -> Result<u64, StoreError> {
+    /// Call it once ingress uses `config` (so no new delivery for a removed destination
+    /// can be written after it), and again after requests that started before have ended.
+    pub async fn dead_letter_orphans(&self, config: &Config) -> Result<u64, StoreError> {
         let known: Vec<&str> = config
             .destinations
             .iter()

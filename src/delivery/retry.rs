@@ -6,8 +6,9 @@
 //! outage) so the recovering destination is not hit by a synchronized wave; the floor of
 //! `initial_delay` keeps a flapping destination from being retried in a tight loop.
 //!
-//! A server's `Retry-After` replaces the computed delay (capped at [`MAX_RETRY_AFTER`]
-//! so a bogus header cannot park a delivery for years).
+//! A server's `Retry-After` replaces the computed delay (at least `initial_delay`, so
+//! `Retry-After: 0` is no tight loop, and at most [`MAX_RETRY_AFTER`], so a bogus header
+//! cannot park a delivery for years).
 
 use std::time::Duration;
 
@@ -48,7 +49,9 @@ pub fn next(
         return Next::GiveUp;
     }
     if let Some(after) = retry_after {
-        return Next::RetryAfter(after.min(MAX_RETRY_AFTER));
+        // `Retry-After: 0` (or a date in the past) must not become a tight loop.
+        let floor = policy.initial_delay.min(policy.max_delay);
+        return Next::RetryAfter(after.clamp(floor, MAX_RETRY_AFTER));
     }
     let low = policy.initial_delay.min(policy.max_delay);
     let high = backoff_cap(policy, attempts);
@@ -133,6 +136,11 @@ mod tests {
                 &mut rng
             ),
             Next::RetryAfter(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            next(&policy(), 1, Some(Duration::ZERO), &mut rng),
+            Next::RetryAfter(policy().initial_delay),
+            "Retry-After: 0 waits at least initial_delay"
         );
     }
 }

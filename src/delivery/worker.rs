@@ -41,6 +41,14 @@ struct Shared {
     shutdown: Shutdown,
 }
 
+impl Shared {
+    /// The end of a `Retry-After` pause still in force, if any.
+    fn pause(&self) -> Option<Instant> {
+        let until = *self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.filter(|u| *u > Instant::now())
+    }
+}
+
 /// Hands one destination's due deliveries to attempts, within its concurrency.
 pub struct Dispatcher {
     shared: Arc<Shared>,
@@ -101,11 +109,7 @@ impl Dispatcher {
         let cancel = &shared.shutdown.soft;
         let mut queue: VecDeque<Delivery> = VecDeque::new();
         loop {
-            let paused = *shared
-                .paused_until
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(until) = paused.filter(|u| *u > Instant::now()) {
+            if let Some(until) = shared.pause() {
                 tokio::select! {
                     () = tokio::time::sleep_until(until) => {}
                     () = cancel.cancelled() => break,
@@ -126,6 +130,9 @@ impl Dispatcher {
                         tracing::warn!(destination = %shared.name, error = %e, "cannot read pending deliveries");
                     }
                 }
+            }
+            if cancel.is_cancelled() {
+                break;
             }
             let Some(delivery) = queue.pop_front() else {
                 drop(permit);
@@ -151,14 +158,21 @@ impl Dispatcher {
     async fn fill(&self, queue: &mut VecDeque<Delivery>) -> Result<(), crate::store::StoreError> {
         let shared = &self.shared;
         let (skip, read) = {
-            let claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             (claims.len(), claims.read_started())
         };
         let due = shared
             .store
             .due(&shared.name, now_ms(), self.prefetch + skip)
-            .await?;
+            .await;
         let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let due = match due {
+            Ok(due) => due,
+            Err(e) => {
+                claims.read_finished();
+                return Err(e);
+            }
+        };
         for d in due {
             if queue.len() >= self.prefetch {
                 break;
@@ -167,7 +181,7 @@ impl Dispatcher {
                 queue.push_back(d);
             }
         }
-        claims.read_finished(read);
+        claims.read_finished();
         Ok(())
     }
 
@@ -190,15 +204,32 @@ impl Dispatcher {
     }
 }
 
-/// One attempt: wait for the rate limit, deliver, record the outcome.
-async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphorePermit) {
-    let release = |shared: &Shared, id: i64| {
-        shared
+/// Releases a claim when dropped, so an attempt that ends any way at all (including a
+/// panic in a destination) never leaves its delivery claimed until restart.
+struct Claim {
+    shared: Arc<Shared>,
+    id: i64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.shared
             .in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .release(id);
-        shared.wake.notify_one();
+            .release(self.id);
+        self.shared.wake.notify_one();
+    }
+}
+
+/// Longest pause between tries to record an outcome while the store refuses writes.
+const MAX_RECORD_BACKOFF: Duration = Duration::from_secs(30);
+
+/// One attempt: wait for the rate limit and any `Retry-After` pause, deliver, record.
+async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphorePermit) {
+    let _claim = Claim {
+        shared: Arc::clone(&shared),
+        id: delivery.id,
     };
     if let Some(limiter) = shared.limiter.as_ref().filter(|l| l.check().is_err()) {
         RateLimitWait {
@@ -208,10 +239,14 @@ async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphore
         .emit(&shared.metrics);
         tokio::select! {
             () = limiter.until_ready() => {}
-            () = shared.shutdown.soft.cancelled() => {
-                release(&shared, delivery.id);
-                return;
-            }
+            () = shared.shutdown.soft.cancelled() => return,
+        }
+    }
+    // A `Retry-After` may have arrived while this attempt waited for its turn.
+    if let Some(until) = shared.pause() {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => {}
+            () = shared.shutdown.soft.cancelled() => return,
         }
     }
     let started = std::time::Instant::now();
@@ -220,24 +255,26 @@ async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphore
         () = shared.shutdown.hard.cancelled() => {
             tracing::warn!(destination = %shared.name, event_id = %delivery.event_id,
                 "delivery abandoned at shutdown; it stays pending and resumes on restart");
-            release(&shared, delivery.id);
             return;
         }
     };
-    drop(permit);
     let attempts = delivery.attempts + 1;
+    // Decided (and any pause set) before the slot is freed, so the next attempt sees it.
     let outcome = decide(&shared, &delivery, attempts, result, started.elapsed());
-    if let Err(e) = shared.store.record(delivery.id, outcome).await {
-        // The row is still pending: it will be delivered again (at-least-once). Wait a
-        // little before releasing it so a store outage does not turn into a resend loop.
+    drop(permit);
+    // Keep the claim until the outcome is committed: releasing it earlier would resend
+    // the delivery while the store is down, ignoring its backoff.
+    let mut backoff = Duration::from_millis(100);
+    while let Err(e) = shared.store.record(delivery.id, outcome.clone()).await {
         tracing::error!(destination = %shared.name, event_id = %delivery.event_id, error = %e,
-            "cannot record delivery outcome");
+            retry_in_ms = backoff.as_millis() as u64, "cannot record delivery outcome; retrying");
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            () = shared.shutdown.soft.cancelled() => {}
+            () = tokio::time::sleep(backoff) => {}
+            // Not recorded: the row stays pending and is attempted again after restart.
+            () = shared.shutdown.hard.cancelled() => return,
         }
+        backoff = (backoff * 2).min(MAX_RECORD_BACKOFF);
     }
-    release(&shared, delivery.id);
 }
 
 /// Turns an attempt's result into the outcome to record, and reports it.

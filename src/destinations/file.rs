@@ -105,7 +105,13 @@ impl Destination for FileDestination {
     async fn deliver(&self, delivery: &Delivery) -> Result<(), DeliveryError> {
         let text = std::str::from_utf8(&delivery.body)
             .map_err(|_| DeliveryError::permanent("stored payload is not UTF-8"))?;
-        let event = RawValue::from_string(text.to_string())
+        // Whitespace in the body may include newlines (a pretty-printed payload); inside
+        // valid JSON a raw CR or LF can only be whitespace, so blank them to keep one line.
+        let flat: String = text
+            .chars()
+            .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+            .collect();
+        let event = RawValue::from_string(flat)
             .map_err(|e| DeliveryError::permanent(format!("stored payload is not JSON: {e}")))?;
         let at = UNIX_EPOCH + Duration::from_millis(delivery.received_at_ms.max(0) as u64);
         let mut line = serde_json::to_vec(&Line {
@@ -127,10 +133,18 @@ impl Destination for FileDestination {
     }
 
     async fn reopen(&self) -> Result<(), DeliveryError> {
-        let fresh =
-            open_repaired(&self.path).map_err(|e| DeliveryError::retryable(e.to_string()))?;
-        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
-        Ok(())
+        let path = self.path.clone();
+        let file = Arc::clone(&self.file);
+        // The lock may be held by a write waiting on fsync: block a pool thread, not the
+        // runtime.
+        tokio::task::spawn_blocking(move || {
+            let fresh =
+                open_repaired(&path).map_err(|e| DeliveryError::retryable(e.to_string()))?;
+            *file.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+            Ok(())
+        })
+        .await
+        .map_err(|e| DeliveryError::retryable(format!("reopen task failed: {e}")))?
     }
 }
 
@@ -170,6 +184,23 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .starts_with("2025-11-27T")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pretty_printed_event_stays_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let dest = FileDestination::open(&path).unwrap();
+        let mut d = delivery("p");
+        d.body = Bytes::from_static(b"{\r\n  \"eventName\": \"AUTH\",\n  \"note\": \"a\\nb\"\n}");
+        dest.deliver(&d).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(
+            line["event"]["note"], "a\nb",
+            "escaped newlines inside strings survive"
         );
     }
 

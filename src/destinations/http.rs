@@ -16,7 +16,9 @@ use hmac::{Hmac, Mac};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 
-use super::{DeliveryError, Destination, http_client, status_error, transport_error};
+use super::{
+    DeliveryError, Destination, Redactor, drain, http_client, status_error, transport_error,
+};
 use crate::config::{DestinationConfig, HttpConfig, Secret};
 use crate::store::Delivery;
 
@@ -64,6 +66,8 @@ pub struct HttpDestination {
     /// Built once: content type plus the configured headers.
     headers: HeaderMap,
     signer: Option<Signer>,
+    /// What must not be echoed into errors.
+    redactor: Redactor,
 }
 
 impl HttpDestination {
@@ -90,11 +94,20 @@ impl HttpDestination {
             .as_ref()
             .map(Signer::new)
             .transpose()?;
+        let mut redactor = Redactor::default();
+        redactor.add_url(&url);
+        for (_, value) in &config.headers {
+            redactor.add(value.expose());
+        }
+        if let Some(secret) = &config.signing_secret {
+            redactor.add(secret.expose());
+        }
         Ok(Self {
             client: http_client(common, config.follow_redirects)?,
             url: Secret::new(url),
             headers,
             signer,
+            redactor,
         })
     }
 }
@@ -131,11 +144,12 @@ impl Destination for HttpDestination {
             .await
             .map_err(transport_error)?;
         if response.status().is_success() {
+            drain(response).await;
             Ok(())
         } else {
             // Redirects are not followed unless configured, so a 3xx is the endpoint's
             // answer and trying again will not change it.
-            Err(status_error(response, false).await)
+            Err(status_error(response, &self.redactor).await)
         }
     }
 }

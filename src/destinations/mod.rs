@@ -21,7 +21,7 @@ pub use file::FileDestination;
 pub use http::HttpDestination;
 pub use slack::SlackDestination;
 
-use crate::config::{DestinationConfig, DestinationKind};
+use crate::config::{DestinationConfig, DestinationKind, Secret};
 use crate::store::Delivery;
 
 /// Why an attempt failed, and whether trying again can help.
@@ -140,33 +140,89 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// Reads a short, printable excerpt of a failed response's body for the error message.
-async fn body_excerpt(response: reqwest::Response) -> String {
-    const MAX: usize = 200;
-    let bytes = response.bytes().await.unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]);
+/// Strings a destination must never echo into a log line or a dead letter: its URL (and
+/// the URL's path and query, which carry credentials for Slack and many APIs), header
+/// values and signing secret. Some servers quote the request back in their error body.
+#[derive(Default)]
+struct Redactor {
+    secrets: Vec<Secret>,
+}
+
+/// Shorter strings are not worth hiding (and would blank out ordinary words).
+const MIN_REDACTED_LEN: usize = 6;
+
+impl Redactor {
+    fn add(&mut self, secret: &str) {
+        if secret.len() >= MIN_REDACTED_LEN {
+            self.secrets.push(Secret::new(secret.to_string()));
+        }
+    }
+
+    fn add_url(&mut self, url: &reqwest::Url) {
+        self.add(url.as_str());
+        self.add(url.path());
+        if let Some(q) = url.query() {
+            self.add(q);
+        }
+    }
+
+    fn apply(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secrets {
+            out = out.replace(s.expose().as_str(), "[redacted]");
+        }
+        out
+    }
+}
+
+/// Reads enough of a response for an error message, and no more: a misbehaving server
+/// cannot make an attempt buffer an unbounded body.
+async fn read_prefix(response: &mut reqwest::Response, max: usize) -> Vec<u8> {
+    let mut buf = Vec::new();
+    while buf.len() < max {
+        match response.chunk().await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    buf
+}
+
+/// Reads (a bounded amount of) a successful response so the connection can be reused.
+async fn drain(mut response: reqwest::Response) {
+    const MAX_DRAIN: usize = 64 * 1024;
+    read_prefix(&mut response, MAX_DRAIN).await;
+}
+
+/// A short, printable, redacted excerpt of a failed response's body.
+async fn body_excerpt(mut response: reqwest::Response, redactor: &Redactor) -> String {
+    const SHOWN: usize = 200;
+    // Read more than is shown so a secret straddling the cut is still recognised.
+    let bytes = read_prefix(&mut response, 4 * SHOWN).await;
+    let text = redactor.apply(&String::from_utf8_lossy(&bytes));
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
+        .take(SHOWN)
         .collect::<String>()
         .trim()
         .to_string()
 }
 
 /// Turns a non-success response into an error: retryable by status, with `Retry-After`.
-async fn status_error(response: reqwest::Response, permanent_anyway: bool) -> DeliveryError {
+async fn status_error(response: reqwest::Response, redactor: &Redactor) -> DeliveryError {
     let status = response.status();
     let retry_after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let excerpt = body_excerpt(response).await;
+    let excerpt = body_excerpt(response, redactor).await;
     let reason = if excerpt.is_empty() {
         format!("HTTP {status}")
     } else {
         format!("HTTP {status}: {excerpt}")
     };
-    if !permanent_anyway && status_is_retryable(status) {
+    if status_is_retryable(status) {
         DeliveryError::Retryable {
             reason,
             retry_after,
@@ -193,6 +249,24 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn redaction_hides_urls_paths_queries_and_headers() {
+        let mut r = Redactor::default();
+        r.add_url(
+            &reqwest::Url::parse("https://hooks.slack.com/services/T0/B0/XYZsecret?key=abc123")
+                .unwrap(),
+        );
+        r.add("Bearer sk-live-42");
+        r.add("abc");
+        let echoed = "bad request to https://hooks.slack.com/services/T0/B0/XYZsecret?key=abc123 \
+                      path /services/T0/B0/XYZsecret query key=abc123 auth Bearer sk-live-42 abc";
+        let out = r.apply(echoed);
+        for s in ["XYZsecret", "abc123", "sk-live-42"] {
+            assert!(!out.contains(s), "{s} in {out}");
+        }
+        assert!(out.ends_with("abc"), "short strings are left alone: {out}");
     }
 
     #[test]

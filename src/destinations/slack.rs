@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use minijinja::Environment;
 use serde_json::Value;
 
-use super::{DeliveryError, Destination, http_client, status_error, transport_error};
+use super::{
+    DeliveryError, Destination, Redactor, drain, http_client, status_error, transport_error,
+};
 use crate::config::{DestinationConfig, Secret, SlackConfig};
 use crate::store::Delivery;
 
@@ -31,6 +33,8 @@ pub struct SlackDestination {
     url: Secret<reqwest::Url>,
     /// Holds the compiled template named `text`.
     templates: Environment<'static>,
+    /// The webhook URL must not be echoed into errors.
+    redactor: Redactor,
 }
 
 impl SlackDestination {
@@ -46,7 +50,10 @@ impl SlackDestination {
         templates
             .add_template_owned("text", source)
             .map_err(|e| anyhow::anyhow!("destination {}: text template: {e}", common.name))?;
+        let mut redactor = Redactor::default();
+        redactor.add_url(&url);
         Ok(Self {
+            redactor,
             client: http_client(common, false)?,
             url: Secret::new(url),
             templates,
@@ -92,10 +99,11 @@ impl Destination for SlackDestination {
             .await
             .map_err(transport_error)?;
         if response.status().is_success() {
+            drain(response).await;
             return Ok(());
         }
         // Slack's documented 4xx answers are permanent; status_error retries only 408/429/5xx.
-        Err(status_error(response, false).await)
+        Err(status_error(response, &self.redactor).await)
     }
 }
 

@@ -96,6 +96,19 @@ impl IngressState {
     }
 }
 
+/// The key a source's failed authentications are counted under. An IPv6 client usually
+/// holds a whole /64, so rotating addresses inside it must not reset its budget (nor grow
+/// the table by one entry per request).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & (!0u128 << 64);
+            IpAddr::V6(prefix.into())
+        }
+    }
+}
+
 /// The ingress routes: `POST {webhook_path}`; JSON 404 and 405 for everything else.
 /// (The path is fixed at start; changing it needs a restart.)
 pub fn router(state: Arc<IngressState>) -> axum::Router {
@@ -167,7 +180,8 @@ async fn webhook(
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    let ip = peer.ip();
+    // On a dual-stack `[::]` listener IPv4 clients arrive as ::ffff:a.b.c.d.
+    let ip = peer.ip().to_canonical();
     let live = state.live.load_full();
     let limits = &live.config.ingress;
     if !limits.allow_ips.is_empty() && !limits.allow_ips.iter().any(|n| n.contains(&ip)) {
@@ -299,7 +313,13 @@ async fn webhook(
 /// A failed authentication: 401, or 429 once this source has failed too often.
 fn auth_failed(state: &IngressState, ip: IpAddr, why: &Rejection) -> Response {
     let detail = why.to_string();
-    if state.auth_failures.load().limiter.check_key(&ip).is_err() {
+    if state
+        .auth_failures
+        .load()
+        .limiter
+        .check_key(&source_key(ip))
+        .is_err()
+    {
         let mut r = Refusal {
             status: StatusCode::TOO_MANY_REQUESTS,
             code: "too_many_requests",
@@ -330,6 +350,17 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
         h
+    }
+
+    #[test]
+    fn ipv6_sources_are_counted_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source_key(a), source_key(b));
+        assert_ne!(source_key(a), source_key(c));
+        let v4: IpAddr = "203.0.113.7".parse().unwrap();
+        assert_eq!(source_key(v4), v4);
     }
 
     #[test]

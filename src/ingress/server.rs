@@ -21,6 +21,12 @@ use tower::ServiceExt;
 
 use crate::config::IngressConfig;
 
+/// Concurrent requests on one HTTP/2 connection.
+const H2_MAX_STREAMS: u32 = 32;
+
+/// HTTP/2 keep-alive ping interval (a peer that stops answering is dropped).
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -40,8 +46,15 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        // Bounds what one HTTP/2 connection can hold at once, and drops dead peers.
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .keep_alive_interval(Some(H2_KEEP_ALIVE))
+        .keep_alive_timeout(limits.header_timeout);
     let builder = Arc::new(builder);
+    let header_timeout = limits.header_timeout;
 
     loop {
         let permit = tokio::select! {
@@ -67,12 +80,19 @@ pub async fn serve(
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
                 req
             });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let builder = Arc::clone(&builder);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // The HTTP/1-or-2 detection reads without a timer of its own: a client that
+            // connects and sends nothing must not hold a connection slot.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let conn =
+                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
             drop(permit);

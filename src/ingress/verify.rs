@@ -183,6 +183,11 @@ pub fn verify(auth: Authenticated<'_>, body: Bytes) -> Result<VerifiedEvent, Rej
             "body is not a JSON object".into(),
         ));
     }
+    // serde_json does not check UTF-8 inside values it skips; the body is stored and
+    // forwarded as text, so check it all.
+    if std::str::from_utf8(&body).is_err() {
+        return Err(Rejection::InvalidPayload("body is not valid UTF-8".into()));
+    }
     let payload: Payload =
         serde_json::from_slice(&body).map_err(|e| Rejection::InvalidPayload(e.to_string()))?;
     if payload.event_name.is_empty() {
@@ -284,6 +289,7 @@ mod tests {
             br#"{"eventName":5,"facialId":"f","appId":"fioa1","clientIp":"1.2.3.4"}"#,
             br#"[1,2]"#,
             br#"["AUTH","f","fioa1","1.2.3.4"]"#,
+            b"{\"eventName\":\"AUTH\",\"facialId\":\"f\",\"appId\":\"fioa1\",\"clientIp\":\"1.2.3.4\",\"x\":\"\xff\"}",
             br#"{"eventName":"","facialId":"f","appId":"fioa1","clientIp":"1.2.3.4"}"#,
         ] {
             let err = verify(auth, Bytes::copy_from_slice(body)).unwrap_err();

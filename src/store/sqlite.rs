@@ -40,6 +40,9 @@ use crate::ingress::verify::now_ms;
 /// The schema version this build writes (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 1;
 
+/// Rows deleted per prune transaction.
+const PRUNE_CHUNK: i64 = 5000;
+
 /// Most commands in one transaction; bounds the latency of a single commit.
 const MAX_BATCH: usize = 2048;
 
@@ -75,6 +78,9 @@ CREATE INDEX IF NOT EXISTS deliveries_due
 CREATE INDEX IF NOT EXISTS deliveries_dead
     ON deliveries (updated_at) WHERE state = 'dead';
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
+CREATE INDEX IF NOT EXISTS deliveries_done
+    ON deliveries (updated_at) WHERE state = 'done';
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -133,8 +139,11 @@ pub struct SqliteStore {
     stats: Arc<WriterStats>,
     /// Queue to the writer thread (group commit).
     writer: mpsc::Sender<Command>,
-    /// Connection for reads; WAL lets it read while the writer writes.
+    /// Connection for the dispatchers' reads; WAL lets it read while the writer writes.
     reader: Arc<Mutex<Connection>>,
+    /// Connection for slower reads (backlog figures, dead-letter listings), so they
+    /// never hold up a dispatcher.
+    slow_reader: Arc<Mutex<Connection>>,
     /// Held for the daemon's lifetime: an exclusive lock on `<db>.lock`.
     _lock: Option<File>,
 }
@@ -145,7 +154,14 @@ impl SqliteStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(|e| open_err(path, e))?;
         }
-        let lock_path = lock_path(path);
+        // One lock per database, however it is named (symlinks, `..`, relative paths).
+        let canonical = match (path.parent(), path.file_name()) {
+            (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => fs::canonicalize(dir)
+                .map_err(|e| open_err(path, e))?
+                .join(name),
+            _ => path.to_path_buf(),
+        };
+        let lock_path = lock_path(&canonical);
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -180,6 +196,7 @@ impl SqliteStore {
         let conn = open_connection(path)?;
         migrate(&conn).map_err(|e| open_err(path, e))?;
         let reader = open_connection(path)?;
+        let slow_reader = open_connection(path)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let path_buf = path.to_path_buf();
         let stats = Arc::new(WriterStats::default());
@@ -192,6 +209,7 @@ impl SqliteStore {
             stats,
             writer: tx,
             reader: Arc::new(Mutex::new(reader)),
+            slow_reader: Arc::new(Mutex::new(slow_reader)),
             _lock: lock,
         })
     }
@@ -206,7 +224,22 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let reader = Arc::clone(&self.reader);
+        Self::read_on(Arc::clone(&self.reader), f).await
+    }
+
+    async fn read_slow<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        Self::read_on(Arc::clone(&self.slow_reader), f).await
+    }
+
+    async fn read_on<T, F>(reader: Arc<Mutex<Connection>>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
             f(&conn).map_err(unavailable)
@@ -345,7 +378,20 @@ fn run_batch(conn: &mut Connection, batch: Vec<Command>) -> Result<(), String> {
         }
     };
     let now = now_ms();
+    let mut lost = false;
     for cmd in batch {
+        if lost {
+            // The transaction is gone: fail what is left without running it.
+            match cmd {
+                Command::Insert { reply, .. } | Command::Record { reply, .. } => {
+                    results.push(Pending::Unit(reply, Err("transaction aborted".into())));
+                }
+                Command::Admin { reply, .. } => {
+                    results.push(Pending::Count(reply, Err("transaction aborted".into())));
+                }
+            }
+            continue;
+        }
         match cmd {
             Command::Insert { event, reply } => {
                 let r = in_savepoint(&tx, |sp| insert(sp, &event, now).map(|_| ()));
@@ -364,8 +410,13 @@ fn run_batch(conn: &mut Connection, batch: Vec<Command>) -> Result<(), String> {
                 results.push(Pending::Count(reply, r));
             }
         }
+        lost = transaction_lost(&tx);
     }
-    let committed = tx.commit().map_err(|e| e.to_string());
+    let committed = if lost {
+        Err("SQLite rolled the transaction back".to_string())
+    } else {
+        tx.commit().map_err(|e| e.to_string())
+    };
     for p in results {
         match p {
             Pending::Unit(reply, r) => {
@@ -397,6 +448,13 @@ fn in_savepoint<T>(
             Err(e.to_string())
         }
     }
+}
+
+/// Whether SQLite abandoned the whole transaction (it does on some errors: full disk,
+/// I/O error, out of memory). Everything done in the batch so far is gone then, so the
+/// batch must fail as a whole rather than go on in autocommit mode.
+fn transaction_lost(tx: &Transaction<'_>) -> bool {
+    tx.is_autocommit()
 }
 
 fn fail_all(batch: Vec<Command>, msg: &str) {
@@ -598,7 +656,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         let destination = destination.map(str::to_string);
-        self.read(move |conn| {
+        self.read_slow(move |conn| {
             let sql = format!(
                 "SELECT {DEAD_LETTER_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id
                  WHERE d.state = 'dead' AND (?1 IS NULL OR d.destination = ?1)
@@ -612,7 +670,7 @@ impl Store for SqliteStore {
     }
 
     async fn dead_letter(&self, id: i64) -> Result<Option<(DeadLetter, Bytes)>, StoreError> {
-        self.read(move |conn| {
+        self.read_slow(move |conn| {
             let sql = format!(
                 "SELECT {DEAD_LETTER_COLUMNS}, e.payload FROM deliveries d
                  JOIN events e ON e.id = d.event_id WHERE d.state = 'dead' AND d.id = ?1"
@@ -691,7 +749,7 @@ impl Store for SqliteStore {
     }
 
     async fn destination_stats(&self) -> Result<Vec<DestinationStats>, StoreError> {
-        self.read(|conn| {
+        self.read_slow(|conn| {
             let mut by_name: std::collections::BTreeMap<String, DestinationStats> =
                 std::collections::BTreeMap::new();
             // Both scans ride the partial indexes; the oldest pending delivery is the one
@@ -739,19 +797,33 @@ impl Store for SqliteStore {
     }
 
     async fn prune(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
-        self.admin(move |tx| {
-            let deliveries = tx.execute(
-                "DELETE FROM deliveries WHERE state = 'done' AND updated_at < ?1",
-                params![cutoff_ms],
-            )?;
-            let events = tx.execute(
-                "DELETE FROM events WHERE received_at < ?1
-                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)",
-                params![cutoff_ms],
-            )?;
-            Ok((deliveries + events) as u64)
-        })
-        .await
+        // In chunks, each its own short write, so accepts keep flowing between them (a
+        // week of history in one transaction would hold the writer for seconds).
+        let mut total = 0;
+        loop {
+            let n = self
+                .admin(move |tx| {
+                    let deliveries = tx.execute(
+                        "DELETE FROM deliveries WHERE id IN (
+                             SELECT id FROM deliveries WHERE state = 'done' AND updated_at < ?1
+                             LIMIT ?2)",
+                        params![cutoff_ms, PRUNE_CHUNK],
+                    )?;
+                    let events = tx.execute(
+                        "DELETE FROM events WHERE id IN (
+                             SELECT id FROM events WHERE received_at < ?1
+                             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)
+                             LIMIT ?2)",
+                        params![cutoff_ms, PRUNE_CHUNK],
+                    )?;
+                    Ok((deliveries + events) as u64)
+                })
+                .await?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
     }
 }
 
