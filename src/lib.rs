@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::delivery::Shutdown;
-use crate::ingress::IngressState;
+use crate::ingress::{IngressState, TlsHandle};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 
@@ -60,6 +60,8 @@ pub struct Relay {
     stop_ingress: CancellationToken,
     /// The ingress task; finishes once in-flight requests are answered.
     ingress: JoinHandle<()>,
+    /// The ingress certificate, when `tls:` is set; reloaded on SIGHUP.
+    tls: Option<TlsHandle>,
     /// Soft and hard cancellation for delivery.
     delivery: Shutdown,
     /// Every dispatcher, attempt and housekeeping task.
@@ -72,6 +74,8 @@ impl Relay {
     /// `Ok`, the relay accepts webhooks.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let config = Arc::new(config);
+        // Certificate problems are reported before anything else is started.
+        let tls = config.tls.as_ref().map(TlsHandle::load).transpose()?;
         let path = config.store.path.clone();
         let store: Arc<dyn Store> = Arc::new(
             tokio::task::spawn_blocking(move || SqliteStore::open(&path))
@@ -121,7 +125,8 @@ impl Relay {
         let drain = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
         let ingress = tokio::spawn({
             let stop = stop_ingress.clone();
-            async move { ingress::serve(listener, app, &limits, stop, drain).await }
+            let acceptor = tls.as_ref().map(TlsHandle::acceptor);
+            async move { ingress::serve(listener, app, &limits, stop, drain, acceptor).await }
         });
         tracing::info!(
             addr = %local_addr,
@@ -135,6 +140,7 @@ impl Relay {
             local_addr,
             stop_ingress,
             ingress,
+            tls,
             delivery,
             tracker,
             grace: config.delivery.shutdown_grace,
@@ -144,6 +150,12 @@ impl Relay {
     /// The address ingress listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The ingress TLS setup, when `tls:` is configured: call
+    /// [`TlsHandle::reload`] to pick up renewed certificate files.
+    pub fn tls_handle(&self) -> Option<TlsHandle> {
+        self.tls.clone()
     }
 
     /// Graceful shutdown; see the crate docs for the order.
