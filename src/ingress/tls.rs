@@ -36,11 +36,12 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// Why a certificate or key could not be loaded. Shows the file and the problem only.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// The file could not be read at all.
-    #[error("{}: cannot read: {source}", path.display())]
+    /// The file could not be read at all. (`error` is shown, not chained as a source,
+    /// so `{:#}` does not print it twice.)
+    #[error("{}: cannot read: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file was read but its content is unusable.
     #[error("{}: {problem}", path.display())]
@@ -208,9 +209,9 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
