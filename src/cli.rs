@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::config::{self, Config, DEFAULT_CONFIG_PATH};
+use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogFormat};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Selection, Store};
 
@@ -26,7 +26,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the relay daemon (stop it with SIGTERM or Ctrl-C; nothing pending is lost).
+    /// Run the relay daemon. SIGHUP reloads the config (an invalid one is reported and
+    /// the running one kept); SIGTERM or Ctrl-C stops it without losing anything pending.
     Run,
     /// Validate the config and exit: 0 with a summary, or 1 with every error
     /// (file:line:column, key path, and a suggestion for mistyped keys).
@@ -95,7 +96,8 @@ pub enum DeadLetterCommand {
         json: bool,
     },
     /// Queue dead letters for delivery again (attempts start over). The running relay
-    /// picks them up within its poll interval (1s by default).
+    /// picks them up within its poll interval (1s by default). Dead letters of
+    /// destinations no longer in the config are left alone.
     Replay(SelectArgs),
     /// Delete dead letters for good.
     Purge(SelectArgs),
@@ -130,7 +132,6 @@ impl SelectArgs {
 /// Entry point used by `main`.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::telemetry::init();
     match dispatch(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -147,16 +148,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(config) = load_or_report(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
-            crate::run(config, shutdown_signal()).await?;
+            let logs = crate::telemetry::init(config.log_format, config.log_level.as_deref());
+            crate::service::run(&cli.config, config, logs).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => {
+            crate::telemetry::init(LogFormat::Text, None);
             let Some(config) = load_or_report(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
             simulate(&config, &args).await
         }
         Command::DeadLetters(cmd) => {
+            crate::telemetry::init(LogFormat::Text, None);
             let Some(config) = load_or_report(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
@@ -221,30 +225,6 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
     }
 }
 
@@ -372,11 +352,7 @@ async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result
             }
         }
         DeadLetterCommand::Replay(select) => {
-            let n = store.replay(&select.selection()).await?;
-            println!(
-                "replayed {n} dead letter(s); a running relay picks them up within {}",
-                humantime::format_duration(config.delivery.poll_interval)
-            );
+            return replay(config, &store, select.selection()).await;
         }
         DeadLetterCommand::Purge(select) => {
             let n = store.purge(&select.selection()).await?;
@@ -384,6 +360,91 @@ async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `dead-letters replay`. Only dead letters of destinations in the config are replayed:
+/// one of a destination that was removed has no dispatcher, so it would sit pending
+/// (reported as replayed) until the next start moved it back to the dead letters. Those
+/// are left as they are and named; asking for them explicitly fails.
+async fn replay(
+    config: &Config,
+    store: &SqliteStore,
+    selection: Selection,
+) -> anyhow::Result<ExitCode> {
+    let known: Vec<&str> = config
+        .destinations
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    let is_known = |d: &str| known.contains(&d);
+    let removed = |d: &str| {
+        format!(
+            "destination {d} is not in {} any more, so nothing would deliver it; \
+             add it back or purge its dead letters (`dead-letters purge --destination {d}`)",
+            config.source.display()
+        )
+    };
+    let mut failed = false;
+    let replayed = match selection {
+        Selection::Destination(d) if !is_known(&d) => {
+            eprintln!("error: {}", removed(&d));
+            return Ok(ExitCode::FAILURE);
+        }
+        Selection::Destination(_) => store.replay(&selection).await?,
+        Selection::All => {
+            let mut n = 0;
+            for d in &known {
+                n += store.replay(&Selection::Destination(d.to_string())).await?;
+            }
+            let mut left: Vec<String> = store
+                .dead_letters(None, i64::MAX as usize)
+                .await?
+                .into_iter()
+                .map(|r| r.destination)
+                .filter(|d| !is_known(d))
+                .collect();
+            let count = left.len();
+            left.sort();
+            left.dedup();
+            if count > 0 {
+                eprintln!(
+                    "warning: left {count} dead letter(s) of destinations no longer in the config: {}",
+                    left.join(", ")
+                );
+            }
+            n
+        }
+        Selection::Ids(ids) => {
+            let mut keep = Vec::new();
+            for id in ids {
+                match store.dead_letter(id).await? {
+                    None => {
+                        eprintln!("error: no dead letter with id {id}");
+                        failed = true;
+                    }
+                    Some((row, _)) if !is_known(&row.destination) => {
+                        eprintln!("error: dead letter {id}: {}", removed(&row.destination));
+                        failed = true;
+                    }
+                    Some(_) => keep.push(id),
+                }
+            }
+            if keep.is_empty() {
+                0
+            } else {
+                store.replay(&Selection::Ids(keep)).await?
+            }
+        }
+    };
+    println!(
+        "replayed {replayed} dead letter(s); a running relay picks them up within {}",
+        humantime::format_duration(config.delivery.poll_interval)
+    );
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 #[cfg(test)]

@@ -24,17 +24,20 @@
 //! abandoned (still pending, resumed on the next start); the store's writer drains its
 //! queue. Nothing pending is lost at any step.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod destinations;
 pub mod ingress;
 pub mod routing;
+pub mod service;
 pub mod store;
 pub mod telemetry;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -43,20 +46,24 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::AdminState;
 use crate::config::Config;
-use crate::delivery::Shutdown;
+use crate::delivery::{Applied, Deliveries, Shutdown};
 use crate::ingress::{IngressState, TlsHandle};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
+use crate::telemetry::metrics::Metrics;
 
 /// How often done deliveries past the retention period are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// A running relay: ingress, dispatchers and store.
+/// A running relay: ingress, admin endpoint, dispatchers and store.
 pub struct Relay {
     /// The address ingress actually listens on (resolves a configured port 0).
     local_addr: SocketAddr,
-    /// Cancels ingress.
+    /// The admin endpoint's address, when enabled.
+    admin_addr: Option<SocketAddr>,
+    /// Cancels ingress and the admin endpoint.
     stop_ingress: CancellationToken,
     /// The ingress task; finishes once in-flight requests are answered.
     ingress: JoinHandle<()>,
@@ -66,11 +73,18 @@ pub struct Relay {
     delivery: Shutdown,
     /// Every dispatcher, attempt and housekeeping task.
     tracker: TaskTracker,
-    grace: Duration,
+    /// The dispatchers, replaced on reload.
+    deliveries: Deliveries,
+    /// Ingress's swappable state.
+    ingress_state: Arc<IngressState>,
+    /// The config in force (for reload comparisons).
+    current: Mutex<Arc<Config>>,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
 }
 
 impl Relay {
-    /// Opens the store, starts the dispatchers, binds the listener. When this returns
+    /// Opens the store, starts the dispatchers, binds the listeners. When this returns
     /// `Ok`, the relay accepts webhooks.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let config = Arc::new(config);
@@ -82,54 +96,82 @@ impl Relay {
                 .await
                 .context("store open task failed")??,
         );
-
-        let known: Vec<&str> = config
-            .destinations
-            .iter()
-            .map(|d| d.name.as_str())
-            .collect();
-        let orphans = store.dead_letter_orphans(&known).await?;
-        if orphans > 0 {
-            tracing::warn!(
-                count = orphans,
-                "pending deliveries for destinations no longer in the config were moved to dead letters"
-            );
-        }
+        let metrics = Arc::new(Metrics::new());
 
         let tracker = TaskTracker::new();
         let delivery = Shutdown {
             soft: CancellationToken::new(),
             hard: CancellationToken::new(),
         };
-        let wakers = delivery::start(&config, Arc::clone(&store), &tracker, delivery.clone())?;
+        let deliveries = Deliveries::new(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            tracker.clone(),
+            delivery.clone(),
+        );
+        let (wakers, _) = deliveries.apply(&config).await?;
 
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
+        let admin_listener = match config.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (admin_listen)"))?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?;
 
-        let state = Arc::new(IngressState::new(
+        let ingress_state = Arc::new(IngressState::new(
             Arc::clone(&config),
-            Arc::clone(&store),
             wakers,
+            Arc::clone(&store),
+            Arc::clone(&metrics),
         ));
         tracker.spawn(housekeeping(
             Arc::clone(&store),
-            Arc::clone(&state),
+            Arc::clone(&ingress_state),
             config.store.retention,
             delivery.soft.clone(),
         ));
-        let app = ingress::router(state);
         let stop_ingress = CancellationToken::new();
+        let ingress_up = Arc::new(AtomicBool::new(true));
+        if let Some(listener) = admin_listener {
+            let app = admin::router(Arc::new(AdminState {
+                metrics: Arc::clone(&metrics),
+                store: Arc::clone(&store),
+                ingress_up: Arc::clone(&ingress_up),
+            }));
+            let stop = stop_ingress.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "admin endpoint failed");
+                }
+            });
+        }
+        let app = ingress::router(Arc::clone(&ingress_state));
         let limits = config.ingress.clone();
         let drain = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
         let ingress = tokio::spawn({
             let stop = stop_ingress.clone();
             let acceptor = tls.as_ref().map(TlsHandle::acceptor);
-            async move { ingress::serve(listener, app, &limits, stop, drain, acceptor).await }
+            async move {
+                ingress::serve(listener, app, &limits, stop, drain, acceptor).await;
+                ingress_up.store(false, Ordering::Release);
+            }
         });
         tracing::info!(
             addr = %local_addr,
+            admin = %admin_addr.map_or("off".to_string(), |a| a.to_string()),
             path = %config.webhook_path,
             store = %config.store.path.display(),
             destinations = config.destinations.len(),
@@ -138,12 +180,17 @@ impl Relay {
         );
         Ok(Self {
             local_addr,
+            admin_addr,
             stop_ingress,
             ingress,
             tls,
             delivery,
             tracker,
-            grace: config.delivery.shutdown_grace,
+            deliveries,
+            ingress_state,
+            current: Mutex::new(config),
+            metrics,
+            store,
         })
     }
 
@@ -158,6 +205,72 @@ impl Relay {
         self.tls.clone()
     }
 
+    /// The admin endpoint's address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Applies a new, validated config: tokens, routes, ingress limits and destinations
+    /// change at once; settings that need a restart (listen addresses, store path,
+    /// connection cap, header timeout, log format, TLS paths) are kept and named in a
+    /// warning. On error nothing changes.
+    pub async fn reload(&self, new: Config) -> anyhow::Result<String> {
+        let old = Arc::clone(&self.current.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut kept = Vec::new();
+        if new.listen != old.listen {
+            kept.push("listen");
+        }
+        if new.admin_listen != old.admin_listen {
+            kept.push("admin_listen");
+        }
+        if new.webhook_path != old.webhook_path {
+            kept.push("webhook_path");
+        }
+        if new.store.path != old.store.path {
+            kept.push("store.path");
+        }
+        if new.ingress.max_connections != old.ingress.max_connections {
+            kept.push("ingress.max_connections");
+        }
+        if new.ingress.header_timeout != old.ingress.header_timeout {
+            kept.push("ingress.header_timeout");
+        }
+        if new.log_format != old.log_format {
+            kept.push("log_format");
+        }
+        if new.tls != old.tls {
+            kept.push("tls");
+        }
+        if !kept.is_empty() {
+            tracing::warn!(settings = %kept.join(", "),
+                "these settings change only on restart; the running values are kept");
+        }
+        let mut new = new;
+        // Keep what cannot change live, so the config in force describes the process.
+        new.listen = old.listen;
+        new.admin_listen = old.admin_listen;
+        new.webhook_path = old.webhook_path.clone();
+        new.store.path = old.store.path.clone();
+        new.ingress.max_connections = old.ingress.max_connections;
+        new.ingress.header_timeout = old.ingress.header_timeout;
+        new.log_format = old.log_format;
+        new.tls = old.tls.clone();
+        let new = Arc::new(new);
+
+        let (wakers, applied) = self.deliveries.apply(&new).await?;
+        self.ingress_state.replace(Arc::clone(&new), wakers);
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(describe(&applied))
+    }
+
+    /// Where `STATUS=` lines come from.
+    pub fn status_source(&self) -> StatusSource {
+        StatusSource {
+            metrics: Arc::clone(&self.metrics),
+            store: Arc::clone(&self.store),
+        }
+    }
+
     /// Graceful shutdown; see the crate docs for the order.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         tracing::info!("shutting down: no longer accepting webhooks");
@@ -167,12 +280,18 @@ impl Relay {
         }
         self.delivery.soft.cancel();
         self.tracker.close();
-        if tokio::time::timeout(self.grace, self.tracker.wait())
+        let grace = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .delivery
+            .shutdown_grace;
+        if tokio::time::timeout(grace, self.tracker.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                grace_ms = self.grace.as_millis() as u64,
+                grace_ms = grace.as_millis() as u64,
                 "deliveries still under way after the grace period; abandoning them (they stay pending)"
             );
             self.delivery.hard.cancel();
@@ -180,6 +299,48 @@ impl Relay {
         }
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+fn describe(applied: &Applied) -> String {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    format!(
+        "destinations started: {}; restarted: {}; stopped: {}; pending deliveries of stopped destinations dead-lettered: {}",
+        list(&applied.started),
+        list(&applied.restarted),
+        list(&applied.stopped),
+        applied.dead_lettered
+    )
+}
+
+/// Builds the one-line status systemd shows.
+#[derive(Clone)]
+pub struct StatusSource {
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+}
+
+impl StatusSource {
+    pub async fn line(&self) -> String {
+        let t = &self.metrics.totals;
+        let mut line = format!(
+            "{} accepted, {} delivered, {} dead-lettered since start",
+            t.accepted.load(Ordering::Relaxed),
+            t.delivered.load(Ordering::Relaxed),
+            t.dead.load(Ordering::Relaxed),
+        );
+        if let Ok(stats) = self.store.destination_stats().await {
+            let pending: u64 = stats.iter().map(|s| s.pending).sum();
+            let dead: u64 = stats.iter().map(|s| s.dead).sum();
+            line.push_str(&format!("; {pending} pending, {dead} in dead letters"));
+        }
+        line
     }
 }
 

@@ -123,7 +123,7 @@ pub struct Application {
 }
 
 /// One destination, common settings plus its kind.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DestinationConfig {
     /// The key under `destinations:`.
     pub name: String,
@@ -140,7 +140,7 @@ pub struct DestinationConfig {
 }
 
 /// Kind-specific destination settings (`type:`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DestinationKind {
     Slack(SlackConfig),
     Http(HttpConfig),
@@ -159,7 +159,7 @@ impl DestinationKind {
 }
 
 /// `type: slack`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SlackConfig {
     /// Incoming-webhook URL; its path is the credential.
     pub webhook_url: Secret,
@@ -168,7 +168,7 @@ pub struct SlackConfig {
 }
 
 /// `type: http`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpConfig {
     /// Target URL (already checked to parse as http/https).
     pub url: Secret,
@@ -181,7 +181,7 @@ pub struct HttpConfig {
 }
 
 /// `type: file`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FileConfig {
     /// JSON Lines file, resolved against the config directory.
     pub path: PathBuf,
@@ -215,6 +215,18 @@ pub struct RateLimit {
     pub per_second: f64,
     /// Bucket size (default 1). >= 1.
     pub burst: u32,
+}
+
+impl RateLimit {
+    /// The governor quota for this bucket: one cell every `1/per_second`, `burst` cells.
+    pub fn quota(&self) -> governor::Quota {
+        let period = Duration::from_secs_f64(1.0 / self.per_second);
+        let burst =
+            std::num::NonZeroU32::new(self.burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+        governor::Quota::with_period(period)
+            .unwrap_or_else(|| governor::Quota::per_second(std::num::NonZeroU32::MAX))
+            .allow_burst(burst)
+    }
 }
 
 /// One route: a condition and the destinations it sends to.

@@ -18,21 +18,31 @@
 //! `shutdown_grace` period; the hard cancel then abandons them (still pending, resumed on
 //! the next start).
 
+mod claims;
 pub mod retry;
 mod worker;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::destinations;
-use crate::store::Store;
+use crate::config::{Config, DestinationConfig};
+use crate::destinations::{self, Destination};
+use crate::store::{Store, StoreError};
+use crate::telemetry::metrics::Metrics;
 
 pub use worker::Dispatcher;
+
+pub use claims::Claims;
+
+/// Delivery IDs handed out and not yet recorded, per destination name. Kept across
+/// reloads: a destination whose settings change gets a new dispatcher, and the old one's
+/// attempts may still be running; sharing the claims keeps the new dispatcher off them.
+pub type InFlight = Arc<Mutex<Claims>>;
 
 /// Handle to the running dispatchers: ingress uses it to wake a destination's dispatcher
 /// as soon as a new delivery for it is committed.
@@ -59,33 +69,178 @@ pub struct Shutdown {
     pub hard: CancellationToken,
 }
 
-/// Builds every configured destination and starts one dispatcher per destination on
-/// `tracker`. Fails (before starting anything) if a destination cannot be built.
-pub fn start(
-    config: &Config,
+/// One destination's running dispatcher.
+struct Running {
+    /// What it was built from; an equal config on reload keeps it running.
+    config: DestinationConfig,
+    poll_interval: Duration,
+    destination: Arc<dyn Destination>,
+    /// Stops this dispatcher alone (a child of the global soft cancel).
+    stop: CancellationToken,
+    wake: Arc<Notify>,
+}
+
+/// What a reload did to the destinations.
+#[derive(Debug, Default, PartialEq)]
+pub struct Applied {
+    pub started: Vec<String>,
+    pub restarted: Vec<String>,
+    pub stopped: Vec<String>,
+    /// Pending deliveries of stopped destinations moved to the dead-letter store.
+    pub dead_lettered: u64,
+}
+
+/// All dispatchers, replaced destination by destination on reload.
+pub struct Deliveries {
     store: Arc<dyn Store>,
-    tracker: &TaskTracker,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
     shutdown: Shutdown,
-) -> anyhow::Result<Wakers> {
-    let mut dispatchers = Vec::with_capacity(config.destinations.len());
-    let mut wakers = HashMap::new();
-    for dest_config in &config.destinations {
-        let destination = destinations::build(dest_config)?;
-        let dispatcher = Dispatcher::new(
-            dest_config,
-            destination,
-            Arc::clone(&store),
-            config.delivery.poll_interval,
-            shutdown.clone(),
-            tracker.clone(),
-        );
-        wakers.insert(dest_config.name.clone(), dispatcher.waker());
-        dispatchers.push(dispatcher);
+    running: Mutex<HashMap<String, Running>>,
+    in_flight: Mutex<HashMap<String, InFlight>>,
+}
+
+impl Deliveries {
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            store,
+            metrics,
+            tracker,
+            shutdown,
+            running: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+        }
     }
-    for dispatcher in dispatchers {
-        tracker.spawn(dispatcher.run());
+
+    /// Makes the running dispatchers match `config`: unchanged destinations keep running
+    /// (file destinations reopen their files, for log rotation), changed ones are
+    /// rebuilt, new ones start, removed ones stop and their pending deliveries go to the
+    /// dead-letter store. Every destination is built before anything changes, so an error
+    /// leaves the old set running.
+    pub async fn apply(&self, config: &Config) -> anyhow::Result<(Wakers, Applied)> {
+        let poll = config.delivery.poll_interval;
+        let mut keep = Vec::new();
+        let mut build = Vec::new();
+        {
+            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            for d in &config.destinations {
+                match running.get(&d.name) {
+                    Some(r) if r.config == *d && r.poll_interval == poll => {
+                        keep.push(Arc::clone(&r.destination));
+                    }
+                    _ => build.push((d.clone(), destinations::build(d)?)),
+                }
+            }
+        }
+        for destination in keep {
+            if let Err(e) = destination.reopen().await {
+                tracing::warn!(error = %e, "cannot reopen a file destination");
+            }
+        }
+
+        let mut applied = Applied::default();
+        let wakers = self.swap(config, build, &mut applied);
+        applied.dead_lettered = self.dead_letter_orphans(config).await?;
+        Ok((wakers, applied))
     }
-    Ok(Wakers {
-        by_destination: Arc::new(wakers),
-    })
+
+    /// Stops removed and changed dispatchers and starts the `build`t ones.
+    fn swap(
+        &self,
+        config: &Config,
+        build: Vec<(DestinationConfig, Arc<dyn Destination>)>,
+        applied: &mut Applied,
+    ) -> Wakers {
+        let poll = config.delivery.poll_interval;
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted: HashSet<&str> = config
+            .destinations
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        let removed: Vec<String> = running
+            .keys()
+            .filter(|name| !wanted.contains(name.as_str()))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(r) = running.remove(&name) {
+                r.stop.cancel();
+            }
+            applied.stopped.push(name);
+        }
+        for (dest_config, destination) in build {
+            let name = dest_config.name.clone();
+            match running.remove(&name) {
+                Some(old) => {
+                    old.stop.cancel();
+                    applied.restarted.push(name.clone());
+                }
+                None => applied.started.push(name.clone()),
+            }
+            let in_flight = Arc::clone(
+                self.in_flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(name.clone())
+                    .or_default(),
+            );
+            let stop = self.shutdown.soft.child_token();
+            let dispatcher = Dispatcher::new(
+                &dest_config,
+                Arc::clone(&destination),
+                Arc::clone(&self.store),
+                Arc::clone(&self.metrics),
+                in_flight,
+                poll,
+                Shutdown {
+                    soft: stop.clone(),
+                    hard: self.shutdown.hard.clone(),
+                },
+                self.tracker.clone(),
+            );
+            let wake = dispatcher.waker();
+            self.tracker.spawn(dispatcher.run());
+            running.insert(
+                name,
+                Running {
+                    config: dest_config,
+                    poll_interval: poll,
+                    destination,
+                    stop,
+                    wake,
+                },
+            );
+        }
+        Wakers {
+            by_destination: Arc::new(
+                running
+                    .iter()
+                    .map(|(name, r)| (name.clone(), Arc::clone(&r.wake)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Moves pending deliveries for destinations not in `config` to the dead letters.
+    async fn dead_letter_orphans(&self, config: &Config) -> Result<u64, StoreError> {
+        let known: Vec<&str> = config
+            .destinations
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        let n = self.store.dead_letter_orphans(&known).await?;
+        if n > 0 {
+            tracing::warn!(
+                count = n,
+                "pending deliveries for destinations no longer in the config were moved to dead letters"
+            );
+        }
+        Ok(n)
+    }
 }

@@ -1,21 +1,22 @@
 //! One destination's dispatcher and the attempts it starts.
 
-use std::collections::{HashSet, VecDeque};
-use std::num::NonZeroU32;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, RateLimiter};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::Shutdown;
 use super::retry::{self, Next};
-use crate::config::{DestinationConfig, RateLimit, RetryPolicy};
+use super::{InFlight, Shutdown};
+use crate::config::{DestinationConfig, RetryPolicy};
 use crate::destinations::{DeliveryError, Destination};
 use crate::ingress::verify::now_ms;
 use crate::store::{Delivery, Outcome, Store};
+use crate::telemetry::events::{AttemptResult, DeliveryAttempted, RateLimitWait};
+use crate::telemetry::metrics::Metrics;
 
 /// Most deliveries read ahead from the store per destination.
 const MAX_PREFETCH: usize = 256;
@@ -26,11 +27,13 @@ struct Shared {
     name: String,
     destination: Arc<dyn Destination>,
     store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
     retry: RetryPolicy,
     /// `None` when the destination has no `rate_limit`.
     limiter: Option<DefaultDirectRateLimiter>,
-    /// Delivery IDs handed out whose outcome is not yet committed.
-    in_flight: Mutex<HashSet<i64>>,
+    /// Delivery IDs handed out whose outcome is not yet committed (shared with any
+    /// earlier dispatcher of the same destination, see [`InFlight`]).
+    in_flight: InFlight,
     /// Set by a `Retry-After` answer: no new attempt starts before it.
     paused_until: Mutex<Option<Instant>>,
     /// Woken by ingress (new delivery) and by finished attempts.
@@ -51,20 +54,14 @@ pub struct Dispatcher {
     tracker: TaskTracker,
 }
 
-fn limiter(rate: &RateLimit) -> DefaultDirectRateLimiter {
-    let period = Duration::from_secs_f64(1.0 / rate.per_second);
-    let burst = NonZeroU32::new(rate.burst.max(1)).unwrap_or(NonZeroU32::MIN);
-    let quota = Quota::with_period(period)
-        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
-        .allow_burst(burst);
-    RateLimiter::direct(quota)
-}
-
 impl Dispatcher {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &DestinationConfig,
         destination: Arc<dyn Destination>,
         store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        in_flight: InFlight,
         poll_interval: Duration,
         shutdown: Shutdown,
         tracker: TaskTracker,
@@ -75,9 +72,13 @@ impl Dispatcher {
                 name: config.name.clone(),
                 destination,
                 store,
+                metrics,
                 retry: config.retry,
-                limiter: config.rate_limit.as_ref().map(limiter),
-                in_flight: Mutex::new(HashSet::new()),
+                limiter: config
+                    .rate_limit
+                    .as_ref()
+                    .map(|r| RateLimiter::direct(r.quota())),
+                in_flight,
                 paused_until: Mutex::new(None),
                 wake: Arc::new(Notify::new()),
                 shutdown,
@@ -142,31 +143,31 @@ impl Dispatcher {
         // Read-ahead deliveries were never started: release them (they stay pending).
         let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         for d in queue {
-            in_flight.remove(&d.id);
+            in_flight.release(d.id);
         }
     }
 
     /// Reads due deliveries not already in flight into `queue`, marking them in flight.
     async fn fill(&self, queue: &mut VecDeque<Delivery>) -> Result<(), crate::store::StoreError> {
         let shared = &self.shared;
-        let skip = shared
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len();
+        let (skip, read) = {
+            let claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            (claims.len(), claims.read_started())
+        };
         let due = shared
             .store
             .due(&shared.name, now_ms(), self.prefetch + skip)
             .await?;
-        let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         for d in due {
             if queue.len() >= self.prefetch {
                 break;
             }
-            if in_flight.insert(d.id) {
+            if claims.claim(d.id, read) {
                 queue.push_back(d);
             }
         }
+        claims.read_finished(read);
         Ok(())
     }
 
@@ -196,11 +197,15 @@ async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphore
             .in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+            .release(id);
         shared.wake.notify_one();
     };
     if let Some(limiter) = shared.limiter.as_ref().filter(|l| l.check().is_err()) {
-        tracing::debug!(destination = %shared.name, event_id = %delivery.event_id, "waiting for rate limit");
+        RateLimitWait {
+            destination: &shared.name,
+            event_id: &delivery.event_id,
+        }
+        .emit(&shared.metrics);
         tokio::select! {
             () = limiter.until_ready() => {}
             () = shared.shutdown.soft.cancelled() => {
@@ -220,9 +225,8 @@ async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphore
         }
     };
     drop(permit);
-    let latency_ms = started.elapsed().as_millis() as u64;
     let attempts = delivery.attempts + 1;
-    let outcome = decide(&shared, &delivery, attempts, result, latency_ms);
+    let outcome = decide(&shared, &delivery, attempts, result, started.elapsed());
     if let Err(e) = shared.store.record(delivery.id, outcome).await {
         // The row is still pending: it will be delivered again (at-least-once). Wait a
         // little before releasing it so a store outage does not turn into a resend loop.
@@ -236,35 +240,27 @@ async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphore
     release(&shared, delivery.id);
 }
 
-/// Turns an attempt's result into the outcome to record, logging it.
+/// Turns an attempt's result into the outcome to record, and reports it.
 fn decide(
     shared: &Shared,
     delivery: &Delivery,
     attempts: u32,
     result: Result<(), DeliveryError>,
-    latency_ms: u64,
+    latency: Duration,
 ) -> Outcome {
-    let name = &shared.name;
-    let event_id = &delivery.event_id;
-    match result {
-        Ok(()) => {
-            tracing::info!(destination = %name, event_id = %event_id, attempt = attempts, latency_ms,
-                status = "delivered", "delivery succeeded");
-            Outcome::Done { attempts }
-        }
-        Err(DeliveryError::Permanent { reason }) => {
-            tracing::warn!(destination = %name, event_id = %event_id, attempt = attempts, latency_ms,
-                status = "dead", error = %reason, "delivery failed permanently; moved to dead letters");
-            Outcome::Dead {
-                attempts,
-                error: reason,
-            }
-        }
+    let mut retry_in = Duration::ZERO;
+    let outcome = match result {
+        Ok(()) => Outcome::Done { attempts },
+        Err(DeliveryError::Permanent { reason }) => Outcome::Dead {
+            attempts,
+            error: reason,
+        },
         Err(DeliveryError::Retryable {
             reason,
             retry_after,
         }) => {
             if let Some(after) = retry_after {
+                // The destination asked for a pause: no attempt of any delivery before it.
                 let until = Instant::now() + after.min(retry::MAX_RETRY_AFTER);
                 *shared
                     .paused_until
@@ -273,24 +269,34 @@ fn decide(
             }
             match retry::next(&shared.retry, attempts, retry_after, &mut rand::rng()) {
                 Next::RetryAfter(delay) => {
-                    tracing::warn!(destination = %name, event_id = %event_id, attempt = attempts, latency_ms,
-                        status = "retry", retry_in_ms = delay.as_millis() as u64, error = %reason,
-                        "delivery failed; will retry");
+                    retry_in = delay;
                     Outcome::Retry {
                         attempts,
                         next_attempt_at_ms: now_ms() + delay.as_millis() as i64,
                         error: reason,
                     }
                 }
-                Next::GiveUp => {
-                    tracing::warn!(destination = %name, event_id = %event_id, attempt = attempts, latency_ms,
-                        status = "dead", error = %reason, "delivery failed after its last attempt; moved to dead letters");
-                    Outcome::Dead {
-                        attempts,
-                        error: format!("gave up after {attempts} attempts: {reason}"),
-                    }
-                }
+                Next::GiveUp => Outcome::Dead {
+                    attempts,
+                    error: format!("gave up after {attempts} attempts: {reason}"),
+                },
             }
         }
+    };
+    let result = match &outcome {
+        Outcome::Done { .. } => AttemptResult::Delivered {
+            end_to_end: Duration::from_millis((now_ms() - delivery.received_at_ms).max(0) as u64),
+        },
+        Outcome::Retry { error, .. } => AttemptResult::Retry { retry_in, error },
+        Outcome::Dead { error, .. } => AttemptResult::Dead { error },
+    };
+    DeliveryAttempted {
+        destination: &shared.name,
+        event_id: &delivery.event_id,
+        attempt: attempts,
+        latency,
+        result,
     }
+    .emit(&shared.metrics);
+    outcome
 }

@@ -1,16 +1,16 @@
 //! The webhook handler: every answer FACEIO (or anyone else) can get.
 
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use axum::Json;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultKeyedRateLimiter, RateLimiter};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
@@ -19,50 +19,87 @@ use crate::config::{Config, RateLimit};
 use crate::delivery::Wakers;
 use crate::routing::Router;
 use crate::store::Store;
+use crate::telemetry::events::{EventAccepted, EventRejected};
+use crate::telemetry::metrics::Metrics;
+
+/// The parts of ingress a reload replaces, swapped as one so a request sees either the
+/// old or the new config, never a mix.
+pub struct Live {
+    /// Applications (tokens) and ingress limits.
+    pub config: Arc<Config>,
+    /// Compiled routes: deliveries are decided before the event is stored.
+    pub router: Router,
+    /// Wakes a destination's dispatcher after its delivery is committed.
+    pub wakers: Wakers,
+}
+
+/// The failed-authentication budget and the rate it was built from (kept across reloads
+/// unless the rate changes, so a reload does not forgive an attacker).
+struct AuthBudget {
+    rate: RateLimit,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+}
 
 /// What the handler needs, shared by all requests.
 pub struct IngressState {
-    /// Applications (tokens) and ingress limits.
-    config: Arc<Config>,
-    /// Compiled routes: deliveries are decided before the event is stored.
-    router: Router,
+    live: ArcSwap<Live>,
     store: Arc<dyn Store>,
-    /// Wakes a destination's dispatcher after its delivery is committed.
-    wakers: Wakers,
+    metrics: Arc<Metrics>,
     /// Failed authentications per source IP.
-    auth_failures: DefaultKeyedRateLimiter<IpAddr>,
+    auth_failures: ArcSwap<AuthBudget>,
 }
 
 impl IngressState {
-    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, wakers: Wakers) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        wakers: Wakers,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let rate = config.ingress.auth_failures;
         Self {
-            router: Router::new(&config),
-            auth_failures: keyed_limiter(&config.ingress.auth_failures),
-            config,
+            live: ArcSwap::from_pointee(Live {
+                router: Router::new(&config),
+                config,
+                wakers,
+            }),
             store,
-            wakers,
+            metrics,
+            auth_failures: ArcSwap::from_pointee(AuthBudget {
+                rate,
+                limiter: RateLimiter::keyed(rate.quota()),
+            }),
         }
+    }
+
+    /// Switches to a new config (reload): tokens, routes, limits, destinations.
+    pub fn replace(&self, config: Arc<Config>, wakers: Wakers) {
+        let rate = config.ingress.auth_failures;
+        if self.auth_failures.load().rate != rate {
+            self.auth_failures.store(Arc::new(AuthBudget {
+                rate,
+                limiter: RateLimiter::keyed(rate.quota()),
+            }));
+        }
+        self.live.store(Arc::new(Live {
+            router: Router::new(&config),
+            config,
+            wakers,
+        }));
     }
 
     /// Drops failure counters of sources that have been quiet, bounding memory.
     pub fn forget_idle_sources(&self) {
-        self.auth_failures.retain_recent();
-        self.auth_failures.shrink_to_fit();
+        let budget = self.auth_failures.load();
+        budget.limiter.retain_recent();
+        budget.limiter.shrink_to_fit();
     }
 }
 
-fn keyed_limiter(rate: &RateLimit) -> DefaultKeyedRateLimiter<IpAddr> {
-    let period = Duration::from_secs_f64(1.0 / rate.per_second);
-    let burst = NonZeroU32::new(rate.burst.max(1)).unwrap_or(NonZeroU32::MIN);
-    let quota = Quota::with_period(period)
-        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
-        .allow_burst(burst);
-    RateLimiter::keyed(quota)
-}
-
 /// The ingress routes: `POST {webhook_path}`; JSON 404 and 405 for everything else.
+/// (The path is fixed at start; changing it needs a restart.)
 pub fn router(state: Arc<IngressState>) -> axum::Router {
-    let path = state.config.webhook_path.clone();
+    let path = state.live.load().config.webhook_path.clone();
     axum::Router::new()
         .route(
             &path,
@@ -82,10 +119,33 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
 }
 
-/// Logs a rejection (the reason, never the token) and builds its answer.
-fn reject(peer: IpAddr, status: StatusCode, code: &str, message: &str, reason: &str) -> Response {
-    tracing::warn!(peer = %peer, status = status.as_u16(), reason, "event rejected");
-    error(status, code, message)
+/// One refusal: its answer, and what the log and metrics say about it.
+struct Refusal<'a> {
+    status: StatusCode,
+    /// Stable code: the answer's `error` and the metric's `reason`.
+    code: &'static str,
+    /// For the client.
+    message: &'a str,
+    /// For the log only (never a token).
+    detail: &'a str,
+}
+
+impl Refusal<'_> {
+    fn answer(self, state: &IngressState, peer: IpAddr) -> Response {
+        EventRejected {
+            peer,
+            status: self.status.as_u16(),
+            reason: self.code,
+            detail: self.detail,
+        }
+        .emit(&state.metrics);
+        let mut r = error(self.status, self.code, self.message);
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        r
+    }
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -94,11 +154,9 @@ fn is_json(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .map(|mime| {
-            let mime = mime.trim();
-            mime.eq_ignore_ascii_case("application/json")
-                || (mime.len() > 5
-                    && mime[..12.min(mime.len())].eq_ignore_ascii_case("application/")
-                    && mime.to_ascii_lowercase().ends_with("+json"))
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
         })
         .unwrap_or(false)
 }
@@ -110,15 +168,16 @@ async fn webhook(
 ) -> Response {
     let started = Instant::now();
     let ip = peer.ip();
-    let limits = &state.config.ingress;
+    let live = state.live.load_full();
+    let limits = &live.config.ingress;
     if !limits.allow_ips.is_empty() && !limits.allow_ips.iter().any(|n| n.contains(&ip)) {
-        return reject(
-            ip,
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "source address not allowed",
-            "source not in allow_ips",
-        );
+        return Refusal {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            message: "source address not allowed",
+            detail: "source not in allow_ips",
+        }
+        .answer(&state, ip);
     }
     let (parts, body) = request.into_parts();
 
@@ -126,27 +185,33 @@ async fn webhook(
         .headers
         .get(header::WWW_AUTHENTICATE)
         .map(|v| v.as_bytes());
-    let auth = match verify::authenticate(&state.config.applications, auth_header) {
+    let auth = match verify::authenticate(&live.config.applications, auth_header) {
         Ok(auth) => auth,
         Err(why) => return auth_failed(&state, ip, &why),
     };
 
     if !is_json(&parts.headers) {
-        return reject(
-            ip,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "Content-Type must be application/json",
-            "content type is not JSON",
-        );
+        return Refusal {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: "unsupported_media_type",
+            message: "Content-Type must be application/json",
+            detail: "content type is not JSON",
+        }
+        .answer(&state, ip);
     }
+    let too_large = Refusal {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        code: "payload_too_large",
+        message: "body larger than ingress.max_body",
+        detail: "body over max_body",
+    };
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body as u64) {
-        return too_large(ip, limits.max_body);
+        return too_large.answer(&state, ip);
     }
     let collected = tokio::time::timeout(
         limits.body_timeout,
@@ -156,118 +221,105 @@ async fn webhook(
     let bytes = match collected {
         Ok(Ok(c)) => c.to_bytes(),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return too_large(ip, limits.max_body);
+            return too_large.answer(&state, ip);
         }
         Ok(Err(_)) => {
-            return reject(
-                ip,
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "could not read the body",
-                "body read failed",
-            );
+            return Refusal {
+                status: StatusCode::BAD_REQUEST,
+                code: "bad_request",
+                message: "could not read the body",
+                detail: "body read failed",
+            }
+            .answer(&state, ip);
         }
         Err(_) => {
-            return reject(
-                ip,
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                "body not received in time",
-                "body read timed out",
-            );
+            return Refusal {
+                status: StatusCode::REQUEST_TIMEOUT,
+                code: "request_timeout",
+                message: "body not received in time",
+                detail: "body read timed out",
+            }
+            .answer(&state, ip);
         }
     };
 
     let event = match verify::verify(auth, bytes) {
         Ok(event) => event,
         Err(Rejection::InvalidPayload(why)) => {
-            return reject(ip, StatusCode::BAD_REQUEST, "invalid_payload", &why, &why);
+            return Refusal {
+                status: StatusCode::BAD_REQUEST,
+                code: "invalid_payload",
+                message: &why,
+                detail: &why,
+            }
+            .answer(&state, ip);
         }
         Err(why) => return auth_failed(&state, ip, &why),
     };
 
-    let targets = state.router.route(event.payload());
+    let targets = live.router.route(event.payload());
     let stored = tokio::time::timeout(
         limits.store_timeout,
         state.store.insert_event(&event, &targets),
     )
     .await;
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-    match stored {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::error!(event_id = %event.id(), error = %e, "event not stored; answered 503");
-            return unavailable();
+    let failure = match stored {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!(
+            "store did not confirm within store_timeout ({})",
+            humantime::format_duration(limits.store_timeout)
+        )),
+    };
+    if let Some(why) = failure {
+        let detail = format!("event {} not stored: {why}", event.id());
+        return Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "unavailable",
+            message: "event not stored; try again",
+            detail: &detail,
         }
-        Err(_) => {
-            tracing::error!(
-                event_id = %event.id(),
-                timeout_ms = limits.store_timeout.as_millis() as u64,
-                "store did not confirm in time; answered 503"
-            );
-            return unavailable();
-        }
+        .answer(&state, ip);
     }
     for t in &targets {
-        state.wakers.wake(t);
+        live.wakers.wake(t);
     }
     let p = event.payload();
-    tracing::info!(
-        event_id = %event.id(),
-        app_id = %p.app_id,
-        event_name = %p.event_name,
-        destinations = targets.len(),
-        latency_ms = format_args!("{latency_ms:.1}"),
-        "event accepted"
-    );
+    EventAccepted {
+        event_id: event.id(),
+        app_id: &p.app_id,
+        event_name: &p.event_name,
+        destinations: targets.len(),
+        latency: started.elapsed(),
+    }
+    .emit(&state.metrics);
     (StatusCode::OK, Json(json!({ "id": event.id() }))).into_response()
-}
-
-fn too_large(ip: IpAddr, max: usize) -> Response {
-    reject(
-        ip,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
-        &format!("body larger than {max} bytes"),
-        "body over max_body",
-    )
-}
-
-fn unavailable() -> Response {
-    let mut r = error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "event not stored; try again",
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    r
 }
 
 /// A failed authentication: 401, or 429 once this source has failed too often.
 fn auth_failed(state: &IngressState, ip: IpAddr, why: &Rejection) -> Response {
-    let reason = why.to_string();
-    if state.auth_failures.check_key(&ip).is_err() {
-        let mut r = reject(
-            ip,
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_requests",
-            "too many failed authentications",
-            &reason,
-        );
+    let detail = why.to_string();
+    if state.auth_failures.load().limiter.check_key(&ip).is_err() {
+        let mut r = Refusal {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "too_many_requests",
+            message: "too many failed authentications",
+            detail: &detail,
+        }
+        .answer(state, ip);
         r.headers_mut().insert(
             header::CONNECTION,
             header::HeaderValue::from_static("close"),
         );
         return r;
     }
-    reject(
-        ip,
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "authentication failed",
-        &reason,
-    )
+    Refusal {
+        status: StatusCode::UNAUTHORIZED,
+        code: "unauthorized",
+        message: "authentication failed",
+        detail: &detail,
+    }
+    .answer(state, ip)
 }
 
 #[cfg(test)]

@@ -91,6 +91,18 @@ pub struct DeadLetter {
     pub event_name: String,
 }
 
+/// Backlog figures for one destination (metrics and `STATUS=`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DestinationStats {
+    pub destination: String,
+    /// Pending deliveries (due now or scheduled for a retry).
+    pub pending: u64,
+    /// Arrival time of the oldest pending delivery's event, Unix ms.
+    pub oldest_pending_ms: Option<i64>,
+    /// Dead letters.
+    pub dead: u64,
+}
+
 /// Which dead letters a command acts on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Selection {
@@ -150,6 +162,12 @@ pub trait Store: Send + Sync + 'static {
     /// Moves every pending delivery for a destination that no longer exists to the
     /// dead-letter store, so nothing waits forever for a worker. Returns how many.
     async fn dead_letter_orphans(&self, known: &[&str]) -> Result<u64, StoreError>;
+
+    /// Proves the store takes durable writes now (a synced write of a heartbeat row).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Pending and dead counts per destination that has any.
+    async fn destination_stats(&self) -> Result<Vec<DestinationStats>, StoreError>;
 
     /// Deletes `done` deliveries and fully delivered events older than `cutoff_ms`.
     async fn prune(&self, cutoff_ms: i64) -> Result<u64, StoreError>;

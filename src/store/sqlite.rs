@@ -33,7 +33,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{DeadLetter, Delivery, Outcome, Selection, Store, StoreError};
+use super::{DeadLetter, Delivery, DestinationStats, Outcome, Selection, Store, StoreError};
 use crate::ingress::VerifiedEvent;
 use crate::ingress::verify::now_ms;
 
@@ -75,6 +75,10 @@ CREATE INDEX IF NOT EXISTS deliveries_due
 CREATE INDEX IF NOT EXISTS deliveries_dead
     ON deliveries (updated_at) WHERE state = 'dead';
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 ";
 
 type AdminFn = Box<dyn FnOnce(&Transaction<'_>) -> rusqlite::Result<u64> + Send>;
@@ -669,6 +673,67 @@ impl Store for SqliteStore {
                 rusqlite::params_from_iter(known),
             )
             .map(|n| n as u64)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.admin(|tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('heartbeat', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![now_ms().to_string()],
+            )
+            .map(|n| n as u64)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn destination_stats(&self) -> Result<Vec<DestinationStats>, StoreError> {
+        self.read(|conn| {
+            let mut by_name: std::collections::BTreeMap<String, DestinationStats> =
+                std::collections::BTreeMap::new();
+            // Both scans ride the partial indexes; the oldest pending delivery is the one
+            // with the smallest id, whose event is then looked up once.
+            let mut pending = conn.prepare_cached(
+                "SELECT destination, COUNT(*), MIN(id) FROM deliveries
+                 WHERE state = 'pending' GROUP BY destination",
+            )?;
+            let rows = pending.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })?;
+            let mut oldest_ids = Vec::new();
+            for row in rows {
+                let (name, count, oldest) = row?;
+                oldest_ids.push((name.clone(), oldest));
+                by_name.entry(name.clone()).or_insert_with(|| DestinationStats {
+                    destination: name,
+                    ..Default::default()
+                }).pending = count as u64;
+            }
+            let mut received = conn.prepare_cached(
+                "SELECT e.received_at FROM deliveries d JOIN events e ON e.id = d.event_id
+                 WHERE d.id = ?1",
+            )?;
+            for (name, id) in oldest_ids {
+                let at: Option<i64> = received.query_row(params![id], |r| r.get(0)).optional()?;
+                if let Some(s) = by_name.get_mut(&name) {
+                    s.oldest_pending_ms = at;
+                }
+            }
+            let mut dead = conn.prepare_cached(
+                "SELECT destination, COUNT(*) FROM deliveries WHERE state = 'dead' GROUP BY destination",
+            )?;
+            let rows = dead.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (name, count) = row?;
+                by_name.entry(name.clone()).or_insert_with(|| DestinationStats {
+                    destination: name,
+                    ..Default::default()
+                }).dead = count as u64;
+            }
+            Ok(by_name.into_values().collect())
         })
         .await
     }

@@ -1,0 +1,107 @@
+//! Which deliveries of one destination are claimed by an attempt.
+//!
+//! The dispatcher reads due rows through a separate connection, so a read can start just
+//! before an attempt commits its outcome and finish just after the attempt released its
+//! claim: the row still looks `pending` in that read. Dropping the claim at release
+//! would let the stale row be claimed again and delivered twice. So a released ID is
+//! remembered with the release's epoch, and a read that began before that epoch may not
+//! claim it; a read that began after sees the committed outcome and needs no memory.
+
+use std::collections::{HashMap, HashSet};
+
+/// Claims for one destination (shared by its dispatchers across reloads).
+#[derive(Debug, Default)]
+pub struct Claims {
+    /// Claimed and not yet released.
+    active: HashSet<i64>,
+    /// Released IDs and the epoch of their release.
+    released: HashMap<i64, u64>,
+    /// Bumped by every release.
+    epoch: u64,
+}
+
+impl Claims {
+    /// Call before reading due rows; pass the result to [`Claims::claim`].
+    pub fn read_started(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Claims `id` from a read that started at `read_epoch`. False if it is claimed, or
+    /// was released after that read started (so the read may have seen a stale state).
+    pub fn claim(&mut self, id: i64, read_epoch: u64) -> bool {
+        if self.released.get(&id).is_some_and(|&e| e > read_epoch) {
+            return false;
+        }
+        self.active.insert(id)
+    }
+
+    /// Releases `id` once its outcome is committed (or it was never attempted).
+    pub fn release(&mut self, id: i64) {
+        if self.active.remove(&id) {
+            self.epoch += 1;
+            self.released.insert(id, self.epoch);
+        }
+    }
+
+    /// Forgets releases no read can be confused by: every read from now on starts after
+    /// them. Called when a read finished and no other read is under way.
+    pub fn read_finished(&mut self, read_epoch: u64) {
+        self.released.retain(|_, e| *e > read_epoch);
+    }
+
+    /// How many are claimed.
+    pub fn len(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.active.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claimed_id_cannot_be_claimed_twice() {
+        let mut c = Claims::default();
+        let r = c.read_started();
+        assert!(c.claim(1, r));
+        assert!(!c.claim(1, r));
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn a_read_older_than_a_release_cannot_reclaim_it() {
+        let mut c = Claims::default();
+        let r0 = c.read_started();
+        assert!(c.claim(7, r0));
+        // A read starts, then the attempt commits and releases 7, then the read returns 7.
+        let stale_read = c.read_started();
+        c.release(7);
+        assert!(
+            !c.claim(7, stale_read),
+            "stale row must not be claimed again"
+        );
+        c.read_finished(stale_read);
+        // A read that starts after the release saw the committed outcome; if 7 is due
+        // again (a retry), it may be claimed.
+        let fresh = c.read_started();
+        assert!(c.claim(7, fresh));
+    }
+
+    #[test]
+    fn finished_reads_forget_old_releases() {
+        let mut c = Claims::default();
+        for id in 0..100 {
+            let r = c.read_started();
+            c.claim(id, r);
+            c.release(id);
+        }
+        let r = c.read_started();
+        c.read_finished(r);
+        assert!(c.released.is_empty());
+        assert!(c.is_empty());
+    }
+}

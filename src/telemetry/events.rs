@@ -1,0 +1,186 @@
+//! Observable events: one struct per thing an operator may want to see, with an `emit`
+//! that writes the log line and updates the metrics. Business code builds the struct;
+//! the wording of logs and the names of metrics live here.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::metrics::{
+    DestinationLabels, EventLabels, Metrics, OutcomeLabels, ReasonLabels, StatusLabels,
+};
+
+/// A webhook was stored durably and answered 200.
+pub struct EventAccepted<'a> {
+    pub event_id: &'a str,
+    pub app_id: &'a str,
+    pub event_name: &'a str,
+    pub destinations: usize,
+    pub latency: Duration,
+}
+
+impl EventAccepted<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        tracing::info!(
+            event_id = %self.event_id,
+            app_id = %self.app_id,
+            event_name = %self.event_name,
+            destinations = self.destinations,
+            latency_ms = format_args!("{:.1}", self.latency.as_secs_f64() * 1000.0),
+            "event accepted"
+        );
+        metrics
+            .events_received
+            .get_or_create(&EventLabels {
+                app_id: self.app_id.to_string(),
+                event_name: self.event_name.to_string(),
+            })
+            .inc();
+        metrics
+            .ingress_responses
+            .get_or_create(&StatusLabels { status: 200 })
+            .inc();
+        metrics.ack_latency.observe(self.latency.as_secs_f64());
+        metrics.totals.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A request was refused. `reason` is a short stable code (also the metric label);
+/// `detail` is for the log only and never contains a token.
+pub struct EventRejected<'a> {
+    pub peer: IpAddr,
+    pub status: u16,
+    pub reason: &'static str,
+    pub detail: &'a str,
+}
+
+impl EventRejected<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        if self.status >= 500 {
+            tracing::error!(peer = %self.peer, status = self.status, reason = self.reason,
+                detail = %self.detail, "event rejected");
+        } else {
+            tracing::warn!(peer = %self.peer, status = self.status, reason = self.reason,
+                detail = %self.detail, "event rejected");
+        }
+        metrics
+            .rejections
+            .get_or_create(&ReasonLabels {
+                reason: self.reason,
+            })
+            .inc();
+        metrics
+            .ingress_responses
+            .get_or_create(&StatusLabels {
+                status: self.status,
+            })
+            .inc();
+    }
+}
+
+/// How one delivery attempt ended.
+pub enum AttemptResult<'a> {
+    /// Delivered; `end_to_end` is from the event's arrival.
+    Delivered { end_to_end: Duration },
+    /// Failed, will be tried again after `retry_in`.
+    Retry { retry_in: Duration, error: &'a str },
+    /// Failed for good (permanent, or out of attempts); in the dead-letter store now.
+    Dead { error: &'a str },
+}
+
+/// A delivery attempt finished.
+pub struct DeliveryAttempted<'a> {
+    pub destination: &'a str,
+    pub event_id: &'a str,
+    pub attempt: u32,
+    pub latency: Duration,
+    pub result: AttemptResult<'a>,
+}
+
+impl DeliveryAttempted<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        let latency_ms = self.latency.as_millis() as u64;
+        let (destination, event_id, attempt) = (self.destination, self.event_id, self.attempt);
+        let outcome = match &self.result {
+            AttemptResult::Delivered { end_to_end } => {
+                tracing::info!(
+                    destination,
+                    event_id,
+                    attempt,
+                    latency_ms,
+                    status = "delivered",
+                    "delivery succeeded"
+                );
+                metrics
+                    .end_to_end
+                    .get_or_create(&DestinationLabels {
+                        destination: destination.to_string(),
+                    })
+                    .observe(end_to_end.as_secs_f64());
+                metrics.totals.delivered.fetch_add(1, Ordering::Relaxed);
+                "delivered"
+            }
+            AttemptResult::Retry { retry_in, error } => {
+                tracing::warn!(
+                    destination,
+                    event_id,
+                    attempt,
+                    latency_ms,
+                    status = "retry",
+                    retry_in_ms = retry_in.as_millis() as u64,
+                    error,
+                    "delivery failed; will retry"
+                );
+                "retry"
+            }
+            AttemptResult::Dead { error } => {
+                tracing::warn!(
+                    destination,
+                    event_id,
+                    attempt,
+                    latency_ms,
+                    status = "dead",
+                    error,
+                    "delivery failed for good; moved to dead letters"
+                );
+                metrics.totals.dead.fetch_add(1, Ordering::Relaxed);
+                "dead"
+            }
+        };
+        metrics
+            .deliveries
+            .get_or_create(&OutcomeLabels {
+                destination: destination.to_string(),
+                outcome,
+            })
+            .inc();
+        metrics
+            .attempt_duration
+            .get_or_create(&DestinationLabels {
+                destination: destination.to_string(),
+            })
+            .observe(self.latency.as_secs_f64());
+    }
+}
+
+/// A delivery waits for its destination's rate limit (not a failure).
+pub struct RateLimitWait<'a> {
+    pub destination: &'a str,
+    pub event_id: &'a str,
+}
+
+impl RateLimitWait<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        tracing::debug!(
+            destination = self.destination,
+            event_id = self.event_id,
+            "waiting for rate limit"
+        );
+        metrics
+            .rate_limit_waits
+            .get_or_create(&DestinationLabels {
+                destination: self.destination.to_string(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,181 @@
+//! The admin endpoint: metrics, health and readiness.
+
+mod common;
+
+use common::*;
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_events_rejections_deliveries_and_backlog() {
+    let mut api = Receiver::ok().await;
+    api.script([Reply::status(500)]);
+    let setup = Setup::new();
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg = format!(
+        "destinations:
+  api:
+    type: http
+    url: {}
+    retry: {{ max_attempts: 5, initial_delay: 10ms, max_delay: 20ms }}
+  down:
+    type: http
+    url: http://{down}/
+    retry: {{ max_attempts: 100, initial_delay: 1h, max_delay: 1h }}
+routes:
+  - to: [api, down]
+",
+        api.url()
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    let admin = format!(
+        "http://{}",
+        relay.relay.admin_addr().expect("admin enabled")
+    );
+    relay.send(&event("ENROLL", "f1")).await;
+    relay.send(&event("AUTH", "f2")).await;
+    send(
+        &relay.client,
+        &relay.url,
+        Some("wrong"),
+        &event("AUTH", "f3"),
+    )
+    .await;
+    api.next().await;
+    api.next().await;
+    api.next().await;
+    eventually("api deliveries done", || {
+        setup
+            .db()
+            .query_row(
+                "SELECT COUNT(*) FROM deliveries WHERE destination = 'api' AND state = 'done'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+            == 2
+    })
+    .await;
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let get = |k: &str| metric(&text, k).unwrap_or_else(|| panic!("{k} missing:\n{text}"));
+    assert_eq!(
+        get("faceio_relay_events_received_total{app_id=\"fioa-test\",event_name=\"ENROLL\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("faceio_relay_events_received_total{app_id=\"fioa-test\",event_name=\"AUTH\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("faceio_relay_ingress_rejections_total{reason=\"unauthorized\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("faceio_relay_ingress_responses_total{status=\"401\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("faceio_relay_deliveries_total{destination=\"api\",outcome=\"delivered\"}"),
+        2.0
+    );
+    assert_eq!(
+        get("faceio_relay_deliveries_total{destination=\"api\",outcome=\"retry\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("faceio_relay_delivery_attempt_duration_seconds_count{destination=\"api\"}"),
+        3.0
+    );
+    assert_eq!(
+        get("faceio_relay_end_to_end_latency_seconds_count{destination=\"api\"}"),
+        2.0
+    );
+    assert_eq!(get("faceio_relay_ack_latency_seconds_count"), 2.0);
+    // The dead destination's backlog is read from the store.
+    eventually("down attempted once each", || {
+        setup
+            .db()
+            .query_row(
+                "SELECT COUNT(*) FROM deliveries WHERE destination = 'down' AND attempts = 1",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+            == 2
+    })
+    .await;
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "faceio_relay_pending_deliveries{destination=\"down\"}"
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "faceio_relay_oldest_pending_age_seconds{destination=\"down\"}"
+        )
+        .unwrap()
+            >= 0.0
+    );
+    assert!(!text.contains(&api.url()), "no destination URL in metrics");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn readyz_reports_a_store_that_cannot_write() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config("")).await;
+    let admin = format!("http://{}", relay.relay.admin_addr().unwrap());
+    let ok = reqwest::get(format!("{admin}/healthz")).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let ready = reqwest::get(format!("{admin}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // Another process holds the write lock longer than the probe waits: not ready.
+    let db = setup.db();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let ready = reqwest::get(format!("{admin}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["ready"], false);
+    db.execute_batch("ROLLBACK").unwrap();
+    let ready = reqwest::get(format!("{admin}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200, "ready again once the store writes");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_can_be_turned_off() {
+    let setup = Setup::new();
+    let path = setup.write_config("");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("admin_listen: 127.0.0.1:0", "admin_listen: off");
+    std::fs::write(&path, text).unwrap();
+    let (config, _) = faceio_relay::config::load(&path).unwrap();
+    let relay = TestRelay::start(config).await;
+    assert_eq!(relay.relay.admin_addr(), None);
+    relay.shutdown().await;
+}

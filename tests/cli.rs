@@ -1,0 +1,271 @@
+//! The command line as an operator uses it: `check`, `--help`, `simulate`.
+
+mod common;
+#[path = "common/proc.rs"]
+mod proc;
+
+use common::*;
+use proc::*;
+
+const SLACK_URL_SECRET: &str = "T0CHECK/B0CHECK/slackPathSecret42";
+const API_KEY: &str = "apiKeySecret77";
+const HEADER_SECRET: &str = "Bearer headerSecret99";
+const SIGNING: &str = "rawSigningSecret55";
+
+/// A valid config with every destination kind, secrets written inline.
+fn full_config(setup: &Setup) -> std::path::PathBuf {
+    setup.write_config(&format!(
+        "destinations:\n\
+         \x20 team-slack:\n    type: slack\n    webhook_url: https://hooks.slack.com/services/{SLACK_URL_SECRET}\n\
+         \x20 crm:\n    type: http\n    url: https://crm.example.com/faceio?key={API_KEY}\n\
+         \x20   headers: {{ Authorization: \"{HEADER_SECRET}\" }}\n    signing_secret: {SIGNING}\n\
+         \x20 audit:\n    type: file\n    path: events.jsonl\n\
+         routes:\n\
+         \x20 - name: enrollments\n    match: {{ eventName: ENROLL }}\n    to: [team-slack, crm]\n\
+         \x20 - name: everything\n    to: [audit]\n"
+    ))
+}
+
+#[tokio::test]
+async fn check_summarises_a_valid_config_without_secrets() {
+    let setup = Setup::new();
+    let config = full_config(&setup);
+    let out = cli(&config, &["check"]).await;
+    assert!(out.ok(), "check failed:\n{}", out.all());
+    for name in [
+        "team-slack",
+        "crm",
+        "audit",
+        "enrollments",
+        "everything",
+        APP,
+    ] {
+        assert!(
+            out.stdout.contains(name),
+            "summary lacks {name}:\n{}",
+            out.stdout
+        );
+    }
+    assert!(out.stdout.contains("OK"), "{}", out.stdout);
+    let all = out.all();
+    for secret in [
+        TOKEN,
+        SLACK_URL_SECRET,
+        "hooks.slack.com",
+        API_KEY,
+        "crm.example.com",
+        "headerSecret99",
+        SIGNING,
+    ] {
+        assert!(!all.contains(secret), "check printed {secret}:\n{all}");
+    }
+}
+
+#[tokio::test]
+async fn check_reports_every_error_with_position_path_and_suggestion() {
+    let setup = Setup::new();
+    // Errors in four sections; line numbers are 1-based as an editor shows them.
+    let yaml = "\
+listen: 127.0.0.1:0
+store:
+  path: relay.db
+  retension: 7d
+applications:
+  - app_id: fioa-test
+    token: tok-check-secret
+destinations:
+  crm:
+    type: http
+    url: https://crm.example.com/x
+    retry: { max_attemps: 3 }
+  chat:
+    type: slak
+    webhook_url: https://hooks.slack.com/services/T/B/X
+routes:
+  - to: [crmm]
+delivery:
+  poll_interval: 0s
+";
+    std::fs::write(setup.path("relay.yaml"), yaml).unwrap();
+    let out = run_cli(
+        &["--config", "relay.yaml", "check"],
+        &[],
+        Some(setup.dir.path()),
+    )
+    .await;
+    assert!(!out.ok(), "check accepted a broken config:\n{}", out.all());
+    let all = out.all();
+    for expected in [
+        "relay.yaml:4:3: store.retension: unknown field `retension`; did you mean `retention`?",
+        "relay.yaml:12:14: destinations.crm.retry.max_attemps: unknown field `max_attemps`; did you mean `max_attempts`?",
+        "relay.yaml:14:11: destinations.chat.type:",
+        "relay.yaml:17:10: routes[0].to[0]: unknown destination `crmm`; did you mean `crm`?",
+        "relay.yaml:19:18: delivery.poll_interval:",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+    assert!(all.contains("5 error(s)"), "{all}");
+    assert!(!out.stdout.contains("OK"), "{}", out.stdout);
+    assert!(!all.contains("tok-check-secret"), "{all}");
+}
+
+#[tokio::test]
+async fn the_shipped_config_passes_check() {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.yaml");
+    let shipped = shipped.to_str().unwrap();
+    // Its ${FACEIO_APP_ID:-...} defaults apply when the variables are unset.
+    let out = run_cli(&["--config", shipped, "check"], &[], None).await;
+    assert!(out.ok(), "shipped relay.yaml fails check:\n{}", out.all());
+    assert!(out.stdout.contains("audit"), "{}", out.stdout);
+    assert!(out.stdout.contains("everything"), "{}", out.stdout);
+    // The same file named by FACEIO_RELAY_CONFIG instead of --config.
+    let out = run_cli(&["check"], &[("FACEIO_RELAY_CONFIG", shipped)], None).await;
+    assert!(out.ok(), "{}", out.all());
+    assert!(out.stdout.contains("everything"), "{}", out.stdout);
+}
+
+#[tokio::test]
+async fn every_command_has_help() {
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "dead-letters"),
+        (&["run"], "Run the relay daemon"),
+        (&["check"], "Validate the config"),
+        (&["simulate"], "FACEIO event"),
+        (&["dead-letters"], "failed for good"),
+        (&["dead-letters", "list"], "--json"),
+        (&["dead-letters", "show"], "payload"),
+        (&["dead-letters", "replay"], "--destination"),
+        (&["dead-letters", "purge"], "Delete dead letters"),
+    ];
+    for (args, mention) in cases {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--help");
+        let out = run_cli(&all, &[], None).await;
+        assert!(out.ok(), "{all:?} failed:\n{}", out.all());
+        assert!(out.stdout.contains("Usage:"), "{all:?}:\n{}", out.stdout);
+        assert!(
+            out.stdout.contains(mention),
+            "{all:?} help does not mention {mention:?}:\n{}",
+            out.stdout
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_enroll_reaches_the_running_daemon_and_its_file() {
+    let setup = Setup::new();
+    let config = setup.write_config(
+        "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n",
+    );
+    let daemon = Relayd::start(&config).await;
+    let out = cli(
+        &config,
+        &[
+            "simulate",
+            "ENROLL",
+            "--url",
+            &daemon.url(),
+            "--facial-id",
+            "sim-face-1",
+        ],
+    )
+    .await;
+    assert!(out.ok(), "simulate failed:\n{}", out.all());
+    assert!(out.stdout.contains("HTTP 200"), "{}", out.stdout);
+    let answer: serde_json::Value = serde_json::from_str(out.stdout.lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("last line is not the JSON answer ({e}):\n{}", out.stdout));
+    let id = answer["id"].as_str().expect("answer has id").to_string();
+
+    let file = setup.path("events.jsonl");
+    eventually("the event is in the file destination", || {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&id))
+    })
+    .await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    let line: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["id"] == id.as_str())
+        .unwrap();
+    let e = &line["event"];
+    assert_eq!(e["eventName"], "ENROLL");
+    assert_eq!(e["facialId"], "sim-face-1");
+    assert_eq!(e["appId"], APP);
+    assert_eq!(e["details"]["gender"], "female");
+    assert!(e["details"]["age"].is_number(), "{e}");
+    let today = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
+    assert_eq!(e["details"]["timestamp"], &today[..10], "{e}");
+    daemon.terminate(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_reports_a_refused_event_as_failure() {
+    let setup = Setup::new();
+    let config = setup.write_config(
+        "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n",
+    );
+    let daemon = Relayd::start(&config).await;
+    // Same daemon, but simulate reads a config whose token is not the daemon's.
+    let other = Setup::new();
+    let wrong = other.path("relay.yaml");
+    std::fs::write(
+        &wrong,
+        format!("applications:\n  - app_id: {APP}\n    token: not-the-daemons-token\n"),
+    )
+    .unwrap();
+    let out = cli(&wrong, &["simulate", "AUTH", "--url", &daemon.url()]).await;
+    assert!(!out.ok(), "a 401 must fail simulate:\n{}", out.all());
+    assert!(out.stdout.contains("HTTP 401"), "{}", out.all());
+
+    let out = cli(
+        &config,
+        &[
+            "simulate",
+            "AUTH",
+            "--url",
+            &daemon.url(),
+            "--app-id",
+            "nope",
+        ],
+    )
+    .await;
+    assert!(!out.ok());
+    assert!(
+        out.stderr.contains("no application with app_id nope"),
+        "{}",
+        out.all()
+    );
+    daemon.terminate(WAIT).await;
+}
+
+#[tokio::test]
+async fn simulate_without_a_relay_fails_clearly() {
+    let setup = Setup::new();
+    let config = setup.write_config("");
+    let url = format!("http://127.0.0.1:{}/webhook", free_port());
+    let out = cli(&config, &["simulate", "ENROLL", "--url", &url]).await;
+    assert!(!out.ok(), "simulate succeeded with nothing listening");
+    assert!(
+        out.stderr
+            .contains(&format!("cannot reach the relay at {url}")),
+        "{}",
+        out.all()
+    );
+    assert!(!out.all().contains("panicked"), "{}", out.all());
+    assert!(!out.all().contains(TOKEN), "{}", out.all());
+}
+
+#[tokio::test]
+async fn dead_letters_before_the_first_run_fails_clearly_and_creates_nothing() {
+    let setup = Setup::new();
+    let config = setup.write_config("");
+    let out = cli(&config, &["dead-letters", "list"]).await;
+    assert!(!out.ok(), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("has the relay run with this config yet"),
+        "{}",
+        out.all()
+    );
+    assert!(!setup.path("relay.db").exists(), "list created the store");
+}
