@@ -1,11 +1,9 @@
 //! The command line as an operator uses it: `check`, `--help`, `simulate`.
 
 mod common;
-#[path = "common/proc.rs"]
-mod proc;
 
+use common::proc::*;
 use common::*;
-use proc::*;
 
 const SLACK_URL_SECRET: &str = "T0CHECK/B0CHECK/slackPathSecret42";
 const API_KEY: &str = "apiKeySecret77";

@@ -2,16 +2,14 @@
 //! (at-least-once: duplicates are counted and allowed, losses are not).
 
 mod common;
-#[path = "common/proc.rs"]
-mod proc;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::proc::*;
 use common::*;
-use proc::*;
 
 /// An HTTP destination behind `gate`, retried quickly and (for these tests) forever.
 fn config_through(setup: &Setup, gate: &Gate) -> std::path::PathBuf {

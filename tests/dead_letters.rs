@@ -8,13 +8,11 @@
 //! own subject and do not flake on that bug.
 
 mod common;
-#[path = "common/proc.rs"]
-mod proc;
 
 use std::time::{Duration, Instant};
 
+use common::proc::*;
 use common::*;
-use proc::*;
 
 /// Several poll intervals (200 ms): long enough for a wrongly pending delivery to be
 /// attempted again.

@@ -3,13 +3,11 @@
 //! the store's error column.
 
 mod common;
-#[path = "common/proc.rs"]
-mod proc;
 
 use base64::Engine as _;
 
+use common::proc::*;
 use common::*;
-use proc::*;
 
 const FACEIO_TOKEN: &str = "fioTokSECRETa1b2c3d4e5";
 const SLACK_PATH: &str = "/services/T0SECRET/B0SECRET/slackSECRETpath77";

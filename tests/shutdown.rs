@@ -1,16 +1,14 @@
 //! SIGTERM: exit 0, nothing pending lost, requests under way still answered.
 
 mod common;
-#[path = "common/proc.rs"]
-mod proc;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use common::proc::*;
 use common::*;
-use proc::*;
 
 /// `delivery.shutdown_grace` in Setup's config.
 const GRACE: Duration = Duration::from_secs(2);

@@ -423,3 +423,4 @@ impl Daemon {
         self.log.lock().unwrap().join("\n")
     }
 }
+pub mod proc;
