@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogFormat};
 use crate::store::sqlite::SqliteStore;
@@ -38,6 +38,24 @@ pub enum Command {
     /// Inspect, replay and purge deliveries that failed for good.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// Write shell completions or man pages from these definitions (for packagers;
+    /// see packaging/build-assets.sh).
+    #[command(subcommand, hide = true)]
+    Generate(GenerateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// Print the completion script for SHELL on stdout.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write faceio-relay.1 and one page per subcommand (faceio-relay-run.1, …) into DIR.
+    Man {
+        /// Created if missing.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -148,7 +166,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             dead_letters(&config, cmd).await
         }
+        Command::Generate(what) => generate(what),
     }
+}
+
+/// Completions and man pages, from the same clap definitions the binary parses with.
+fn generate(what: GenerateCommand) -> anyhow::Result<ExitCode> {
+    let mut command = Cli::command();
+    match what {
+        GenerateCommand::Completions { shell } => {
+            use std::io::Write as _;
+            // Into a buffer first: clap_complete panics on a write error (`| head`).
+            let mut script = Vec::new();
+            let name = command.get_name().to_string();
+            clap_complete::generate(shell, &mut command, name, &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("cannot write the completion script")?;
+        }
+        GenerateCommand::Man { dir } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(command, &dir)
+                .with_context(|| format!("cannot write man pages to {}", dir.display()))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Loads the config, printing warnings; on errors prints them all and returns `None`.
@@ -430,7 +473,6 @@ async fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {

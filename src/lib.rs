@@ -49,7 +49,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::AdminState;
 use crate::config::Config;
 use crate::delivery::{Applied, Deliveries, Shutdown};
-use crate::ingress::IngressState;
+use crate::ingress::{IngressState, TlsHandle};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 use crate::telemetry::metrics::Metrics;
@@ -70,6 +70,8 @@ pub struct Relay {
     stop_ingress: CancellationToken,
     /// The ingress task; finishes once in-flight requests are answered.
     ingress: JoinHandle<()>,
+    /// The ingress certificate, when `tls:` is set; reloaded on SIGHUP.
+    tls: Option<TlsHandle>,
     /// Soft and hard cancellation for delivery.
     delivery: Shutdown,
     /// Every dispatcher, attempt and housekeeping task.
@@ -89,6 +91,8 @@ impl Relay {
     /// `Ok`, the relay accepts webhooks.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let config = Arc::new(config);
+        // Certificate problems are reported before anything else is started.
+        let tls = config.tls.as_ref().map(TlsHandle::load).transpose()?;
         let path = config.store.path.clone();
         let store: Arc<dyn Store> = Arc::new(
             tokio::task::spawn_blocking(move || SqliteStore::open(&path))
@@ -163,8 +167,9 @@ impl Relay {
         let drain = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
         let ingress = tokio::spawn({
             let stop = stop_ingress.clone();
+            let acceptor = tls.as_ref().map(TlsHandle::acceptor);
             async move {
-                ingress::serve(listener, app, &limits, stop, drain).await;
+                ingress::serve(listener, app, &limits, stop, drain, acceptor).await;
                 ingress_up.store(false, Ordering::Release);
             }
         });
@@ -182,6 +187,7 @@ impl Relay {
             admin_addr,
             stop_ingress,
             ingress,
+            tls,
             delivery,
             tracker,
             deliveries,
@@ -195,6 +201,12 @@ impl Relay {
     /// The address ingress listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The ingress TLS setup, when `tls:` is configured: call
+    /// [`TlsHandle::reload`] to pick up renewed certificate files.
+    pub fn tls_handle(&self) -> Option<TlsHandle> {
+        self.tls.clone()
     }
 
     /// The admin endpoint's address, if enabled.
@@ -249,6 +261,17 @@ impl Relay {
         new.tls = old.tls.clone();
         let new = Arc::new(new);
 
+        // Renewed certificates (same paths) are picked up without dropping connections;
+        // a bad one is reported and the old one keeps serving.
+        if let Some(tls) = &self.tls {
+            let tls = tls.clone();
+            match tokio::task::spawn_blocking(move || tls.reload()).await {
+                Ok(Ok(())) => tracing::info!("TLS certificate reloaded"),
+                Ok(Err(e)) => tracing::error!(error = %e,
+                    "TLS certificate not reloaded; the previous one keeps serving"),
+                Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
+            }
+        }
         let (wakers, mut applied) = self.deliveries.apply(&new).await?;
         self.ingress_state.replace(Arc::clone(&new), wakers);
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&new);

@@ -108,7 +108,10 @@ mod tests {
             c.release(id);
             c.read_finished();
         }
-        assert!(c.released.is_empty(), "no read under way: nothing remembered");
+        assert!(
+            c.released.is_empty(),
+            "no read under way: nothing remembered"
+        );
         let first = c.read_started();
         assert!(c.claim(500, first));
         c.read_finished();

@@ -15,11 +15,16 @@
 //! connections), a cap on concurrent connections, an optional `allow_ips` list, a body
 //! size limit enforced before reading, and a per-source-IP budget of failed
 //! authentications (past it, 429) so a flood of bad tokens cannot crowd out FACEIO.
+//!
+//! With `tls:`, [`tls`] terminates HTTPS in the daemon (ALPN h2 and http/1.1) and reloads
+//! renewed certificates in place through a [`TlsHandle`].
 
 mod handler;
 mod server;
+pub mod tls;
 pub mod verify;
 
 pub use handler::{IngressState, router};
 pub use server::serve;
+pub use tls::{TlsError, TlsHandle};
 pub use verify::{Payload, VerifiedEvent};

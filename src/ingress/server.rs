@@ -4,6 +4,13 @@
 //! hyper-util directly: every connection gets a header read timeout, the number of open
 //! connections is capped by a semaphore (excess connections wait in the kernel's accept
 //! backlog), and on shutdown the loop stops accepting while requests under way finish.
+//!
+//! A plain connection must send its first byte within `header_timeout` too: hyper's
+//! HTTP/1-or-2 detection has no timer of its own.
+//!
+//! With `tls:` the TLS handshake runs inside the connection's own task, under the same
+//! `header_timeout` as the request headers: a client that opens a connection and never
+//! finishes the handshake cannot hold a connection slot for longer than that.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,10 +19,11 @@ use std::time::Duration;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -31,13 +39,14 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Serves `app` on `listener` until `shutdown`, then waits up to `drain` for requests
-/// under way to finish.
+/// under way to finish. With `tls`, every connection is a TLS handshake first.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: &IngressConfig,
     shutdown: CancellationToken,
     drain: Duration,
+    tls: Option<TlsAcceptor>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
@@ -54,7 +63,6 @@ pub async fn serve(
         .keep_alive_interval(Some(H2_KEEP_ALIVE))
         .keep_alive_timeout(limits.header_timeout);
     let builder = Arc::new(builder);
-    let header_timeout = limits.header_timeout;
 
     loop {
         let permit = tokio::select! {
@@ -73,27 +81,39 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = app
-            .clone()
-            .map_request(move |req: hyper::Request<hyper::body::Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                req
-            });
-        let watcher = graceful.watcher();
+        let app = app.clone();
         let builder = Arc::clone(&builder);
+        // Taken here, before shutdown can start, so a connection still in its TLS
+        // handshake is waited for (up to the handshake timeout) and then drained.
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let handshake_timeout = limits.header_timeout;
         tokio::spawn(async move {
-            // The HTTP/1-or-2 detection reads without a timer of its own: a client that
-            // connects and sends nothing must not hold a connection slot.
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
-            }
-            let conn =
-                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            match tls {
+                None => {
+                    // The HTTP/1-or-2 detection reads without a timer of its own: a client
+                    // that connects and sends nothing must not hold a connection slot.
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(handshake_timeout, stream.peek(&mut first)).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            serve_connection(&builder, TokioIo::new(stream), app, watcher, peer)
+                                .await
+                        }
+                        _ => tracing::debug!(peer = %peer, "connection sent nothing in time"),
+                    }
+                }
+                Some(tls) => {
+                    match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(&builder, TokioIo::new(stream), app, watcher, peer)
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                    }
+                }
             }
             drop(permit);
         });
@@ -104,5 +124,28 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some ingress connections did not finish in time and were closed");
+    }
+}
+
+/// Serves one connection (plain TCP or TLS) to its end, under graceful shutdown.
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    app: axum::Router,
+    watcher: Watcher,
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = app.map_request(move |req: hyper::Request<hyper::body::Incoming>| {
+        let mut req = req.map(axum::body::Body::new);
+        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+        req
+    });
+    let conn = builder
+        .serve_connection(io, TowerToHyperService::new(service))
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
     }
 }
