@@ -423,4 +423,5 @@ impl Daemon {
         self.log.lock().unwrap().join("\n")
     }
 }
+pub mod faults;
 pub mod proc;
