@@ -70,7 +70,7 @@ async fn crash_loop(kills: usize, senders: usize) {
     let daemon = Relayd::start(&config).await;
     let ledger = ledger.lock().unwrap().clone();
     assert_eq!(ledger.len(), acked_before_kill);
-    let seen = await_ledger(&mut receiver, &setup, &ledger, 6 * WAIT).await;
+    let seen = await_ledger(&mut receiver, &setup.path("relay.db"), &ledger, 6 * WAIT).await;
     eventually("nothing left pending", || count(&setup, "pending") == 0).await;
     let mut seen = seen;
     drain_receiver(&mut receiver, &mut seen).await;
@@ -78,7 +78,7 @@ async fn crash_loop(kills: usize, senders: usize) {
         .iter()
         .map(|f| seen.get(f).copied().unwrap_or(1).saturating_sub(1))
         .sum();
-    let dead = dead_lettered_faces(&setup);
+    let dead = dead_lettered_faces(&setup.path("relay.db"));
     // Stored just before a kill, but the answer never left: at most one per sender per kill.
     let unanswered: Vec<&String> = seen.keys().filter(|f| !ledger.contains(*f)).collect();
     println!(

@@ -4,10 +4,11 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{Receiver, Setup, TOKEN, WAIT, event};
+use crate::common::{Receiver, TOKEN, WAIT, event};
 
 /// utime + stime of `pid` (from /proc/PID/stat; USER_HZ = 100).
 pub fn cpu_time(pid: u32) -> Duration {
@@ -39,9 +40,9 @@ pub fn reset_peak_rss(pid: u32) {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("clear_refs (needs root)");
 }
 
-/// Facial IDs of the events whose delivery is in the dead-letter store.
-pub fn dead_lettered_faces(setup: &Setup) -> BTreeSet<String> {
-    let db = setup.db();
+/// Facial IDs of the events whose delivery is in the dead-letter store of database `db`.
+pub fn dead_lettered_faces(db: &Path) -> BTreeSet<String> {
+    let db = rusqlite::Connection::open(db).unwrap();
     let mut stmt = db
         .prepare(
             "SELECT e.facial_id FROM deliveries d JOIN events e ON e.id = d.event_id
@@ -66,10 +67,10 @@ pub async fn drain_receiver(receiver: &mut Receiver, seen: &mut BTreeMap<String,
 }
 
 /// Waits (up to `within`) until every Facial ID of `ledger` has reached the receiver or
-/// the dead-letter store; returns the arrivals per Facial ID. Panics naming the losses.
+/// the dead-letter store of database `db`; returns the arrivals per Facial ID. Panics naming the losses.
 pub async fn await_ledger(
     receiver: &mut Receiver,
-    setup: &Setup,
+    db: &Path,
     ledger: &BTreeSet<String>,
     within: Duration,
 ) -> BTreeMap<String, usize> {
@@ -81,7 +82,7 @@ pub async fn await_ledger(
         if missing.is_empty() {
             return seen;
         }
-        let dead = dead_lettered_faces(setup);
+        let dead = dead_lettered_faces(db);
         let lost: Vec<&&String> = missing.iter().filter(|f| !dead.contains(**f)).collect();
         if lost.is_empty() {
             return seen;
