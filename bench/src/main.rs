@@ -69,7 +69,7 @@ struct Plan {
 impl Plan {
     fn full() -> Self {
         Self {
-            closed_count: 50_000,
+            closed_count: 100_000,
             open_secs: 20.0,
             concurrencies: vec![64, 256],
             rates: vec![1000.0, 5000.0],
@@ -124,7 +124,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "loadgen [--quick] [--backlog N | --skip-backlog] [--out FILE] [--relay-bin PATH]\n\
-                     Full run (default): 50k requests per closed-loop scenario, 20 s per open-loop rate,\n\
+                     Full run (default): 100k requests per closed-loop scenario, 20 s per open-loop rate,\n\
                      a 1,000,000-event backlog; --quick: small counts, under a minute."
                 );
                 std::process::exit(0);
