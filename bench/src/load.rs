@@ -100,7 +100,11 @@ async fn send_one(conn: &mut Conn, addr: SocketAddr, body: Bytes) -> Result<u16,
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
     let exchange = async {
-        conn.ready().await.map_err(|e| format!("connection: {e}"))?;
+        if conn.ready().await.is_err() {
+            // Closed by the server before this request was written: a new connection.
+            *conn = connect(addr).await.map_err(|e| format!("reconnect: {e}"))?;
+            conn.ready().await.map_err(|e| format!("connection: {e}"))?;
+        }
         let resp = conn
             .send_request(req)
             .await
@@ -249,7 +253,13 @@ pub async fn open_loop(
         tasks.push(tokio::spawn(async move {
             let _slot = slots.acquire_owned().await.expect("semaphore open");
             let body = payload(sid, seq);
-            let pooled = pool.lock().unwrap().pop();
+            // A pooled connection the server has closed meanwhile (the relay closes
+            // keep-alive connections idle past its header timeout) is not used: like any
+            // HTTP client, open a new one; the request was never sent on it.
+            let pooled = {
+                let mut pool = pool.lock().unwrap();
+                std::iter::from_fn(|| pool.pop()).find(|c: &Conn| !c.is_closed())
+            };
             let mut conn = match pooled {
                 Some(c) => Some(c),
                 None => connect(addr).await.ok(),

@@ -95,6 +95,25 @@ struct Args {
     backlog: Option<usize>,
     out: PathBuf,
     relay_bin: Option<PathBuf>,
+    /// Overrides of the plan, for profiling one scenario.
+    closed_count: Option<usize>,
+    open_secs: Option<f64>,
+    concurrencies: Option<Vec<usize>>,
+    rates: Option<Vec<f64>>,
+    starts: Option<usize>,
+    skip_baseline: bool,
+}
+
+fn list<T: std::str::FromStr>(v: Option<String>, what: &str) -> anyhow::Result<Vec<T>> {
+    v.with_context(|| format!("{what} needs a comma-separated list"))?
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.trim()
+                .parse::<T>()
+                .map_err(|_| anyhow::anyhow!("{what}: bad value {s:?}"))
+        })
+        .collect()
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -103,6 +122,12 @@ fn parse_args() -> anyhow::Result<Args> {
         backlog: None,
         out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results/latest.json")),
         relay_bin: None,
+        closed_count: None,
+        open_secs: None,
+        concurrencies: None,
+        rates: None,
+        starts: None,
+        skip_baseline: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -121,9 +146,27 @@ fn parse_args() -> anyhow::Result<Args> {
             "--relay-bin" => {
                 args.relay_bin = Some(it.next().context("--relay-bin needs a path")?.into())
             }
+            "--closed-count" => {
+                args.closed_count = Some(
+                    it.next()
+                        .context("--closed-count needs a number")?
+                        .parse()?,
+                )
+            }
+            "--open-secs" => {
+                args.open_secs = Some(it.next().context("--open-secs needs a number")?.parse()?)
+            }
+            "--concurrencies" => args.concurrencies = Some(list(it.next(), "--concurrencies")?),
+            "--rates" => args.rates = Some(list(it.next(), "--rates")?),
+            "--starts" => {
+                args.starts = Some(it.next().context("--starts needs a number")?.parse()?)
+            }
+            "--skip-baseline" => args.skip_baseline = true,
             "-h" | "--help" => {
                 println!(
                     "loadgen [--quick] [--backlog N | --skip-backlog] [--out FILE] [--relay-bin PATH]\n\
+                     \x20       [--closed-count N] [--open-secs S] [--concurrencies 64,256] [--rates 1000,5000]\n\
+                     \x20       [--starts N] [--skip-baseline]\n\
                      Full run (default): 100k requests per closed-loop scenario, 20 s per open-loop rate,\n\
                      a 1,000,000-event backlog; --quick: small counts, under a minute."
                 );
@@ -437,6 +480,21 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = args.backlog {
         plan.backlog = n;
     }
+    if let Some(n) = args.closed_count {
+        plan.closed_count = n;
+    }
+    if let Some(s) = args.open_secs {
+        plan.open_secs = s;
+    }
+    if let Some(c) = args.concurrencies.clone() {
+        plan.concurrencies = c;
+    }
+    if let Some(r) = args.rates.clone() {
+        plan.rates = r;
+    }
+    if let Some(n) = args.starts {
+        plan.starts = n;
+    }
     let bin = match &args.relay_bin {
         Some(b) => b.clone(),
         None => relay_binary()?,
@@ -464,8 +522,10 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
         .collect();
 
     let mut rows = Vec::new();
-    for &shape in &shapes {
-        rows.push(run.scenario("baseline", baseline, shape, &plan, None).await);
+    if !args.skip_baseline {
+        for &shape in &shapes {
+            rows.push(run.scenario("baseline", baseline, shape, &plan, None).await);
+        }
     }
 
     // The relay's store lives on disk (the temp dir's filesystem is in the JSON).
@@ -485,7 +545,7 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
         let mut row = run
             .scenario("relay", relay.addr, shape, &plan, Some(&relay))
             .await;
-        row.ratio = Some(row.req_s / rows[i].req_s);
+        row.ratio = (!args.skip_baseline).then(|| row.req_s / rows[i].req_s);
         load_peak_kb = load_peak_kb.max(relay.peak_rss_kb());
         rows.push(row);
     }
@@ -648,7 +708,7 @@ fn start_times(bin: &Path, sink: SocketAddr, n: usize) -> anyhow::Result<Value> 
     sorted.sort_by(f64::total_cmp);
     let pick = |q: f64| {
         sorted
-            .get(((sorted.len() - 1) as f64 * q).round() as usize)
+            .get((sorted.len().saturating_sub(1) as f64 * q).round() as usize)
             .copied()
             .unwrap_or(0.0)
     };
