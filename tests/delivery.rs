@@ -356,3 +356,71 @@ async fn deliveries_to_a_removed_destination_are_dead_lettered_not_dropped() {
     assert!(error.contains("no longer in the config"), "{error}");
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn retry_after_pauses_the_whole_destination() {
+    // Several deliveries in flight at once: after a 429 none of them is sent before
+    // Retry-After has passed.
+    let mut api = Receiver::ok().await;
+    api.script([Reply::status(429).header("retry-after", "1")]);
+    let setup = Setup::new();
+    let cfg = format!(
+        "destinations:\n{}routes:\n  - to: [api]\n",
+        http_dest(
+            "api",
+            &api.url(),
+            "    concurrency: 1\n    retry: { max_attempts: 5, initial_delay: 10ms, max_delay: 20ms }\n"
+        )
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    for i in 0..3 {
+        relay.send(&event("AUTH", &format!("p{i}"))).await;
+    }
+    let limited = api.next().await;
+    for _ in 0..3 {
+        let next = api.next().await;
+        assert!(
+            next.at - limited.at >= Duration::from_millis(950),
+            "sent {:?} after the 429",
+            next.at - limited.at
+        );
+    }
+    eventually("all done", || count(&setup, "done") == 3).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_error_body_quoting_our_secrets_is_redacted() {
+    // An API that echoes the request's credentials back in its error.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let auth = headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        (
+            axum::http::StatusCode::BAD_REQUEST,
+            format!("rejected credentials {auth} for /hook?key=q-secret-77"),
+        )
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let setup = Setup::new();
+    let cfg = format!(
+        "destinations:\n  api:\n    type: http\n    url: http://{addr}/hook?key=q-secret-77\n    headers: {{ Authorization: \"Bearer sk-echoed-1234\" }}\nroutes:\n  - to: [api]\n"
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    relay.send(&event("AUTH", "echo")).await;
+    eventually("dead-lettered", || count(&setup, "dead") == 1).await;
+    let error: String = setup
+        .db()
+        .query_row("SELECT last_error FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    assert!(error.starts_with("HTTP 400"), "{error}");
+    assert!(error.contains("[redacted]"), "{error}");
+    assert!(
+        !error.contains("sk-echoed-1234") && !error.contains("q-secret-77"),
+        "{error}"
+    );
+    relay.shutdown().await;
+}
