@@ -51,11 +51,13 @@ fn ready_watchdog_reload_and_stopping() {
         sock.set_read_timeout(Some(WAIT)).unwrap();
         let n = sock.recv(&mut buf).unwrap();
         let msg = String::from_utf8_lossy(&buf[..n]).to_string();
-        if let Some(status) = msg.lines().find_map(|l| l.strip_prefix("STATUS=")) {
-            if status.contains("accepted") {
-                assert!(status.contains("pending"), "{status}");
-                break;
-            }
+        if let Some(status) = msg
+            .lines()
+            .find_map(|l| l.strip_prefix("STATUS="))
+            .filter(|s| s.contains("accepted"))
+        {
+            assert!(status.contains("pending"), "{status}");
+            break;
         }
     }
 
