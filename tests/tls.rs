@@ -250,3 +250,19 @@ async fn start_fails_naming_the_file_when_the_key_does_not_match() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_config_reload_picks_up_a_renewed_certificate() {
+    // What `systemctl reload` does after certbot renewed the files in place.
+    let setup = Setup::new();
+    let old = self_signed();
+    let relay = start(&setup, &old, "").await;
+    let url = https(&relay);
+    let new = self_signed();
+    install(&setup, &new);
+    let body = format!("tls:\n  cert: cert.pem\n  key: key.pem\n{AUDIT}");
+    relay.reload(setup.config(&body)).await.unwrap();
+    let fresh_new = client_trusting(&new).build().unwrap();
+    assert_eq!(post(&fresh_new, &url, "renewed").await.unwrap().0, 200);
+    relay.shutdown().await.unwrap();
+}
