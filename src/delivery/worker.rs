@@ -242,8 +242,9 @@ async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphore
             () = shared.shutdown.soft.cancelled() => return,
         }
     }
-    // A `Retry-After` may have arrived while this attempt waited for its turn.
-    if let Some(until) = shared.pause() {
+    // A `Retry-After` may have arrived while this attempt waited for its turn, and
+    // another may extend it while this one sleeps: wait until no pause is in force.
+    while let Some(until) = shared.pause() {
         tokio::select! {
             () = tokio::time::sleep_until(until) => {}
             () = shared.shutdown.soft.cancelled() => return,
