@@ -519,6 +519,94 @@ async fn kill_9_of_the_owner_under_load_loses_nothing_and_never_overlaps() {
 }
 
 #[tokio::test]
+async fn ownership_moving_away_from_a_live_relay_never_overlaps_attempts() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Slow answers: the old owner's attempts are still under way when the other relay
+    // becomes the owner.
+    let tracker = Tracker::start(Duration::from_millis(1500)).await;
+    let config = pg::write_config(
+        dir.path(),
+        &db,
+        "200ms",
+        &http_destination(&tracker.url(), "    concurrency: 4\n"),
+    );
+    let relays = start_three(&config).await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let (status, body) = relays[i % 3].send(&event("AUTH", &format!("h{i}"))).await;
+        assert_eq!(status, 200);
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    within(Duration::from_secs(10), "attempts under way", || async {
+        tracker.arrivals().len() >= 4
+    })
+    .await;
+    // The owner's lock connection dies while the owner lives on: another relay takes the
+    // destination at once, the old owner notices within a second.
+    let mut c = db.connect().await;
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks
+         WHERE locktype = 'advisory' AND granted
+           AND objid = (faceio_relay_destination_key('api') & 4294967295)::oid",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(ended, vec![true], "one owner");
+    within(LONG, "every event delivered", || async {
+        let got = tracker.per_event();
+        ids.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    within(LONG, "every outcome recorded", || async {
+        db.count("done").await == 8
+    })
+    .await;
+    assert_eq!(
+        tracker.max_concurrent(),
+        1,
+        "an event was under way at two relays at once"
+    );
+    let per_event = tracker.per_event();
+    assert!(
+        per_event.values().all(|&n| n == 1),
+        "the new owner re-sent a delivery the old one had under way: {per_event:?}"
+    );
+    for r in relays {
+        r.shutdown().await;
+    }
+}
+
+#[test]
+fn the_postgres_fixture_is_typed_as_written() {
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/config/valid/postgres.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let env = |name: &str| match name {
+        "FACEIO_TOKEN" => Some("tok".to_string()),
+        "CRM_TOKEN" => Some("pg-password-77".to_string()),
+        _ => None,
+    };
+    let (config, warnings) = faceio_relay::config::load_str(&text, &file, &env).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let StoreBackend::Postgres(pg) = &config.store.backend else {
+        panic!("{:?}", config.store.backend)
+    };
+    assert_eq!(pg.pool_size, 16);
+    assert!(
+        pg.url
+            .expose()
+            .contains(":pg-password-77@db.internal:5432/relay")
+    );
+    assert_eq!(config.store.retention, Duration::from_secs(3 * 86_400));
+    let shown = format!("{config:?}\n{}", config.summary());
+    assert!(shown.contains("store postgres"), "{shown}");
+    assert!(!shown.contains("pg-password-77"), "{shown}");
+    assert!(!shown.contains("db.internal"), "{shown}");
+}
+
+#[tokio::test]
 async fn postgres_down_means_503_never_200_and_recovery_delivers() {
     let db = TestDb::create().await;
     let dir = tempfile::tempdir().unwrap();
