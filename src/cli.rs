@@ -67,9 +67,14 @@ pub struct SimulateArgs {
     /// Facial ID to put in the event (default: a fresh random one).
     #[arg(long)]
     pub facial_id: Option<String>,
-    /// Relay URL to post to (default: built from `listen` and `webhook_path`).
+    /// Relay URL to post to (default: built from `listen`, `webhook_path` and whether
+    /// `tls:` is set).
     #[arg(long)]
     pub url: Option<String>,
+    /// Also trust this PEM certificate (for a relay serving a self-signed or private-CA
+    /// certificate).
+    #[arg(long, value_name = "PEM")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -289,7 +294,12 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> anyhow::Result<ExitCo
                     std::net::Ipv6Addr::LOCALHOST.into()
                 });
             }
-            format!("http://{addr}{}", config.webhook_path)
+            let scheme = if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{addr}{}", config.webhook_path)
         }
     };
     let facial_id = args
@@ -298,7 +308,16 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> anyhow::Result<ExitCo
         .unwrap_or_else(|| format!("sim-{}", uuid::Uuid::now_v7().simple()));
     let payload = sample_payload(&args.event, &app.app_id, &facial_id);
     println!("POST {url}\n{}", serde_json::to_string_pretty(&payload)?);
-    let response = reqwest::Client::new()
+    let mut client = reqwest::Client::builder();
+    if let Some(path) = &args.ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+        client = client.add_root_certificate(cert);
+    }
+    let response = client
+        .build()?
         .post(&url)
         .header("WWW-Authenticate", format!("Bearer {}", app.token.expose()))
         .json(&payload)

@@ -1075,7 +1075,8 @@ impl Loader {
                     raw.concurrency,
                     raw.retry,
                     raw.rate_limit,
-                    1,
+                    // Lines from concurrent attempts share one fsync (group commit).
+                    16,
                 );
                 if raw.path.trim().is_empty() {
                     self.error(&path.key("path"), "must not be empty");

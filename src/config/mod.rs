@@ -169,7 +169,7 @@ pub struct DestinationConfig {
     pub name: String,
     /// What it is and its kind-specific settings.
     pub kind: DestinationKind,
-    /// Deliveries in flight at once (`concurrency`, default 4; file: 1).
+    /// Deliveries in flight at once (`concurrency`, default 4; file: 16).
     pub concurrency: usize,
     /// Per-request timeout (`timeout`, default 10s).
     pub timeout: Duration,
