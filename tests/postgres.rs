@@ -449,8 +449,8 @@ async fn kill_9_of_the_owner_under_load_loses_nothing_and_never_overlaps() {
                     let url = &urls[i % 3];
                     let mut req = client.post(url).json(&event("AUTH", &format!("f{i}")));
                     req = req.header("WWW-Authenticate", format!("Bearer {TOKEN}"));
-                    // A killed relay refuses or drops the request: that event was not
-                    // accepted (FACEIO would retry it), so it is not counted.
+                    // A killed relay refuses or drops the request: that event got no
+                    // 200, so it is not counted.
                     if let Ok(resp) = req.send().await
                         && resp.status() == 200
                         && let Ok(body) = resp.json::<serde_json::Value>().await
