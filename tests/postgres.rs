@@ -272,6 +272,7 @@ async fn claims_leases_and_ownership_keep_processes_apart() {
     sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_locks
          WHERE locktype = 'advisory' AND pid <> pg_backend_pid()
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
            AND objid = (faceio_relay_destination_key('z') & 4294967295)::oid",
     )
     .execute(&mut c)
@@ -548,6 +549,7 @@ async fn ownership_moving_away_from_a_live_relay_never_overlaps_attempts() {
     let ended: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_locks
          WHERE locktype = 'advisory' AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
            AND objid = (faceio_relay_destination_key('api') & 4294967295)::oid",
     )
     .fetch_all(&mut c)
@@ -695,6 +697,13 @@ async fn check_dead_letters_and_metrics_work_against_postgres() {
     })
     .await;
 
+    let table = cli(&config, &["dead-letters", "list"]).await;
+    assert!(table.ok(), "{}", table.all());
+    assert!(
+        !table.stderr.contains("already exists"),
+        "PostgreSQL notices reach the terminal: {}",
+        table.stderr
+    );
     let listed = dead_letters_json(&config).await;
     assert_eq!(listed.len(), 2);
     assert_eq!(

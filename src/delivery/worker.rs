@@ -132,6 +132,8 @@ impl Dispatcher {
         let shared = &self.shared;
         let cancel = &shared.shutdown.soft;
         let mut waited = false;
+        // What was last said, so a long wait logs once, not every poll.
+        let mut said = String::new();
         loop {
             match shared.store.own(&shared.name).await {
                 Ok(Some(ownership)) => {
@@ -142,14 +144,19 @@ impl Dispatcher {
                     return Some(ownership);
                 }
                 Ok(None) => {
-                    if !waited {
+                    if said != "standing by" {
+                        said = "standing by".into();
                         tracing::info!(destination = %shared.name,
                             "another relay dispatches this destination; standing by");
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(destination = %shared.name, error = %e,
-                        "cannot ask for ownership of this destination");
+                    let e = e.to_string();
+                    if said != e {
+                        tracing::warn!(destination = %shared.name, error = %e,
+                            "cannot ask for ownership of this destination; asking again every poll interval");
+                        said = e;
+                    }
                 }
             }
             waited = true;

@@ -194,7 +194,11 @@ impl PostgresStore {
             .expose()
             .parse()
             .map_err(|_| open_err("store.url is not a valid PostgreSQL URL"))?;
-        let options = options.application_name("faceio-relay");
+        // Notices (such as "relation … already exists, skipping" from a migration
+        // check) would land in the operator's terminal at INFO: keep only warnings.
+        let options = options
+            .application_name("faceio-relay")
+            .options([("client_min_messages", "warning")]);
         // No test query before handing out a connection: it would double the round trips
         // of every insert. A connection that died while idle fails one statement (503 or
         // a retried outcome) and is replaced.
