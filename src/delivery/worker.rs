@@ -23,8 +23,8 @@ const MAX_PREFETCH: usize = 256;
 
 /// Added to the destination's `timeout` to make the lease on a delivery claimed for an
 /// attempt (shared stores): covers the time between re-checking the claim and the
-/// request starting, and clock-free slack, so a lease never runs out while its attempt
-/// can still be under way.
+/// request starting, and scheduling delays, so a lease does not run out while its
+/// attempt can still be under way.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 /// State shared by a dispatcher and its attempts.
