@@ -10,10 +10,27 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogFormat};
 use crate::store::{Selection, Store};
 
+const EXAMPLES: &str = "\
+Examples:
+  faceio-relay check --config relay.yaml              validate before a restart
+  faceio-relay run --config relay.yaml                run in the foreground
+  faceio-relay simulate ENROLL --config relay.yaml    send a test event to the running relay
+  faceio-relay dead-letters list --json               failed deliveries, one JSON per line
+  faceio-relay dead-letters replay --destination crm  send them again after an outage
+
+Docs: README.md (config reference, metrics, reload, running as a systemd service).";
+
 /// Receives FACEIO webhooks, verifies them, stores them durably and fans them out to
 /// Slack, HTTP APIs and files by the rules in relay.yaml.
 #[derive(Debug, Parser)]
-#[command(name = "faceio-relay", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "faceio-relay",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = EXAMPLES
+)]
 pub struct Cli {
     /// Path to relay.yaml.
     #[arg(short, long, global = true, env = "FACEIO_RELAY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
