@@ -8,7 +8,6 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogFormat};
-use crate::store::sqlite::SqliteStore;
 use crate::store::{Selection, Store};
 
 const EXAMPLES: &str = "\
@@ -354,8 +353,8 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> anyhow::Result<ExitCo
 }
 
 async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<ExitCode> {
-    let path = config.store.path.clone();
-    let store = tokio::task::spawn_blocking(move || SqliteStore::open_admin(&path)).await??;
+    let store = crate::store::open_admin(&config.store).await?;
+    let store = store.as_ref();
     match cmd {
         DeadLetterCommand::List {
             json,
@@ -411,7 +410,7 @@ async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result
             }
         }
         DeadLetterCommand::Replay(select) => {
-            return replay(config, &store, select.selection()).await;
+            return replay(config, store, select.selection()).await;
         }
         DeadLetterCommand::Purge(select) => {
             let n = store.purge(&select.selection()).await?;
@@ -427,7 +426,7 @@ async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result
 /// are left as they are and named; asking for them explicitly fails.
 async fn replay(
     config: &Config,
-    store: &SqliteStore,
+    store: &dyn Store,
     selection: Selection,
 ) -> anyhow::Result<ExitCode> {
     let known: Vec<&str> = config

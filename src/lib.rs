@@ -7,7 +7,8 @@
 //!   [`ingress::VerifiedEvent`], the only thing the store accepts.
 //! - [`routing`]: compiled `routes:`; decides which destinations get the event.
 //! - [`store`]: writes the event and one pending delivery per destination in one
-//!   transaction, synced to disk (group commit) before ingress answers 200.
+//!   transaction, synced to disk (group commit) before ingress answers 200. SQLite by
+//!   default; a shared PostgreSQL database lets several relays act as one.
 //! - [`delivery`]: one dispatcher per destination takes due deliveries, applies the
 //!   destination's concurrency and rate limit, and records done / retry-at / dead.
 //! - [`destinations`]: one file per kind (`slack`, `http`, `file`) behind one trait;
@@ -50,8 +51,7 @@ use crate::admin::AdminState;
 use crate::config::Config;
 use crate::delivery::{Applied, Deliveries, Shutdown};
 use crate::ingress::{IngressState, TlsHandle};
-use crate::store::Store;
-use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, Wake};
 use crate::telemetry::metrics::Metrics;
 
 /// How often done deliveries past the retention period are pruned.
@@ -93,12 +93,7 @@ impl Relay {
         let config = Arc::new(config);
         // Certificate problems are reported before anything else is started.
         let tls = config.tls.as_ref().map(TlsHandle::load).transpose()?;
-        let path = config.store.path.clone();
-        let store: Arc<dyn Store> = Arc::new(
-            tokio::task::spawn_blocking(move || SqliteStore::open(&path))
-                .await
-                .context("store open task failed")??,
-        );
+        let store = store::open(&config.store).await?;
         let metrics = Arc::new(Metrics::new());
 
         let tracker = TaskTracker::new();
@@ -114,6 +109,14 @@ impl Relay {
         ));
         let (wakers, _) = deliveries.apply(&config).await?;
         deliveries.dead_letter_orphans(&config).await?;
+        // A shared store tells every relay about deliveries accepted by any of them.
+        if let Some(wakes) = store.subscribe() {
+            tracker.spawn(forward_wakes(
+                wakes,
+                Arc::clone(&deliveries),
+                delivery.soft.clone(),
+            ));
+        }
 
         let listener = TcpListener::bind(config.listen)
             .await
@@ -177,7 +180,7 @@ impl Relay {
             addr = %local_addr,
             admin = %admin_addr.map_or("off".to_string(), |a| a.to_string()),
             path = %config.webhook_path,
-            store = %config.store.path.display(),
+            store = %store::describe(&config.store),
             destinations = config.destinations.len(),
             routes = config.routes.len(),
             "faceio-relay ready"
@@ -233,6 +236,9 @@ impl Relay {
         if new.store.path != old.store.path {
             kept.push("store.path");
         }
+        if new.store.backend != old.store.backend {
+            kept.push("store.backend/url/pool_size");
+        }
         if new.ingress.max_connections != old.ingress.max_connections {
             kept.push("ingress.max_connections");
         }
@@ -255,6 +261,7 @@ impl Relay {
         new.admin_listen = old.admin_listen;
         new.webhook_path = old.webhook_path.clone();
         new.store.path = old.store.path.clone();
+        new.store.backend = old.store.backend.clone();
         new.ingress.max_connections = old.ingress.max_connections;
         new.ingress.header_timeout = old.ingress.header_timeout;
         new.log_format = old.log_format;
@@ -334,6 +341,7 @@ impl Relay {
             self.delivery.hard.cancel();
             self.tracker.wait().await;
         }
+        self.store.close().await;
         tracing::info!("shutdown complete");
         Ok(())
     }
@@ -386,6 +394,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let relay = Relay::start(config).await?;
     shutdown.await;
     relay.shutdown().await
+}
+
+/// Passes the store's new-delivery notices to the dispatchers running now.
+async fn forward_wakes(
+    mut wakes: tokio::sync::broadcast::Receiver<Wake>,
+    deliveries: Arc<Deliveries>,
+    stop: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let wake = tokio::select! {
+            w = wakes.recv() => w,
+            () = stop.cancelled() => return,
+        };
+        match wake {
+            Ok(Wake::Destination(name)) => deliveries.wakers().wake(&name),
+            Ok(Wake::All) | Err(RecvError::Lagged(_)) => deliveries.wakers().wake_all(),
+            Err(RecvError::Closed) => return,
+        }
+    }
 }
 
 /// Periodic upkeep: prune old delivered events; forget idle auth-failure counters.

@@ -804,6 +804,10 @@ impl Store for SqliteStore {
         .await
     }
 
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
     async fn prune(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
         // In chunks, each its own short write, so accepts keep flowing between them (a
         // week of history in one transaction would hold the writer for seconds).
