@@ -4,8 +4,7 @@
 //! own database and drops it.
 
 mod common;
-#[path = "common/pg.rs"]
-mod pg;
+use common::pg;
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -445,4 +445,5 @@ impl Daemon {
         self.log.lock().unwrap().join("\n")
     }
 }
+pub mod pg;
 pub mod proc;
