@@ -8,13 +8,29 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogFormat};
-use crate::store::sqlite::SqliteStore;
 use crate::store::{Selection, Store};
+
+const EXAMPLES: &str = "\
+Examples:
+  faceio-relay check --config relay.yaml              validate before a restart
+  faceio-relay run --config relay.yaml                run in the foreground
+  faceio-relay simulate ENROLL --config relay.yaml    send a test event to the running relay
+  faceio-relay dead-letters list --json               failed deliveries, one JSON per line
+  faceio-relay dead-letters replay --destination crm  send them again after an outage
+
+Docs: README.md (config reference, metrics, reload, running as a systemd service).";
 
 /// Receives FACEIO webhooks, verifies them, stores them durably and fans them out to
 /// Slack, HTTP APIs and files by the rules in relay.yaml.
 #[derive(Debug, Parser)]
-#[command(name = "faceio-relay", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "faceio-relay",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = EXAMPLES
+)]
 pub struct Cli {
     /// Path to relay.yaml.
     #[arg(short, long, global = true, env = "FACEIO_RELAY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
@@ -68,9 +84,14 @@ pub struct SimulateArgs {
     /// Facial ID to put in the event (default: a fresh random one).
     #[arg(long)]
     pub facial_id: Option<String>,
-    /// Relay URL to post to (default: built from `listen` and `webhook_path`).
+    /// Relay URL to post to (default: built from `listen`, `webhook_path` and whether
+    /// `tls:` is set).
     #[arg(long)]
     pub url: Option<String>,
+    /// Also trust this PEM certificate (for a relay serving a self-signed or private-CA
+    /// certificate).
+    #[arg(long, value_name = "PEM")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,7 +311,12 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> anyhow::Result<ExitCo
                     std::net::Ipv6Addr::LOCALHOST.into()
                 });
             }
-            format!("http://{addr}{}", config.webhook_path)
+            let scheme = if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{addr}{}", config.webhook_path)
         }
     };
     let facial_id = args
@@ -299,7 +325,16 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> anyhow::Result<ExitCo
         .unwrap_or_else(|| format!("sim-{}", uuid::Uuid::now_v7().simple()));
     let payload = sample_payload(&args.event, &app.app_id, &facial_id);
     println!("POST {url}\n{}", serde_json::to_string_pretty(&payload)?);
-    let response = reqwest::Client::new()
+    let mut client = reqwest::Client::builder();
+    if let Some(path) = &args.ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+        client = client.add_root_certificate(cert);
+    }
+    let response = client
+        .build()?
         .post(&url)
         .header("WWW-Authenticate", format!("Bearer {}", app.token.expose()))
         .json(&payload)
@@ -318,8 +353,8 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> anyhow::Result<ExitCo
 }
 
 async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<ExitCode> {
-    let path = config.store.path.clone();
-    let store = tokio::task::spawn_blocking(move || SqliteStore::open_admin(&path)).await??;
+    let store = crate::store::open_admin(&config.store).await?;
+    let store = store.as_ref();
     match cmd {
         DeadLetterCommand::List {
             json,
@@ -375,7 +410,7 @@ async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result
             }
         }
         DeadLetterCommand::Replay(select) => {
-            return replay(config, &store, select.selection()).await;
+            return replay(config, store, select.selection()).await;
         }
         DeadLetterCommand::Purge(select) => {
             let n = store.purge(&select.selection()).await?;
@@ -391,7 +426,7 @@ async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result
 /// are left as they are and named; asking for them explicitly fails.
 async fn replay(
     config: &Config,
-    store: &SqliteStore,
+    store: &dyn Store,
     selection: Selection,
 ) -> anyhow::Result<ExitCode> {
     let known: Vec<&str> = config

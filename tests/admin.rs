@@ -16,10 +16,7 @@ async fn metrics_count_events_rejections_deliveries_and_backlog() {
     let mut api = Receiver::ok().await;
     api.script([Reply::status(500)]);
     let setup = Setup::new();
-    let down = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let down = format!("127.0.0.1:{}", free_port());
     let cfg = format!(
         "destinations:
   api:

@@ -301,7 +301,7 @@ fn full_example_is_typed_as_written() {
         panic!("{audit:?}")
     };
     assert_eq!(f.path, dir.join("data/events.jsonl"));
-    assert_eq!(audit.concurrency, 1);
+    assert_eq!(audit.concurrency, 16);
     assert_eq!(audit.rate_limit, None);
 
     assert_eq!(config.routes.len(), 3);
@@ -475,7 +475,7 @@ fn summary_describes_the_config() {
         "applications (2): fioa1234, fiob5678",
         "team-slack: slack, concurrency 4",
         "crm: http, concurrency 8, timeout 5s, rate limit 50/s burst 100, retry 10 attempts 500ms..5m",
-        "audit: file, concurrency 1",
+        "audit: file, concurrency 16",
         "enrollments: eventName ENROLL -> team-slack, crm",
         "details.age 18..65.5",
         "route-3: every event -> audit",

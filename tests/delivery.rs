@@ -52,12 +52,8 @@ async fn retryable_failures_are_retried_until_success() {
 
 #[tokio::test]
 async fn connection_refused_is_retried() {
-    // Bind then drop a listener: nothing listens on that port for the first attempts.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Nothing listens on that port for the first attempts.
+    let port = free_port();
     let setup = Setup::new();
     let cfg = format!(
         "destinations:\n{}routes:\n  - to: [api]\n",
@@ -85,23 +81,8 @@ async fn connection_refused_is_retried() {
         .unwrap();
     assert!(error.contains("connection failed"), "{error}");
     // The destination comes up on that port: the delivery gets through.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
-        let tx = tx.clone();
-        async move {
-            let _ = tx.send(body);
-            "ok"
-        }
-    });
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let body = tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&body).contains("face-c"));
+    let mut api = Receiver::ok_on(port).await;
+    assert_eq!(api.next().await.json()["facialId"], "face-c");
     eventually("done", || count(&setup, "done") == 1).await;
     relay.shutdown().await;
 }
@@ -272,11 +253,7 @@ async fn a_hanging_destination_does_not_delay_the_others() {
 #[tokio::test]
 async fn pending_deliveries_survive_a_restart() {
     let setup = Setup::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let cfg = format!(
         "destinations:\n{}routes:\n  - to: [api]\n",
         http_dest(
@@ -296,27 +273,16 @@ async fn pending_deliveries_survive_a_restart() {
     assert_eq!(count(&setup, "pending"), 10);
 
     // Same config, destination up now.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
-        let tx = tx.clone();
-        async move {
-            let _ = tx.send(body);
-            "ok"
-        }
-    });
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut api = Receiver::ok_on(port).await;
     let relay = TestRelay::start(setup.config(&cfg)).await;
     let mut seen = std::collections::BTreeSet::new();
     while seen.len() < 10 {
-        let body = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        seen.insert(v["facialId"].as_str().unwrap().to_string());
+        seen.insert(
+            api.next().await.json()["facialId"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     eventually("all done", || count(&setup, "done") == 10).await;
     relay.shutdown().await;
@@ -325,11 +291,7 @@ async fn pending_deliveries_survive_a_restart() {
 #[tokio::test]
 async fn deliveries_to_a_removed_destination_are_dead_lettered_not_dropped() {
     let setup = Setup::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let cfg = format!(
         "destinations:\n{}  audit:\n    type: file\n    path: e.jsonl\nroutes:\n  - to: [gone, audit]\n",
         http_dest(
@@ -354,5 +316,73 @@ async fn deliveries_to_a_removed_destination_are_dead_lettered_not_dropped() {
         )
         .unwrap();
     assert!(error.contains("no longer in the config"), "{error}");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn retry_after_pauses_the_whole_destination() {
+    // Several deliveries in flight at once: after a 429 none of them is sent before
+    // Retry-After has passed.
+    let mut api = Receiver::ok().await;
+    api.script([Reply::status(429).header("retry-after", "1")]);
+    let setup = Setup::new();
+    let cfg = format!(
+        "destinations:\n{}routes:\n  - to: [api]\n",
+        http_dest(
+            "api",
+            &api.url(),
+            "    concurrency: 1\n    retry: { max_attempts: 5, initial_delay: 10ms, max_delay: 20ms }\n"
+        )
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    for i in 0..3 {
+        relay.send(&event("AUTH", &format!("p{i}"))).await;
+    }
+    let limited = api.next().await;
+    for _ in 0..3 {
+        let next = api.next().await;
+        assert!(
+            next.at - limited.at >= Duration::from_millis(950),
+            "sent {:?} after the 429",
+            next.at - limited.at
+        );
+    }
+    eventually("all done", || count(&setup, "done") == 3).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_error_body_quoting_our_secrets_is_redacted() {
+    // An API that echoes the request's credentials back in its error.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let auth = headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        (
+            axum::http::StatusCode::BAD_REQUEST,
+            format!("rejected credentials {auth} for /hook?key=q-secret-77"),
+        )
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let setup = Setup::new();
+    let cfg = format!(
+        "destinations:\n  api:\n    type: http\n    url: http://{addr}/hook?key=q-secret-77\n    headers: {{ Authorization: \"Bearer sk-echoed-1234\" }}\nroutes:\n  - to: [api]\n"
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    relay.send(&event("AUTH", "echo")).await;
+    eventually("dead-lettered", || count(&setup, "dead") == 1).await;
+    let error: String = setup
+        .db()
+        .query_row("SELECT last_error FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    assert!(error.starts_with("HTTP 400"), "{error}");
+    assert!(error.contains("[redacted]"), "{error}");
+    assert!(
+        !error.contains("sk-echoed-1234") && !error.contains("q-secret-77"),
+        "{error}"
+    );
     relay.shutdown().await;
 }

@@ -329,3 +329,49 @@ async fn store_failure_answers_503_never_200() {
     assert_eq!(relay.send(&event("AUTH", "after")).await.0, 200);
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn silent_connections_do_not_hold_the_connection_slots() {
+    let setup = Setup::new();
+    let cfg = format!(
+        "ingress:\n  max_connections: 2\n  header_timeout: 300ms\n{}",
+        audit_only()
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    let addr = relay.relay.local_addr();
+    // Two clients take both slots and send nothing at all.
+    let _a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The sender still gets its answer: the silent ones are dropped after header_timeout.
+    let answered = tokio::time::timeout(WAIT, relay.send(&event("AUTH", "after-silence"))).await;
+    assert_eq!(
+        answered.expect("answered while silent clients connect").0,
+        200
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_utf8_is_a_400_not_a_503() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(audit_only())).await;
+    let auth = format!("Bearer {TOKEN}");
+    let mut body =
+        br#"{"eventName":"AUTH","facialId":"f","appId":"fioa-test","clientIp":"1.2.3.4","x":""#
+            .to_vec();
+    body.extend_from_slice(b"\xff\"}");
+    let (s, a) = raw(
+        &relay,
+        reqwest::Method::POST,
+        "/webhook",
+        &[
+            ("content-type", "application/json"),
+            ("www-authenticate", auth.as_str()),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert_eq!(a["error"], "invalid_payload");
+    relay.shutdown().await;
+}

@@ -71,10 +71,7 @@ async fn tokens_change_on_reload() {
 #[tokio::test]
 async fn a_removed_destinations_queue_goes_to_dead_letters() {
     let setup = Setup::new();
-    let down = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let down = format!("127.0.0.1:{}", free_port());
     let relay = TestRelay::start(setup.config(&format!(
         "destinations:\n{}  audit:\n    type: file\n    path: e.jsonl\nroutes:\n  - to: [gone, audit]\n",
         http("gone", &format!("http://{down}/"))

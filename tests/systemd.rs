@@ -43,6 +43,23 @@ fn ready_watchdog_reload_and_stopping() {
     until(&sock, "READY=1");
     // READY came after the port accepts connections.
     std::net::TcpStream::connect(daemon.addr).expect("listening when READY=1 is sent");
+    // A STATUS= line with live figures follows.
+    let deadline = Instant::now() + WAIT;
+    let mut buf = [0u8; 4096];
+    loop {
+        assert!(Instant::now() < deadline, "no STATUS= with figures");
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        let n = sock.recv(&mut buf).unwrap();
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        if let Some(status) = msg
+            .lines()
+            .find_map(|l| l.strip_prefix("STATUS="))
+            .filter(|s| s.contains("accepted"))
+        {
+            assert!(status.contains("pending"), "{status}");
+            break;
+        }
+    }
 
     // Watchdog pings at half of WATCHDOG_USEC (100 ms).
     let mut pings = vec![];

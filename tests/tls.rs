@@ -250,3 +250,49 @@ async fn start_fails_naming_the_file_when_the_key_does_not_match() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_config_reload_picks_up_a_renewed_certificate() {
+    // What `systemctl reload` does after certbot renewed the files in place.
+    let setup = Setup::new();
+    let old = self_signed();
+    let relay = start(&setup, &old, "").await;
+    let url = https(&relay);
+    let new = self_signed();
+    install(&setup, &new);
+    let body = format!("tls:\n  cert: cert.pem\n  key: key.pem\n{AUDIT}");
+    relay.reload(setup.config(&body)).await.unwrap();
+    let fresh_new = client_trusting(&new).build().unwrap();
+    assert_eq!(post(&fresh_new, &url, "renewed").await.unwrap().0, 200);
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn simulate_posts_over_https_trusting_a_given_certificate() {
+    let setup = Setup::new();
+    let pem = self_signed();
+    let relay = start(&setup, &pem, "").await;
+    let simulate = |extra: Vec<String>| {
+        let mut cmd = tokio::process::Command::new(binary());
+        cmd.args(["simulate", "ENROLL", "--config"])
+            .arg(setup.path("relay.yaml"))
+            .args(["--url", &https(&relay)])
+            .args(extra);
+        cmd.output()
+    };
+    let cert = setup.path("cert.pem").to_str().unwrap().to_string();
+    let trusted = simulate(vec!["--ca-cert".into(), cert]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&trusted.stdout);
+    assert!(
+        trusted.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    assert!(stdout.contains("HTTP 200"), "{stdout}");
+    let untrusted = simulate(vec![]).await.unwrap();
+    assert!(
+        !untrusted.status.success(),
+        "a self-signed certificate is not trusted by default"
+    );
+    relay.shutdown().await.unwrap();
+}

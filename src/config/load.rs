@@ -15,14 +15,16 @@ use super::de::{DeError, from_node, one_of};
 use super::interp::interpolate;
 use super::raw::{
     DESTINATION_TYPES, Dur, OneOrMany, RawApplication, RawDelivery, RawFile, RawHttp, RawIngress,
-    RawMatch, RawRateLimit, RawRetry, RawRoute, RawSlack, RawStore, RawTls, TOP_LEVEL_KEYS,
+    RawMatch, RawRateLimit, RawRetry, RawRoute, RawSlack, RawStore, RawTls, STORE_BACKENDS,
+    TOP_LEVEL_KEYS,
 };
 use super::suggest::did_you_mean;
 use super::yaml::{KeyPath, Kind, Loc, Node, Seg, parse};
 use super::{
-    AgeRange, Application, Config, DEFAULT_ADMIN_LISTEN, DeliveryConfig, DestinationConfig,
-    DestinationKind, FileConfig, HttpConfig, IngressConfig, LogFormat, MatchConfig, RateLimit,
-    RetryPolicy, RouteConfig, Secret, SlackConfig, StoreConfig, TlsConfig,
+    AgeRange, Application, Config, DEFAULT_ADMIN_LISTEN, DEFAULT_POOL_SIZE, DeliveryConfig,
+    DestinationConfig, DestinationKind, FileConfig, HttpConfig, IngressConfig, LogFormat,
+    MAX_POOL_SIZE, MatchConfig, PostgresConfig, RateLimit, RetryPolicy, RouteConfig, Secret,
+    SlackConfig, StoreBackend, StoreConfig, TlsConfig,
 };
 
 /// One problem in the config file.
@@ -268,6 +270,7 @@ fn top(key: &str) -> KeyPath {
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_WEBHOOK_PATH: &str = "/webhook";
+const DEFAULT_STORE_PATH: &str = "./data/relay.db";
 /// FACEIO aborts a webhook request after this long.
 const FACEIO_TIMEOUT: Duration = Duration::from_secs(6);
 const KNOWN_EVENTS: &[&str] = &["ENROLL", "AUTH", "DELETION"];
@@ -460,7 +463,8 @@ impl Loader {
             webhook_path: DEFAULT_WEBHOOK_PATH.into(),
             ingress: ingress_defaults(),
             store: StoreConfig {
-                path: self.resolve("./data/relay.db"),
+                backend: StoreBackend::Sqlite,
+                path: self.resolve(DEFAULT_STORE_PATH),
                 retention: Duration::from_secs(7 * 86_400),
             },
             applications: Vec::new(),
@@ -698,16 +702,109 @@ impl Loader {
     fn store(&mut self) -> StoreConfig {
         let path = top("store");
         let raw: RawStore = self.de(&path).unwrap_or_default();
-        let file = raw.path.unwrap_or_else(|| "./data/relay.db".into());
+        let retention = raw
+            .retention
+            .map_or(Duration::from_secs(7 * 86_400), |d| d.0);
+        let backend = match raw.backend.as_deref().map(str::trim) {
+            None | Some("sqlite") => {
+                for (key, given) in [
+                    ("url", raw.url.is_some()),
+                    ("pool_size", raw.pool_size.is_some()),
+                ] {
+                    if given {
+                        self.key_error(
+                            &path.key(key),
+                            format!(
+                                "`{key}` is a PostgreSQL setting; it needs `backend: postgres`"
+                            ),
+                        );
+                    }
+                }
+                StoreBackend::Sqlite
+            }
+            Some("postgres") => match self.postgres(&path, &raw) {
+                Some(pg) => StoreBackend::Postgres(pg),
+                None => StoreBackend::Sqlite,
+            },
+            Some(other) => {
+                let msg = format!(
+                    "unknown store backend {}; {}",
+                    self.shown(&path.key("backend"), other),
+                    one_of(other, STORE_BACKENDS)
+                );
+                self.error(&path.key("backend"), msg);
+                StoreBackend::Sqlite
+            }
+        };
+        let file = raw.path.unwrap_or_else(|| DEFAULT_STORE_PATH.into());
         if file.trim().is_empty() {
             self.error(&path.key("path"), "must not be empty");
         }
         StoreConfig {
+            backend,
             path: self.resolve(&file),
-            retention: raw
-                .retention
-                .map_or(Duration::from_secs(7 * 86_400), |d| d.0),
+            retention,
         }
+    }
+
+    /// `backend: postgres`: `url` required (and a PostgreSQL URL), `path` refused,
+    /// `pool_size` in range. The URL is never shown in a message: it may hold a password.
+    fn postgres(&mut self, path: &KeyPath, raw: &RawStore) -> Option<PostgresConfig> {
+        let mut ok = true;
+        if raw.path.is_some() {
+            self.key_error(
+                &path.key("path"),
+                "`path` is the SQLite file; with `backend: postgres` the store is `url`",
+            );
+            ok = false;
+        }
+        let pool_size = match raw.pool_size {
+            None => DEFAULT_POOL_SIZE,
+            Some(n) if (1..=u64::from(MAX_POOL_SIZE)).contains(&n) => n as u32,
+            Some(_) => {
+                self.error(
+                    &path.key("pool_size"),
+                    format!("must be between 1 and {MAX_POOL_SIZE}"),
+                );
+                ok = false;
+                DEFAULT_POOL_SIZE
+            }
+        };
+        let url = match raw.url.as_deref().map(str::trim) {
+            None => {
+                if !self.diag.suppressed(&path.key("url")) {
+                    self.error(
+                        path,
+                        "missing required key `url` for `backend: postgres` \
+                         (such as postgres://relay@db.example:5432/relay, usually ${DATABASE_URL})",
+                    );
+                }
+                None
+            }
+            Some("") => {
+                self.error(&path.key("url"), "must not be empty");
+                None
+            }
+            Some(text) => {
+                let scheme_ok = reqwest::Url::parse(text)
+                    .is_ok_and(|u| matches!(u.scheme(), "postgres" | "postgresql"));
+                if scheme_ok && text.parse::<sqlx::postgres::PgConnectOptions>().is_ok() {
+                    Some(text.to_owned())
+                } else {
+                    self.error(
+                        &path.key("url"),
+                        "not a valid PostgreSQL URL; write postgres://user:password@host:5432/database \
+                         (options such as ?sslmode=require may follow)",
+                    );
+                    None
+                }
+            }
+        };
+        let url = url?;
+        ok.then(|| PostgresConfig {
+            url: Secret::new(url),
+            pool_size,
+        })
     }
 
     fn delivery(&mut self) -> DeliveryConfig {
@@ -978,7 +1075,8 @@ impl Loader {
                     raw.concurrency,
                     raw.retry,
                     raw.rate_limit,
-                    1,
+                    // Lines from concurrent attempts share one fsync (group commit).
+                    16,
                 );
                 if raw.path.trim().is_empty() {
                     self.error(&path.key("path"), "must not be empty");
@@ -1478,12 +1576,25 @@ impl Config {
                 let _ = writeln!(s, "admin off");
             }
         }
-        let _ = writeln!(
-            s,
-            "store {} (retention {})",
-            self.store.path.display(),
-            humantime::format_duration(self.store.retention)
-        );
+        match &self.store.backend {
+            StoreBackend::Sqlite => {
+                let _ = writeln!(
+                    s,
+                    "store sqlite {} (retention {})",
+                    self.store.path.display(),
+                    humantime::format_duration(self.store.retention)
+                );
+            }
+            // The URL may carry a password: only the backend and pool are shown.
+            StoreBackend::Postgres(pg) => {
+                let _ = writeln!(
+                    s,
+                    "store postgres (url from the config, pool {}, retention {})",
+                    pg.pool_size,
+                    humantime::format_duration(self.store.retention)
+                );
+            }
+        }
         let ids: Vec<&str> = self
             .applications
             .iter()

@@ -107,11 +107,51 @@ pub struct IngressConfig {
 /// `store:` — where events and deliveries live.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// SQLite database file (`path`, default `./data/relay.db`), resolved.
+    /// Which backend (`backend`, default `sqlite`), with its settings.
+    pub backend: StoreBackend,
+    /// SQLite database file (`path`, default `./data/relay.db`), resolved. Read only by
+    /// the SQLite backend (`path` is an error with `backend: postgres`).
     pub path: PathBuf,
     /// How long delivered events are kept for inspection (`retention`, default 7d).
     pub retention: Duration,
 }
+
+/// `store.backend`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum StoreBackend {
+    /// The embedded SQLite database at [`StoreConfig::path`]: one relay per database.
+    #[default]
+    Sqlite,
+    /// A shared PostgreSQL database: several relays act as one.
+    Postgres(PostgresConfig),
+}
+
+impl StoreBackend {
+    /// `sqlite` or `postgres`, as written in `backend:`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// `backend: postgres` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database?sslmode=…` (`url`, required). It
+    /// usually carries a password, so it is a secret: never logged, never in `check`.
+    pub url: Secret,
+    /// Connections for ingress, dispatchers and admin reads (`pool_size`, 1 to 256,
+    /// default 8). Each relay also keeps two more: one holding its destination locks and
+    /// one listening for new deliveries.
+    pub pool_size: u32,
+}
+
+/// Default `store.pool_size`.
+pub const DEFAULT_POOL_SIZE: u32 = 8;
+/// Largest `store.pool_size`.
+pub const MAX_POOL_SIZE: u32 = 256;
 
 /// One FACEIO application.
 #[derive(Debug, Clone)]
@@ -129,7 +169,7 @@ pub struct DestinationConfig {
     pub name: String,
     /// What it is and its kind-specific settings.
     pub kind: DestinationKind,
-    /// Deliveries in flight at once (`concurrency`, default 4; file: 1).
+    /// Deliveries in flight at once (`concurrency`, default 4; file: 16).
     pub concurrency: usize,
     /// Per-request timeout (`timeout`, default 10s).
     pub timeout: Duration,

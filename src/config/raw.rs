@@ -77,9 +77,17 @@ pub struct RawAuthFailures {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
+    /// `sqlite` (default: an embedded database, one relay) or `postgres` (a shared
+    /// database, several relays).
+    pub backend: Option<String>,
     /// SQLite database file, relative to the config file's directory
-    /// (default `./data/relay.db`).
+    /// (default `./data/relay.db`). SQLite only.
     pub path: Option<String>,
+    /// PostgreSQL connection URL, usually `${DATABASE_URL}`; required with `backend:
+    /// postgres` (a secret: it may carry a password).
+    pub url: Option<String>,
+    /// PostgreSQL connections per relay, 1 to 256 (default 8).
+    pub pool_size: Option<u64>,
     /// How long delivered events are kept (default `7d`).
     pub retention: Option<Dur>,
 }
@@ -119,6 +127,9 @@ pub struct RawRateLimit {
     /// Bucket size (default 1, >= 1).
     pub burst: Option<u32>,
 }
+
+/// The store backends, as written in `backend:`.
+pub const STORE_BACKENDS: &[&str] = &["sqlite", "postgres"];
 
 /// The destination types, as written in `type:`.
 pub const DESTINATION_TYPES: &[&str] = &["slack", "http", "file"];

@@ -56,6 +56,11 @@ impl Claims {
         }
     }
 
+    /// Whether `id` is claimed now.
+    pub fn contains(&self, id: i64) -> bool {
+        self.active.contains(&id)
+    }
+
     /// How many are claimed.
     pub fn len(&self) -> usize {
         self.active.len()

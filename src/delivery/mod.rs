@@ -4,7 +4,14 @@
 //! - **Claimed by at most one worker.** Each destination has one dispatcher; it keeps the
 //!   IDs it has handed out in an in-flight set until their outcome is *committed*, and
 //!   skips those IDs when it reads the store, so a delivery is never attempted twice at
-//!   once. (The store holds one daemon at a time, so there is no other process to race.)
+//!   once.
+//! - **One dispatcher per destination, cluster-wide.** A dispatcher dispatches only while
+//!   it owns its destination ([`crate::store::Store::own`]): at once with SQLite (one
+//!   daemon per store), one relay at a time with a shared PostgreSQL store. So the
+//!   in-flight set, the rate limit and `Retry-After` pauses below hold for every relay
+//!   sharing the store. Rows are also claimed in the store under a lease of the
+//!   destination's `timeout` plus a margin, re-checked just before each attempt, so a
+//!   change of owner never makes two live relays attempt one delivery.
 //! - **Every attempt ends in an outcome or stays pending.** Done, retry-at or dead is
 //!   recorded after the attempt; if the process dies first, the row is still `pending`
 //!   and is attempted again after restart (at-least-once).
@@ -58,6 +65,13 @@ impl Wakers {
             n.notify_one();
         }
     }
+
+    /// Wakes every dispatcher.
+    pub fn wake_all(&self) {
+        for n in self.by_destination.values() {
+            n.notify_one();
+        }
+    }
 }
 
 /// The cancellation pair every delivery task watches.
@@ -98,6 +112,8 @@ pub struct Deliveries {
     shutdown: Shutdown,
     running: Mutex<HashMap<String, Running>>,
     in_flight: Mutex<HashMap<String, InFlight>>,
+    /// The wakers of the running dispatchers, for wake-ups that come from the store.
+    wakers: Mutex<Wakers>,
 }
 
 impl Deliveries {
@@ -114,7 +130,16 @@ impl Deliveries {
             shutdown,
             running: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            wakers: Mutex::new(Wakers::default()),
         }
+    }
+
+    /// The wakers of the dispatchers running now.
+    pub fn wakers(&self) -> Wakers {
+        self.wakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Makes the running dispatchers match `config`: unchanged destinations keep running
@@ -216,14 +241,16 @@ impl Deliveries {
                 },
             );
         }
-        Wakers {
+        let wakers = Wakers {
             by_destination: Arc::new(
                 running
                     .iter()
                     .map(|(name, r)| (name.clone(), Arc::clone(&r.wake)))
                     .collect(),
             ),
-        }
+        };
+        *self.wakers.lock().unwrap_or_else(|p| p.into_inner()) = wakers.clone();
+        wakers
     }
 
     /// Moves pending deliveries for destinations not in `config` to the dead letters.

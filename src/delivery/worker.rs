@@ -14,12 +14,18 @@ use super::{InFlight, Shutdown};
 use crate::config::{DestinationConfig, RetryPolicy};
 use crate::destinations::{DeliveryError, Destination};
 use crate::ingress::verify::now_ms;
-use crate::store::{Delivery, Outcome, Store};
+use crate::store::{Delivery, Outcome, Ownership, Store};
 use crate::telemetry::events::{AttemptResult, DeliveryAttempted, RateLimitWait};
 use crate::telemetry::metrics::Metrics;
 
 /// Most deliveries read ahead from the store per destination.
 const MAX_PREFETCH: usize = 256;
+
+/// Added to the destination's `timeout` to make the lease on a delivery claimed for an
+/// attempt (shared stores): covers the time between re-checking the claim and the
+/// request starting, and scheduling delays, so a lease does not run out while its
+/// attempt can still be under way.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 /// State shared by a dispatcher and its attempts.
 struct Shared {
@@ -36,6 +42,8 @@ struct Shared {
     in_flight: InFlight,
     /// Set by a `Retry-After` answer: no new attempt starts before it.
     paused_until: Mutex<Option<Instant>>,
+    /// How long a claim on a delivery lasts in a shared store (`timeout` + [`LEASE_MARGIN`]).
+    lease: Duration,
     /// Woken by ingress (new delivery) and by finished attempts.
     wake: Arc<Notify>,
     shutdown: Shutdown,
@@ -88,6 +96,7 @@ impl Dispatcher {
                     .map(|r| RateLimiter::direct(r.quota())),
                 in_flight,
                 paused_until: Mutex::new(None),
+                lease: config.timeout + LEASE_MARGIN,
                 wake: Arc::new(Notify::new()),
                 shutdown,
             }),
@@ -103,16 +112,75 @@ impl Dispatcher {
         Arc::clone(&self.shared.wake)
     }
 
-    /// Runs until the soft cancel.
+    /// Runs until the soft cancel: waits to own the destination, dispatches while it does,
+    /// and waits again if the ownership is lost.
     pub async fn run(self) {
+        let shared = &self.shared;
+        while let Some(ownership) = self.acquire().await {
+            self.dispatch(&ownership).await;
+            if !ownership.is_lost() {
+                break;
+            }
+            tracing::warn!(destination = %shared.name,
+                "lost ownership of this destination (store connection failed); asking again");
+        }
+    }
+
+    /// Waits until this process owns the destination (at once with a store used by one
+    /// daemon); `None` on the soft cancel.
+    async fn acquire(&self) -> Option<Ownership> {
+        let shared = &self.shared;
+        let cancel = &shared.shutdown.soft;
+        let mut waited = false;
+        // What was last said, so a long wait logs once, not every poll.
+        let mut said = String::new();
+        loop {
+            match shared.store.own(&shared.name).await {
+                Ok(Some(ownership)) => {
+                    if waited {
+                        tracing::info!(destination = %shared.name,
+                            "this relay now dispatches this destination");
+                    }
+                    return Some(ownership);
+                }
+                Ok(None) => {
+                    if said != "standing by" {
+                        said = "standing by".into();
+                        tracing::info!(destination = %shared.name,
+                            "another relay dispatches this destination; standing by");
+                    }
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    if said != e {
+                        tracing::warn!(destination = %shared.name, error = %e,
+                            "cannot ask for ownership of this destination; asking again every poll interval");
+                        said = e;
+                    }
+                }
+            }
+            waited = true;
+            tokio::select! {
+                () = tokio::time::sleep(self.poll_interval) => {}
+                () = cancel.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Dispatches until the soft cancel or the loss of `ownership`.
+    async fn dispatch(&self, ownership: &Ownership) {
         let shared = &self.shared;
         let cancel = &shared.shutdown.soft;
         let mut queue: VecDeque<Delivery> = VecDeque::new();
         loop {
+            if ownership.is_lost() {
+                break;
+            }
             if let Some(until) = shared.pause() {
                 tokio::select! {
                     () = tokio::time::sleep_until(until) => {}
                     () = cancel.cancelled() => break,
+                    () = ownership.lost() => break,
                 }
                 continue;
             }
@@ -122,6 +190,7 @@ impl Dispatcher {
                     Err(_) => break,
                 },
                 () = cancel.cancelled() => break,
+                () = ownership.lost() => break,
             };
             if queue.is_empty() {
                 match self.fill(&mut queue).await {
@@ -131,7 +200,7 @@ impl Dispatcher {
                     }
                 }
             }
-            if cancel.is_cancelled() {
+            if cancel.is_cancelled() || ownership.is_lost() {
                 break;
             }
             let Some(delivery) = queue.pop_front() else {
@@ -141,6 +210,7 @@ impl Dispatcher {
                     () = shared.wake.notified() => {}
                     () = tokio::time::sleep(wait) => {}
                     () = cancel.cancelled() => break,
+                    () = ownership.lost() => break,
                 }
                 continue;
             };
@@ -148,13 +218,29 @@ impl Dispatcher {
                 .spawn(attempt(Arc::clone(shared), delivery, permit));
         }
         // Read-ahead deliveries were never started: release them (they stay pending).
-        let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        for d in queue {
-            in_flight.release(d.id);
+        let ids: Vec<i64> = queue.iter().map(|d| d.id).collect();
+        {
+            let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            for id in &ids {
+                in_flight.release(*id);
+            }
+        }
+        self.unclaim(&ids).await;
+    }
+
+    /// Gives the store's claims on never-attempted deliveries back, so another process
+    /// need not wait for their lease (a no-op for a store used by one daemon).
+    async fn unclaim(&self, ids: &[i64]) {
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = self.shared.store.unclaim(ids).await {
+            tracing::warn!(destination = %self.shared.name, error = %e,
+                "cannot give back unattempted deliveries; they wait for their lease");
         }
     }
 
-    /// Reads due deliveries not already in flight into `queue`, marking them in flight.
+    /// Claims due deliveries not already in flight into `queue`, marking them in flight.
     async fn fill(&self, queue: &mut VecDeque<Delivery>) -> Result<(), crate::store::StoreError> {
         let shared = &self.shared;
         let (skip, read) = {
@@ -163,25 +249,29 @@ impl Dispatcher {
         };
         let due = shared
             .store
-            .due(&shared.name, now_ms(), self.prefetch + skip)
+            .claim(&shared.name, now_ms(), self.prefetch, skip, shared.lease)
             .await;
-        let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        let due = match due {
-            Ok(due) => due,
-            Err(e) => {
-                claims.read_finished();
-                return Err(e);
+        let mut surplus = Vec::new();
+        {
+            let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let due = match due {
+                Ok(due) => due,
+                Err(e) => {
+                    claims.read_finished();
+                    return Err(e);
+                }
+            };
+            for d in due {
+                if queue.len() < self.prefetch && claims.claim(d.id, read) {
+                    queue.push_back(d);
+                } else if !claims.contains(d.id) {
+                    // Claimed in the store but not taken here: give it back at once.
+                    surplus.push(d.id);
+                }
             }
-        };
-        for d in due {
-            if queue.len() >= self.prefetch {
-                break;
-            }
-            if claims.claim(d.id, read) {
-                queue.push_back(d);
-            }
+            claims.read_finished();
         }
-        claims.read_finished();
+        self.unclaim(&surplus).await;
         Ok(())
     }
 
@@ -242,11 +332,27 @@ async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphore
             () = shared.shutdown.soft.cancelled() => return,
         }
     }
-    // A `Retry-After` may have arrived while this attempt waited for its turn.
-    if let Some(until) = shared.pause() {
+    // A `Retry-After` may have arrived while this attempt waited for its turn, and
+    // another may extend it while this one sleeps: wait until no pause is in force.
+    while let Some(until) = shared.pause() {
         tokio::select! {
             () = tokio::time::sleep_until(until) => {}
             () = shared.shutdown.soft.cancelled() => return,
+        }
+    }
+    // A shared store's claim may have run out while this delivery waited (another relay
+    // then owns the destination and may have taken the row): check and extend it.
+    match shared.store.renew(delivery.id, shared.lease).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(destination = %shared.name, event_id = %delivery.event_id,
+                "delivery claimed by another relay or no longer pending; not attempted here");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(destination = %shared.name, event_id = %delivery.event_id, error = %e,
+                "cannot confirm the claim on a delivery; it stays pending and is tried later");
+            return;
         }
     }
     let started = std::time::Instant::now();

@@ -5,7 +5,7 @@
 //! both); the hyper builder behind the handshake serves whichever was chosen.
 //!
 //! # Invariants
-//! - **Renewals never drop connections.** The server config asks [`CertResolver`] for a
+//! - **Renewals never drop connections.** The server config asks `CertResolver` for a
 //!   certificate at every handshake; [`TlsHandle::reload`] swaps what it hands out.
 //!   Established connections keep the session they negotiated; only handshakes after the
 //!   swap see the new certificate.

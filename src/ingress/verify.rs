@@ -176,20 +176,20 @@ impl VerifiedEvent {
 
 /// Step two: parse the body and check it belongs to the authenticated application.
 pub fn verify(auth: Authenticated<'_>, body: Bytes) -> Result<VerifiedEvent, Rejection> {
-    // serde accepts a struct written as a JSON array; FACEIO sends objects, and an array
-    // would be forwarded as such, so refuse it here.
-    if body.trim_ascii_start().first() != Some(&b'{') {
+    // The whole body is parsed, not just the fields the relay reads: serde skips unknown
+    // keys without checking their UTF-8, depth or numbers, and whatever is accepted here
+    // is stored and later parsed again by the destinations. serde_json's recursion limit
+    // (128) turns absurd nesting into a 400.
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| Rejection::InvalidPayload(e.to_string()))?;
+    // serde would also accept a struct written as a JSON array; FACEIO sends objects.
+    if !value.is_object() {
         return Err(Rejection::InvalidPayload(
             "body is not a JSON object".into(),
         ));
     }
-    // serde_json does not check UTF-8 inside values it skips; the body is stored and
-    // forwarded as text, so check it all.
-    if std::str::from_utf8(&body).is_err() {
-        return Err(Rejection::InvalidPayload("body is not valid UTF-8".into()));
-    }
-    let payload: Payload =
-        serde_json::from_slice(&body).map_err(|e| Rejection::InvalidPayload(e.to_string()))?;
+    let payload =
+        Payload::deserialize(&value).map_err(|e| Rejection::InvalidPayload(e.to_string()))?;
     if payload.event_name.is_empty() {
         return Err(Rejection::InvalidPayload("eventName is empty".into()));
     }
@@ -268,6 +268,18 @@ mod tests {
     }
 
     #[test]
+    fn deep_nesting_under_an_unread_key_is_invalid() {
+        let apps = apps();
+        let auth = authenticate(&apps, Some(b"tok-one")).unwrap();
+        let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+        let body = format!(
+            r#"{{"eventName":"AUTH","facialId":"f","appId":"fioa1","clientIp":"1.2.3.4","x":{deep}}}"#
+        );
+        let err = verify(auth, Bytes::from(body)).unwrap_err();
+        assert!(matches!(err, Rejection::InvalidPayload(_)), "{err:?}");
+    }
+
+    #[test]
     fn enrollment_details_and_unknown_fields_are_kept() {
         let apps = apps();
         let auth = authenticate(&apps, Some(b"tok-one")).unwrap();
@@ -291,6 +303,8 @@ mod tests {
             br#"["AUTH","f","fioa1","1.2.3.4"]"#,
             b"{\"eventName\":\"AUTH\",\"facialId\":\"f\",\"appId\":\"fioa1\",\"clientIp\":\"1.2.3.4\",\"x\":\"\xff\"}",
             br#"{"eventName":"","facialId":"f","appId":"fioa1","clientIp":"1.2.3.4"}"#,
+            // Values the relay never reads are checked too: destinations parse them.
+            br#"{"eventName":"AUTH","facialId":"f","appId":"fioa1","clientIp":"1.2.3.4","n":1e999999}"#,
         ] {
             let err = verify(auth, Bytes::copy_from_slice(body)).unwrap_err();
             assert!(matches!(err, Rejection::InvalidPayload(_)), "{err:?}");

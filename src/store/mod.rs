@@ -15,15 +15,32 @@
 //! - **One daemon per store.** The SQLite backend holds an exclusive lock file while the
 //!   daemon runs, so two daemons cannot deliver the same rows. The `dead-letters` commands
 //!   open the same database without that lock; SQLite's own locking keeps them safe.
+//! - **One dispatcher per destination in the whole cluster.** A dispatcher dispatches only
+//!   while it holds its destination's [`Ownership`] ([`Store::own`]). For SQLite that is
+//!   immediate and never lost (one daemon per store). The [`postgres`] backend, shared by
+//!   several relays, grants it to one relay at a time and takes it back when that relay's
+//!   session ends; so the dispatcher's claims, rate limit and `Retry-After` pause hold for
+//!   the cluster.
+//! - **A delivery is attempted by at most one live process.** Besides ownership, shared
+//!   backends claim rows under a lease ([`Store::claim`]) and the dispatcher re-checks
+//!   its claim just before each attempt ([`Store::renew`]), so even while ownership moves
+//!   from one relay to another no row is attempted by two relays at once.
 //!
-//! Backends implement [`Store`]; [`sqlite`] is the default.
+//! Backends implement [`Store`]; [`sqlite`] is the default, [`postgres`] the shared one.
 
+pub mod postgres;
 pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
+use crate::config::{StoreBackend, StoreConfig};
 use crate::ingress::VerifiedEvent;
 
 /// What can go wrong talking to the store.
@@ -42,6 +59,61 @@ pub enum StoreError {
     /// The store is already used by another running daemon.
     #[error("store {path} is in use by another faceio-relay process (lock {lock} is held)")]
     Locked { path: String, lock: String },
+}
+
+/// The right to dispatch one destination, held until dropped. See the module invariants.
+///
+/// Dropping it gives the destination up (a shared backend lets another relay take it).
+pub struct Ownership {
+    /// Cancelled when the backend can no longer vouch for the ownership (its connection
+    /// ended); the dispatcher then stops and asks again.
+    lost: CancellationToken,
+    /// Runs on drop: gives the destination back.
+    release: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl Ownership {
+    /// Ownership that is never lost and needs no release (a store used by one daemon).
+    pub fn exclusive() -> Self {
+        Self {
+            lost: CancellationToken::new(),
+            release: None,
+        }
+    }
+
+    /// Ownership that ends when `lost` is cancelled; `release` runs on drop.
+    pub fn new(lost: CancellationToken, release: impl FnOnce() + Send + Sync + 'static) -> Self {
+        Self {
+            lost,
+            release: Some(Box::new(release)),
+        }
+    }
+
+    /// Completes when the ownership is lost.
+    pub async fn lost(&self) {
+        self.lost.cancelled().await
+    }
+
+    /// Whether the ownership is lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+}
+
+impl Drop for Ownership {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release();
+        }
+    }
+}
+
+impl std::fmt::Debug for Ownership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ownership")
+            .field("lost", &self.is_lost())
+            .finish()
+    }
 }
 
 /// One delivery a worker can attempt.
@@ -171,4 +243,103 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes `done` deliveries and fully delivered events older than `cutoff_ms`.
     async fn prune(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
+
+    /// The backend's name for logs and `check`: `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+
+    /// Asks for the right to dispatch `destination`: `Some` once granted, `None` while
+    /// another process holds it (ask again later). The default suits a store used by one
+    /// daemon: granted at once, never lost.
+    async fn own(&self, _destination: &str) -> Result<Option<Ownership>, StoreError> {
+        Ok(Some(Ownership::exclusive()))
+    }
+
+    /// Up to `want` due deliveries for `destination`, oldest first, claimed for this
+    /// process for `lease`: no `claim` (in any process) returns them again until the
+    /// lease runs out or their outcome is recorded. `in_flight` is how many this process
+    /// already has under way. The default suits a store used by one daemon: it reads
+    /// like [`Store::due`], `want + in_flight` rows (the caller skips its own), and
+    /// claims nothing in the store.
+    async fn claim(
+        &self,
+        destination: &str,
+        now_ms: i64,
+        want: usize,
+        in_flight: usize,
+        _lease: Duration,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.due(destination, now_ms, want + in_flight).await
+    }
+
+    /// Just before an attempt: extends this process's claim on `delivery_id` to `lease`
+    /// from now. `false` if the claim was lost (another process took the row after its
+    /// lease ran out, or it is no longer pending): the attempt must not start.
+    async fn renew(&self, _delivery_id: i64, _lease: Duration) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    /// Gives up this process's claims on deliveries read but never attempted, so other
+    /// processes need not wait for their lease.
+    async fn unclaim(&self, _delivery_ids: &[i64]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Destinations that got a new delivery in any process sharing the store, as the
+    /// deliveries commit, so the dispatcher here can start at once. `None` when no other
+    /// process writes the store (ingress wakes its own dispatchers). A lagging receiver
+    /// should wake every dispatcher.
+    fn subscribe(&self) -> Option<broadcast::Receiver<Wake>> {
+        None
+    }
+
+    /// Ends background work and gives back what this process holds (destination
+    /// ownership), at the end of shutdown. Nothing pending is affected.
+    async fn close(&self) {}
+}
+
+/// A reason to look at the store now, from [`Store::subscribe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wake {
+    /// A delivery for this destination was committed.
+    Destination(String),
+    /// Notifications may have been missed (a lost connection): look at every destination.
+    All,
+}
+
+/// Opens the configured store for the daemon.
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match &config.backend {
+        StoreBackend::Sqlite => {
+            let path = config.path.clone();
+            Arc::new(
+                tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path))
+                    .await
+                    .map_err(|_| StoreError::Closed)??,
+            )
+        }
+        StoreBackend::Postgres(pg) => Arc::new(postgres::PostgresStore::open(pg).await?),
+    })
+}
+
+/// Opens the configured store for the `dead-letters` commands, beside a running daemon.
+pub async fn open_admin(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match &config.backend {
+        StoreBackend::Sqlite => {
+            let path = config.path.clone();
+            Arc::new(
+                tokio::task::spawn_blocking(move || sqlite::SqliteStore::open_admin(&path))
+                    .await
+                    .map_err(|_| StoreError::Closed)??,
+            )
+        }
+        StoreBackend::Postgres(pg) => Arc::new(postgres::PostgresStore::open_admin(pg).await?),
+    })
+}
+
+/// How logs name the configured store: the SQLite path, or `postgres` (never its URL).
+pub fn describe(config: &StoreConfig) -> String {
+    match &config.backend {
+        StoreBackend::Sqlite => config.path.display().to_string(),
+        StoreBackend::Postgres(_) => "postgres".into(),
+    }
 }

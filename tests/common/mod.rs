@@ -106,6 +106,20 @@ async fn receive(State(s): State<Arc<ReceiverState>>, headers: HeaderMap, body: 
 impl Receiver {
     /// Starts a receiver answering `default` to everything not scripted.
     pub async fn start(default: Reply) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, default)
+    }
+
+    /// A receiver answering `200 ok` on a given port (one from [`free_port`], where a
+    /// destination was already pointed while nothing listened).
+    pub async fn ok_on(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        Self::serve(listener, Reply::status(200).body("ok"))
+    }
+
+    fn serve(listener: tokio::net::TcpListener, default: Reply) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(ReceiverState {
             script: Mutex::new(VecDeque::new()),
@@ -115,7 +129,6 @@ impl Receiver {
         let app = axum::Router::new()
             .fallback(receive)
             .with_state(Arc::clone(&state));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
@@ -166,6 +179,15 @@ impl Receiver {
     pub fn stop(&self) {
         self.task.abort();
     }
+}
+
+/// A port nothing listens on (bound then released), for a destination that is down.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A scratch directory with a relay.yaml and a store.
@@ -424,4 +446,5 @@ impl Daemon {
     }
 }
 pub mod faults;
+pub mod pg;
 pub mod proc;

@@ -276,15 +276,6 @@ impl Drop for Relayd {
     }
 }
 
-/// A port nothing listens on (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// How a [`Gate`] treats new connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GateMode {

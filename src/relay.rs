@@ -1,0 +1,414 @@
+//! [`Relay`]: the running daemon's parts wired together — start, reload, shutdown.
+//!
+//! Start opens the store, starts one dispatcher per destination, binds ingress and the
+//! admin endpoint; when [`Relay::start`] returns, webhooks are accepted. Reload swaps
+//! what can change live and names what needs a restart. Shutdown order is in the crate
+//! docs.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::AdminState;
+use crate::config::Config;
+use crate::delivery::{Applied, Deliveries, Shutdown};
+use crate::ingress::{IngressState, TlsHandle};
+use crate::store::{Store, Wake};
+use crate::telemetry::metrics::Metrics;
+use crate::{admin, ingress, store};
+
+/// How often done deliveries past the retention period are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// How often quiet sources' failed-authentication counters are dropped.
+const FORGET_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A running relay: ingress, admin endpoint, dispatchers and store.
+pub struct Relay {
+    /// The address ingress actually listens on (resolves a configured port 0).
+    local_addr: SocketAddr,
+    /// The admin endpoint's address, when enabled.
+    admin_addr: Option<SocketAddr>,
+    /// Cancels ingress and the admin endpoint.
+    stop_ingress: CancellationToken,
+    /// The ingress task; finishes once in-flight requests are answered.
+    ingress: JoinHandle<()>,
+    /// The ingress certificate, when `tls:` is set; reloaded on SIGHUP.
+    tls: Option<TlsHandle>,
+    /// Soft and hard cancellation for delivery.
+    delivery: Shutdown,
+    /// Every dispatcher, attempt and housekeeping task.
+    tracker: TaskTracker,
+    /// The dispatchers, replaced on reload.
+    deliveries: Arc<Deliveries>,
+    /// Ingress's swappable state.
+    ingress_state: Arc<IngressState>,
+    /// The config in force (for reload comparisons and late sweeps).
+    current: Arc<Mutex<Arc<Config>>>,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+}
+
+impl Relay {
+    /// Opens the store, starts the dispatchers, binds the listeners. When this returns
+    /// `Ok`, the relay accepts webhooks.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let config = Arc::new(config);
+        // Certificate problems are reported before anything else is started.
+        let tls = config.tls.as_ref().map(TlsHandle::load).transpose()?;
+        let store = store::open(&config.store).await?;
+        let metrics = Arc::new(Metrics::new());
+
+        let tracker = TaskTracker::new();
+        let delivery = Shutdown {
+            soft: CancellationToken::new(),
+            hard: CancellationToken::new(),
+        };
+        let deliveries = Arc::new(Deliveries::new(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            tracker.clone(),
+            delivery.clone(),
+        ));
+        let (wakers, _) = deliveries.apply(&config).await?;
+        deliveries.dead_letter_orphans(&config).await?;
+        // A shared store tells every relay about deliveries accepted by any of them.
+        if let Some(wakes) = store.subscribe() {
+            tracker.spawn(forward_wakes(
+                wakes,
+                Arc::clone(&deliveries),
+                delivery.soft.clone(),
+            ));
+        }
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        let admin_listener = match config.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (admin_listen)"))?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?;
+
+        let ingress_state = Arc::new(IngressState::new(
+            Arc::clone(&config),
+            wakers,
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+        ));
+        tracker.spawn(housekeeping(
+            Arc::clone(&store),
+            Arc::clone(&ingress_state),
+            config.store.retention,
+            delivery.soft.clone(),
+        ));
+        let stop_ingress = CancellationToken::new();
+        let ingress_up = Arc::new(AtomicBool::new(true));
+        if let Some(listener) = admin_listener {
+            let app = admin::router(Arc::new(AdminState {
+                metrics: Arc::clone(&metrics),
+                store: Arc::clone(&store),
+                ingress_up: Arc::clone(&ingress_up),
+            }));
+            let stop = stop_ingress.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "admin endpoint failed");
+                }
+            });
+        }
+        let app = ingress::router(Arc::clone(&ingress_state));
+        let limits = config.ingress.clone();
+        let drain = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
+        let ingress = tokio::spawn({
+            let stop = stop_ingress.clone();
+            let acceptor = tls.as_ref().map(TlsHandle::acceptor);
+            async move {
+                ingress::serve(listener, app, &limits, stop, drain, acceptor).await;
+                ingress_up.store(false, Ordering::Release);
+            }
+        });
+        tracing::info!(
+            addr = %local_addr,
+            admin = %admin_addr.map_or("off".to_string(), |a| a.to_string()),
+            path = %config.webhook_path,
+            store = %store::describe(&config.store),
+            destinations = config.destinations.len(),
+            routes = config.routes.len(),
+            "faceio-relay ready"
+        );
+        Ok(Self {
+            local_addr,
+            admin_addr,
+            stop_ingress,
+            ingress,
+            tls,
+            delivery,
+            tracker,
+            deliveries,
+            ingress_state,
+            current: Arc::new(Mutex::new(config)),
+            metrics,
+            store,
+        })
+    }
+
+    /// The address ingress listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The ingress TLS setup, when `tls:` is configured: call
+    /// [`TlsHandle::reload`] to pick up renewed certificate files.
+    pub fn tls_handle(&self) -> Option<TlsHandle> {
+        self.tls.clone()
+    }
+
+    /// The admin endpoint's address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Applies a new, validated config: tokens, routes, ingress limits and destinations
+    /// change at once; settings that need a restart (listen addresses, store path,
+    /// connection cap, header timeout, log format, TLS paths) are kept and named in a
+    /// warning. On error nothing changes.
+    pub async fn reload(&self, new: Config) -> anyhow::Result<String> {
+        let old = Arc::clone(&self.current.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut kept = Vec::new();
+        if new.listen != old.listen {
+            kept.push("listen");
+        }
+        if new.admin_listen != old.admin_listen {
+            kept.push("admin_listen");
+        }
+        if new.webhook_path != old.webhook_path {
+            kept.push("webhook_path");
+        }
+        if new.store.path != old.store.path {
+            kept.push("store.path");
+        }
+        if new.store.backend != old.store.backend {
+            kept.push("store.backend/url/pool_size");
+        }
+        if new.ingress.max_connections != old.ingress.max_connections {
+            kept.push("ingress.max_connections");
+        }
+        if new.ingress.header_timeout != old.ingress.header_timeout {
+            kept.push("ingress.header_timeout");
+        }
+        if new.log_format != old.log_format {
+            kept.push("log_format");
+        }
+        if new.tls != old.tls {
+            kept.push("tls");
+        }
+        if !kept.is_empty() {
+            tracing::warn!(settings = %kept.join(", "),
+                "these settings change only on restart; the running values are kept");
+        }
+        let mut new = new;
+        // Keep what cannot change live, so the config in force describes the process.
+        new.listen = old.listen;
+        new.admin_listen = old.admin_listen;
+        new.webhook_path = old.webhook_path.clone();
+        new.store.path = old.store.path.clone();
+        new.store.backend = old.store.backend.clone();
+        new.ingress.max_connections = old.ingress.max_connections;
+        new.ingress.header_timeout = old.ingress.header_timeout;
+        new.log_format = old.log_format;
+        new.tls = old.tls.clone();
+        let new = Arc::new(new);
+
+        // Renewed certificates (same paths) are picked up without dropping connections;
+        // a bad one is reported and the old one keeps serving.
+        if let Some(tls) = &self.tls {
+            let tls = tls.clone();
+            match tokio::task::spawn_blocking(move || tls.reload()).await {
+                Ok(Ok(())) => tracing::info!("TLS certificate reloaded"),
+                Ok(Err(e)) => tracing::error!(error = %e,
+                    "TLS certificate not reloaded; the previous one keeps serving"),
+                Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
+            }
+        }
+        let (wakers, mut applied) = self.deliveries.apply(&new).await?;
+        self.ingress_state.replace(Arc::clone(&new), wakers);
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&new);
+        // Ingress uses the new routes from here on; requests that read the old ones may
+        // still be storing deliveries for a removed destination, so sweep again once
+        // they have certainly ended.
+        applied.dead_lettered = self.deliveries.dead_letter_orphans(&new).await?;
+        if !applied.stopped.is_empty() {
+            let deliveries = Arc::clone(&self.deliveries);
+            let limits = &new.ingress;
+            let later = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
+            let stop = self.delivery.soft.clone();
+            let current = Arc::clone(&self.current);
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(later) => {}
+                    () = stop.cancelled() => return,
+                }
+                // The config in force then: a later reload may have brought one back.
+                let config = Arc::clone(&current.lock().unwrap_or_else(|p| p.into_inner()));
+                if let Err(e) = deliveries.dead_letter_orphans(&config).await {
+                    tracing::warn!(error = %e, "cannot sweep deliveries of removed destinations");
+                }
+            });
+        }
+        Ok(describe(&applied))
+    }
+
+    /// Where `STATUS=` lines come from.
+    pub fn status_source(&self) -> StatusSource {
+        StatusSource {
+            metrics: Arc::clone(&self.metrics),
+            store: Arc::clone(&self.store),
+        }
+    }
+
+    /// Graceful shutdown; see the crate docs for the order.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        tracing::info!("shutting down: no longer accepting webhooks");
+        self.stop_ingress.cancel();
+        if let Err(e) = self.ingress.await {
+            tracing::error!(error = %e, "ingress task failed");
+        }
+        self.delivery.soft.cancel();
+        self.tracker.close();
+        let grace = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .delivery
+            .shutdown_grace;
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "deliveries still under way after the grace period; abandoning them (they stay pending)"
+            );
+            self.delivery.hard.cancel();
+            self.tracker.wait().await;
+        }
+        self.store.close().await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+fn describe(applied: &Applied) -> String {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    format!(
+        "destinations started: {}; restarted: {}; stopped: {}; pending deliveries of stopped destinations dead-lettered: {}",
+        list(&applied.started),
+        list(&applied.restarted),
+        list(&applied.stopped),
+        applied.dead_lettered
+    )
+}
+
+/// Builds the one-line status systemd shows.
+#[derive(Clone)]
+pub struct StatusSource {
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+}
+
+impl StatusSource {
+    pub async fn line(&self) -> String {
+        let t = &self.metrics.totals;
+        let mut line = format!(
+            "{} accepted, {} delivered, {} dead-lettered since start",
+            t.accepted.load(Ordering::Relaxed),
+            t.delivered.load(Ordering::Relaxed),
+            t.dead.load(Ordering::Relaxed),
+        );
+        if let Ok(stats) = self.store.destination_stats().await {
+            let pending: u64 = stats.iter().map(|s| s.pending).sum();
+            let dead: u64 = stats.iter().map(|s| s.dead).sum();
+            line.push_str(&format!("; {pending} pending, {dead} in dead letters"));
+        }
+        line
+    }
+}
+
+/// Runs the relay until `shutdown` completes, then stops it gracefully.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let relay = Relay::start(config).await?;
+    shutdown.await;
+    relay.shutdown().await
+}
+
+/// Passes the store's new-delivery notices to the dispatchers running now.
+async fn forward_wakes(
+    mut wakes: tokio::sync::broadcast::Receiver<Wake>,
+    deliveries: Arc<Deliveries>,
+    stop: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let wake = tokio::select! {
+            w = wakes.recv() => w,
+            () = stop.cancelled() => return,
+        };
+        match wake {
+            Ok(Wake::Destination(name)) => deliveries.wakers().wake(&name),
+            Ok(Wake::All) | Err(RecvError::Lagged(_)) => deliveries.wakers().wake_all(),
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Periodic upkeep: prune old delivered events; forget idle auth-failure counters.
+async fn housekeeping(
+    store: Arc<dyn Store>,
+    ingress: Arc<IngressState>,
+    retention: Duration,
+    stop: CancellationToken,
+) {
+    let mut prune = tokio::time::interval(PRUNE_INTERVAL);
+    let mut forget = tokio::time::interval(FORGET_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = prune.tick() => {}
+            _ = forget.tick() => {
+                ingress.forget_idle_sources();
+                continue;
+            }
+            () = stop.cancelled() => return,
+        }
+        let cutoff = ingress::verify::now_ms() - retention.as_millis() as i64;
+        match store.prune(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "pruned delivered events past retention"),
+            Err(e) => tracing::warn!(error = %e, "prune failed"),
+        }
+    }
+}

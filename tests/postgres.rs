@@ -1,0 +1,756 @@
+//! The PostgreSQL store against the real server on 127.0.0.1:5432 (`.ci/run` starts it):
+//! the `Store` contract, claims, leases and ownership between processes, and several
+//! relays on one database (in-process, and as binaries for kill -9). Every test makes its
+//! own database and drops it.
+
+mod common;
+use common::pg;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use faceio_relay::config::{Application, PostgresConfig, Secret, StoreBackend};
+use faceio_relay::ingress::VerifiedEvent;
+use faceio_relay::ingress::verify::{authenticate, now_ms, verify};
+use faceio_relay::store::postgres::PostgresStore;
+use faceio_relay::store::{Outcome, Selection, Store, Wake};
+
+use common::proc::{Relayd, cli, dead_letters_json};
+use common::{APP, Receiver, Reply, TOKEN, TestRelay, event};
+use pg::{TestDb, Tracker, within};
+
+fn pg_config(db: &TestDb) -> PostgresConfig {
+    PostgresConfig {
+        url: Secret::new(db.url.clone()),
+        pool_size: 4,
+    }
+}
+
+fn verified(name: &str) -> VerifiedEvent {
+    let apps = vec![Application {
+        app_id: APP.into(),
+        token: Secret::new(TOKEN.into()),
+    }];
+    let auth = authenticate(&apps, Some(TOKEN.as_bytes())).unwrap();
+    let body =
+        format!(r#"{{"eventName":"{name}","facialId":"f","appId":"{APP}","clientIp":"1.2.3.4"}}"#);
+    verify(auth, Bytes::from(body)).unwrap()
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn store_contract_holds_on_postgres() {
+    let db = TestDb::create().await;
+    // Three processes starting at once apply the schema once (the migration lock).
+    let cfg = pg_config(&db);
+    let (a, b, c) = tokio::join!(
+        PostgresStore::open(&cfg),
+        PostgresStore::open(&cfg),
+        PostgresStore::open(&cfg),
+    );
+    let (store, _b, _c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    assert_eq!(store.backend(), "postgres");
+
+    // insert / due / stats
+    let ev = verified("ENROLL");
+    store.insert_event(&ev, &["a", "b"]).await.unwrap();
+    let due_a = store.due("a", now_ms(), 10).await.unwrap();
+    assert_eq!(due_a.len(), 1);
+    assert_eq!(due_a[0].event_id, ev.id());
+    assert_eq!(due_a[0].body, ev.body());
+    assert_eq!(due_a[0].attempts, 0);
+    assert_eq!(store.due("b", now_ms(), 10).await.unwrap().len(), 1);
+    assert!(store.due("c", now_ms(), 10).await.unwrap().is_empty());
+    let stats = store.destination_stats().await.unwrap();
+    assert_eq!(stats.len(), 2);
+    assert_eq!(stats[0].destination, "a");
+    assert_eq!(stats[0].pending, 1);
+    assert_eq!(stats[0].oldest_pending_ms, Some(ev.received_at_ms()));
+    assert_eq!(stats[0].dead, 0);
+
+    // retry / next_due_after / done
+    let a = due_a[0].clone();
+    let later = now_ms() + 60_000;
+    store
+        .record(
+            a.id,
+            Outcome::Retry {
+                attempts: 1,
+                next_attempt_at_ms: later,
+                error: "HTTP 500".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(store.due("a", now_ms(), 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.next_due_after("a", now_ms()).await.unwrap(),
+        Some(later)
+    );
+    assert_eq!(store.next_due_after("a", later).await.unwrap(), None);
+    assert_eq!(store.due("a", later, 10).await.unwrap()[0].attempts, 1);
+    store
+        .record(a.id, Outcome::Done { attempts: 2 })
+        .await
+        .unwrap();
+    assert_eq!(store.next_due_after("a", 0).await.unwrap(), None);
+
+    // dead letters: list, show, replay, purge
+    let b = store.due("b", now_ms(), 10).await.unwrap().remove(0);
+    store
+        .record(
+            b.id,
+            Outcome::Dead {
+                attempts: 1,
+                error: "HTTP 404: channel_not_found".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, b.id);
+    assert_eq!(dead[0].last_error, "HTTP 404: channel_not_found");
+    assert_eq!(dead[0].event_name, "ENROLL");
+    assert_eq!(store.dead_letters(Some("a"), 10).await.unwrap(), vec![]);
+    let (shown, body) = store.dead_letter(b.id).await.unwrap().unwrap();
+    assert_eq!(shown, dead[0]);
+    assert_eq!(body, ev.body());
+    assert!(store.dead_letter(a.id).await.unwrap().is_none(), "not dead");
+    let stats = store.destination_stats().await.unwrap();
+    assert_eq!(stats.len(), 1, "a is done: {stats:?}");
+    assert_eq!((stats[0].destination.as_str(), stats[0].dead), ("b", 1));
+    assert_eq!(
+        store
+            .replay(&Selection::Destination("b".into()))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.due("b", now_ms(), 10).await.unwrap()[0].attempts, 0);
+    store
+        .record(
+            b.id,
+            Outcome::Dead {
+                attempts: 1,
+                error: "again".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.replay(&Selection::Ids(vec![b.id])).await.unwrap(), 1);
+    store
+        .record(
+            b.id,
+            Outcome::Dead {
+                attempts: 1,
+                error: "again".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.purge(&Selection::Ids(vec![b.id])).await.unwrap(), 1);
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+
+    // orphans, then prune: the dead letter keeps its event, the done delivery goes
+    let ev2 = verified("AUTH");
+    store
+        .insert_event(&ev2, &["kept", "removed"])
+        .await
+        .unwrap();
+    assert_eq!(store.dead_letter_orphans(&["kept", "a"]).await.unwrap(), 1);
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead[0].destination, "removed");
+    assert!(dead[0].last_error.contains("no longer in the config"));
+    let kept = store.due("kept", now_ms(), 10).await.unwrap().remove(0);
+    store
+        .record(kept.id, Outcome::Done { attempts: 1 })
+        .await
+        .unwrap();
+    // `a` (done) and `kept` (done) go, and the first event with them.
+    assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 3);
+    assert_eq!(store.dead_letters(None, 10).await.unwrap().len(), 1);
+    store.purge(&Selection::All).await.unwrap();
+    assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1, "now ev2 goes");
+
+    store.ping().await.unwrap();
+    store.close().await;
+}
+
+#[tokio::test]
+async fn claims_leases_and_ownership_keep_processes_apart() {
+    let db = TestDb::create().await;
+    let one = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let minute = Duration::from_secs(60);
+
+    // A claimed row is not handed to another process, nor to the same one twice.
+    one.insert_event(&verified("AUTH"), &["c"]).await.unwrap();
+    let claimed = one.claim("c", now_ms(), 10, 0, minute).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let id = claimed[0].id;
+    assert!(
+        two.claim("c", now_ms(), 10, 0, minute)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        one.claim("c", now_ms(), 10, 0, minute)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!two.renew(id, minute).await.unwrap(), "not two's claim");
+    assert!(one.renew(id, minute).await.unwrap());
+    // Given back, it goes to the other; the first may neither renew nor record it.
+    one.unclaim(&[id]).await.unwrap();
+    assert_eq!(
+        two.claim("c", now_ms(), 10, 0, minute).await.unwrap()[0].id,
+        id
+    );
+    assert!(!one.renew(id, minute).await.unwrap());
+    one.record(id, Outcome::Done { attempts: 1 }).await.unwrap();
+    assert_eq!(
+        db.count("pending").await,
+        1,
+        "one's outcome was not applied"
+    );
+    two.record(id, Outcome::Done { attempts: 1 }).await.unwrap();
+    assert_eq!(db.count("done").await, 1);
+
+    // A lease that runs out frees the row for another process.
+    one.insert_event(&verified("AUTH"), &["d"]).await.unwrap();
+    let short = Duration::from_millis(300);
+    let id = one.claim("d", now_ms(), 10, 0, short).await.unwrap()[0].id;
+    assert!(
+        two.claim("d", now_ms(), 10, 0, minute)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let taken = std::sync::Mutex::new(Vec::new());
+    within(Duration::from_secs(10), "the lease to run out", || async {
+        let got = two.claim("d", now_ms(), 10, 0, minute).await.unwrap();
+        let any = !got.is_empty();
+        taken.lock().unwrap().extend(got);
+        any
+    })
+    .await;
+    assert_eq!(taken.lock().unwrap()[0].id, id);
+    assert!(!one.renew(id, minute).await.unwrap(), "one lost it");
+
+    // Ownership: one process at a time; re-entrant within a process.
+    let owned = one.own("x").await.unwrap().expect("free");
+    assert!(two.own("x").await.unwrap().is_none());
+    let again = one.own("x").await.unwrap().expect("same process");
+    let _y = two.own("y").await.unwrap().expect("per destination");
+    // Deliveries of a destination some process owns are not orphans, even to a process
+    // whose config lacks it.
+    one.insert_event(&verified("AUTH"), &["y", "gone"])
+        .await
+        .unwrap();
+    assert_eq!(one.dead_letter_orphans(&["c", "d", "x"]).await.unwrap(), 1);
+    assert_eq!(
+        one.dead_letters(None, 10).await.unwrap()[0].destination,
+        "gone"
+    );
+    drop(owned);
+    drop(again);
+    within(Duration::from_secs(10), "x to be given up", || async {
+        two.own("x").await.unwrap().is_some()
+    })
+    .await;
+
+    // A lost lock connection is reported, and the destination goes to the other process.
+    let lost = one.own("z").await.unwrap().expect("free");
+    let mut c = db.connect().await;
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks
+         WHERE locktype = 'advisory' AND pid <> pg_backend_pid()
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND objid = (faceio_relay_destination_key('z') & 4294967295)::oid",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), lost.lost())
+        .await
+        .expect("loss reported");
+    // Two's lock connection was the one terminated, or one's: either way `z` is free
+    // again for whoever asks first now.
+    within(Duration::from_secs(10), "z to be free", || async {
+        two.own("z").await.is_ok_and(|o| o.is_some())
+            || one.own("z").await.is_ok_and(|o| o.is_some())
+    })
+    .await;
+    one.close().await;
+    two.close().await;
+}
+
+#[tokio::test]
+async fn every_process_hears_about_new_deliveries() {
+    let db = TestDb::create().await;
+    let one = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let mut wakes = one.subscribe().expect("postgres notifies");
+    // Listening starts in the background; it announces itself with `All`.
+    let first = tokio::time::timeout(Duration::from_secs(10), wakes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, Wake::All);
+    two.insert_event(&verified("AUTH"), &["n"]).await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(10), wakes.recv())
+        .await
+        .expect("notified")
+        .unwrap();
+    assert_eq!(heard, Wake::Destination("n".into()));
+    one.close().await;
+    two.close().await;
+}
+
+/// Destinations and routes for relays sending every event to `url` over HTTP.
+fn http_destination(url: &str, extra: &str) -> String {
+    format!(
+        "destinations:\n  api:\n    type: http\n    url: {url}\n    timeout: 2s\n{extra}\
+         routes:\n  - to: api\n"
+    )
+}
+
+async fn start_three(config: &std::path::Path) -> Vec<TestRelay> {
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        let (cfg, _) = faceio_relay::config::load(config).unwrap();
+        relays.push(TestRelay::start(cfg).await);
+    }
+    relays
+}
+
+#[tokio::test]
+async fn three_relays_deliver_each_event_once_and_start_at_once() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tracker = Tracker::start(Duration::ZERO).await;
+    // A long poll interval: only the notification can explain a delivery that starts
+    // quickly at the owner when another relay accepted the event.
+    let config = pg::write_config(
+        dir.path(),
+        &db,
+        "10s",
+        &http_destination(&tracker.url(), ""),
+    );
+    let relays = start_three(&config).await;
+    let mut ids = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for i in 0..30 {
+        let relay = &relays[i % 3];
+        let sent = Instant::now();
+        let (status, body) = relay.send(&event("AUTH", &format!("f{i}"))).await;
+        assert_eq!(status, 200, "{body}");
+        let id = body["id"].as_str().unwrap().to_string();
+        within(Duration::from_secs(5), "the delivery", || async {
+            tracker.per_event().contains_key(&id)
+        })
+        .await;
+        slowest = slowest.max(sent.elapsed());
+        ids.push(id);
+    }
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a delivery took {slowest:?}: not woken by the notification"
+    );
+    let per_event = tracker.per_event();
+    for id in &ids {
+        assert_eq!(per_event.get(id), Some(&1), "event {id} delivered once");
+    }
+    assert_eq!(tracker.max_concurrent(), 1);
+    within(Duration::from_secs(10), "outcomes recorded", || async {
+        db.count("done").await == 30
+    })
+    .await;
+    for r in relays {
+        r.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_rate_limit_holds_across_three_relays() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tracker = Tracker::start(Duration::ZERO).await;
+    let config = pg::write_config(
+        dir.path(),
+        &db,
+        "200ms",
+        &http_destination(
+            &tracker.url(),
+            "    concurrency: 4\n    rate_limit: { per_second: 5, burst: 1 }\n",
+        ),
+    );
+    let relays = start_three(&config).await;
+    let n = 26;
+    for i in 0..n {
+        let (status, _) = relays[i % 3].send(&event("AUTH", &format!("f{i}"))).await;
+        assert_eq!(status, 200);
+    }
+    within(LONG, "every delivery", || async {
+        tracker.arrivals().len() >= n
+    })
+    .await;
+    let arrivals = tracker.arrivals();
+    assert_eq!(arrivals.len(), n, "no duplicates");
+    let span = arrivals[n - 1].at - arrivals[0].at;
+    let rate = (n - 1) as f64 / span.as_secs_f64();
+    assert!(
+        (4.5..=5.5).contains(&rate),
+        "{rate:.2}/s over {span:?} across three relays; the limit is 5/s"
+    );
+    for r in relays {
+        r.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn kill_9_of_the_owner_under_load_loses_nothing_and_never_overlaps() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Each request takes a while, so attempts are under way when the owner dies.
+    let tracker = Tracker::start(Duration::from_millis(40)).await;
+    let config = pg::write_config(
+        dir.path(),
+        &db,
+        "200ms",
+        &http_destination(&tracker.url(), "    concurrency: 4\n"),
+    );
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        relays.push(Relayd::start(&config).await);
+    }
+    // The first started owns `api`; the others say they stand by.
+    relays[1].wait_log("standing by").await;
+    relays[2].wait_log("standing by").await;
+    let urls: Vec<String> = relays.iter().map(Relayd::url).collect();
+    let owner = relays.remove(0);
+
+    let client = reqwest::Client::new();
+    let accepted = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let total = 240;
+    let senders: Vec<_> = (0..4)
+        .map(|s| {
+            let client = client.clone();
+            let urls = urls.clone();
+            let accepted = Arc::clone(&accepted);
+            tokio::spawn(async move {
+                for i in (s..total).step_by(4) {
+                    let url = &urls[i % 3];
+                    let mut req = client.post(url).json(&event("AUTH", &format!("f{i}")));
+                    req = req.header("WWW-Authenticate", format!("Bearer {TOKEN}"));
+                    // A killed relay refuses or drops the request: that event got no
+                    // 200, so it is not counted.
+                    if let Ok(resp) = req.send().await
+                        && resp.status() == 200
+                        && let Ok(body) = resp.json::<serde_json::Value>().await
+                    {
+                        accepted
+                            .lock()
+                            .unwrap()
+                            .push(body["id"].as_str().unwrap().to_string());
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    within(LONG, "deliveries under way", || async {
+        tracker.arrivals().len() >= 40
+    })
+    .await;
+    let killed_at = Instant::now();
+    owner.kill9().await;
+    for s in senders {
+        s.await.unwrap();
+    }
+    let accepted: Vec<String> = accepted.lock().unwrap().clone();
+    assert!(accepted.len() > total / 2, "most events were accepted");
+
+    // Every accepted event reaches the destination (or the dead letters), after the
+    // survivors take the destination over and the dead owner's leases run out.
+    let mut c = db.connect().await;
+    let deadline = Instant::now() + LONG;
+    loop {
+        let delivered: HashSet<String> = tracker.per_event().into_keys().collect();
+        let dead: HashSet<String> =
+            sqlx::query_scalar("SELECT event_id FROM deliveries WHERE state = 'dead'")
+                .fetch_all(&mut c)
+                .await
+                .unwrap()
+                .into_iter()
+                .collect();
+        let missing: Vec<&String> = accepted
+            .iter()
+            .filter(|id| !delivered.contains(*id) && !dead.contains(*id))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} accepted events never delivered: {missing:?}",
+            missing.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        tracker.arrivals().iter().any(|a| a.at > killed_at),
+        "a survivor took over"
+    );
+    assert_eq!(
+        tracker.max_concurrent(),
+        1,
+        "an event was under way at two relays at once"
+    );
+    for r in relays {
+        r.terminate(Duration::from_secs(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn ownership_moving_away_from_a_live_relay_never_overlaps_attempts() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Slow answers: the old owner's attempts are still under way when the other relay
+    // becomes the owner.
+    let tracker = Tracker::start(Duration::from_millis(1500)).await;
+    let config = pg::write_config(
+        dir.path(),
+        &db,
+        "200ms",
+        &http_destination(&tracker.url(), "    concurrency: 4\n"),
+    );
+    let relays = start_three(&config).await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let (status, body) = relays[i % 3].send(&event("AUTH", &format!("h{i}"))).await;
+        assert_eq!(status, 200);
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    within(Duration::from_secs(10), "attempts under way", || async {
+        tracker.arrivals().len() >= 4
+    })
+    .await;
+    // The owner's lock connection dies while the owner lives on: another relay takes the
+    // destination at once, the old owner notices within a second.
+    let mut c = db.connect().await;
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks
+         WHERE locktype = 'advisory' AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND objid = (faceio_relay_destination_key('api') & 4294967295)::oid",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(ended, vec![true], "one owner");
+    within(LONG, "every event delivered", || async {
+        let got = tracker.per_event();
+        ids.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    within(LONG, "every outcome recorded", || async {
+        db.count("done").await == 8
+    })
+    .await;
+    assert_eq!(
+        tracker.max_concurrent(),
+        1,
+        "an event was under way at two relays at once"
+    );
+    let per_event = tracker.per_event();
+    assert!(
+        per_event.values().all(|&n| n == 1),
+        "the new owner re-sent a delivery the old one had under way: {per_event:?}"
+    );
+    for r in relays {
+        r.shutdown().await;
+    }
+}
+
+#[test]
+fn the_postgres_fixture_is_typed_as_written() {
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/config/valid/postgres.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let env = |name: &str| match name {
+        "FACEIO_TOKEN" => Some("tok".to_string()),
+        "CRM_TOKEN" => Some("pg-password-77".to_string()),
+        _ => None,
+    };
+    let (config, warnings) = faceio_relay::config::load_str(&text, &file, &env).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let StoreBackend::Postgres(pg) = &config.store.backend else {
+        panic!("{:?}", config.store.backend)
+    };
+    assert_eq!(pg.pool_size, 16);
+    assert!(
+        pg.url
+            .expose()
+            .contains(":pg-password-77@db.internal:5432/relay")
+    );
+    assert_eq!(config.store.retention, Duration::from_secs(3 * 86_400));
+    let shown = format!("{config:?}\n{}", config.summary());
+    assert!(shown.contains("store postgres"), "{shown}");
+    assert!(!shown.contains("pg-password-77"), "{shown}");
+    assert!(!shown.contains("db.internal"), "{shown}");
+}
+
+#[tokio::test]
+async fn postgres_down_means_503_never_200_and_recovery_delivers() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tracker = Tracker::start(Duration::ZERO).await;
+    let config = pg::write_config(
+        dir.path(),
+        &db,
+        "200ms",
+        &http_destination(&tracker.url(), ""),
+    );
+    let (cfg, _) = faceio_relay::config::load(&config).unwrap();
+    let relay = TestRelay::start(cfg).await;
+    let admin = format!("http://{}/readyz", relay.relay.admin_addr().unwrap());
+    assert_eq!(
+        reqwest::get(&admin).await.unwrap().status(),
+        200,
+        "ready while PostgreSQL answers"
+    );
+
+    db.cut_off().await;
+    for i in 0..3 {
+        let (status, body) = relay.send(&event("AUTH", &format!("down{i}"))).await;
+        assert_eq!(status, 503, "{body}");
+    }
+    assert_eq!(reqwest::get(&admin).await.unwrap().status(), 503);
+
+    db.restore().await;
+    // Like FACEIO, retry until accepted: the pool reconnects.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let (status, body) = relay.send(&event("AUTH", "back")).await;
+        assert!(status == 200 || status == 503, "{status} {body}");
+        if status == 200 {
+            break body["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "never accepted again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The dispatcher lost its destination lock with the connection and takes it again.
+    within(Duration::from_secs(20), "the delivery", || async {
+        tracker.per_event().contains_key(&id)
+    })
+    .await;
+    assert_eq!(
+        tracker.per_event().len(),
+        1,
+        "nothing answered 503 was delivered"
+    );
+    assert_eq!(reqwest::get(&admin).await.unwrap().status(), 200);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn check_dead_letters_and_metrics_work_against_postgres() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut receiver = Receiver::start(Reply::status(404).body("no_such_hook")).await;
+    let body = format!(
+        "destinations:\n  api:\n    type: http\n    url: {}\n  spare:\n    type: http\n    url: {}\n\
+         routes:\n  - to: [api, spare]\n",
+        receiver.url(),
+        receiver.url()
+    );
+    let config = pg::write_config(dir.path(), &db, "200ms", &body);
+    // A password in the URL (trust auth ignores it) must never be shown.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("postgres://postgres@", "postgres://postgres:pw-s3cret-42@");
+    std::fs::write(&config, text).unwrap();
+
+    let out = cli(&config, &["check"]).await;
+    assert!(out.ok(), "{}", out.all());
+    assert!(out.stdout.contains("store postgres"), "{}", out.stdout);
+    assert!(!out.all().contains("pw-s3cret-42"), "{}", out.all());
+    assert!(!out.all().contains(&db.name), "{}", out.all());
+
+    let (cfg, _) = faceio_relay::config::load(&config).unwrap();
+    assert!(matches!(cfg.store.backend, StoreBackend::Postgres(_)));
+    let relay = TestRelay::start(cfg).await;
+    let (status, _) = relay.send(&event("ENROLL", "dl")).await;
+    assert_eq!(status, 200);
+    receiver.next().await;
+    receiver.next().await;
+    within(Duration::from_secs(10), "two dead letters", || async {
+        db.count("dead").await == 2
+    })
+    .await;
+
+    let table = cli(&config, &["dead-letters", "list"]).await;
+    assert!(table.ok(), "{}", table.all());
+    assert!(
+        !table.stderr.contains("already exists"),
+        "PostgreSQL notices reach the terminal: {}",
+        table.stderr
+    );
+    let listed = dead_letters_json(&config).await;
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        listed[0]["last_error"].as_str().map(|e| e.contains("404")),
+        Some(true)
+    );
+    let id = listed.iter().find(|d| d["destination"] == "api").unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let shown = cli(
+        &config,
+        &["dead-letters", "show", &id.to_string(), "--json"],
+    )
+    .await;
+    assert!(shown.ok(), "{}", shown.all());
+    assert!(
+        shown.stdout.contains("\"dl\""),
+        "payload shown: {}",
+        shown.stdout
+    );
+
+    let metrics = format!("http://{}/metrics", relay.relay.admin_addr().unwrap());
+    let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+    assert!(
+        text.contains("faceio_relay_dead_letters{destination=\"api\"} 1"),
+        "{text}"
+    );
+    let ready = format!("http://{}/readyz", relay.relay.admin_addr().unwrap());
+    assert_eq!(reqwest::get(&ready).await.unwrap().status(), 200);
+
+    receiver.set_default(Reply::status(200).body("ok"));
+    let replayed = cli(&config, &["dead-letters", "replay", &id.to_string()]).await;
+    assert!(replayed.ok(), "{}", replayed.all());
+    assert!(
+        replayed.stdout.contains("replayed 1"),
+        "{}",
+        replayed.stdout
+    );
+    receiver.next().await;
+    within(Duration::from_secs(10), "the replay delivered", || async {
+        db.count("done").await == 1
+    })
+    .await;
+    let purged = cli(&config, &["dead-letters", "purge", "--all"]).await;
+    assert!(purged.stdout.contains("purged 1"), "{}", purged.all());
+    assert!(dead_letters_json(&config).await.is_empty());
+    for out in [&out, &shown, &replayed, &purged] {
+        assert!(!out.all().contains("pw-s3cret-42"));
+    }
+    relay.shutdown().await;
+}
