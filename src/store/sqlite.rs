@@ -622,6 +622,7 @@ impl Store for SqliteStore {
                     attempts: row.get(2)?,
                     received_at_ms: row.get(3)?,
                     body: Bytes::from(row.get::<_, String>(4)?),
+                    claim: None,
                 })
             })?;
             rows.collect()
@@ -645,11 +646,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn record(&self, delivery_id: i64, outcome: Outcome) -> Result<(), StoreError> {
+    async fn record(&self, delivery: &Delivery, outcome: Outcome) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(Command::Record {
-                delivery_id,
+                delivery_id: delivery.id,
                 outcome,
                 reply,
             })
@@ -891,7 +892,7 @@ mod tests {
         let later = now_ms() + 60_000;
         store
             .record(
-                a.id,
+                &a,
                 Outcome::Retry {
                     attempts: 1,
                     next_attempt_at_ms: later,
@@ -912,7 +913,7 @@ mod tests {
         let again = store.due("a", later, 10).await.unwrap();
         assert_eq!(again[0].attempts, 1);
         store
-            .record(a.id, Outcome::Done { attempts: 2 })
+            .record(&a, Outcome::Done { attempts: 2 })
             .await
             .unwrap();
         assert_eq!(store.next_due_after("a", 0).await.unwrap(), None);
@@ -920,7 +921,7 @@ mod tests {
         let b = store.due("b", now_ms(), 10).await.unwrap().remove(0);
         store
             .record(
-                b.id,
+                &b,
                 Outcome::Dead {
                     attempts: 1,
                     error: "HTTP 404: channel_not_found".into(),
@@ -948,7 +949,7 @@ mod tests {
         assert_eq!(replayed[0].attempts, 0, "attempts start over");
         store
             .record(
-                b.id,
+                &b,
                 Outcome::Dead {
                     attempts: 1,
                     error: "again".into(),
@@ -1019,7 +1020,7 @@ mod tests {
 
         let kept = store.due("kept", now_ms(), 10).await.unwrap().remove(0);
         store
-            .record(kept.id, Outcome::Done { attempts: 1 })
+            .record(&kept, Outcome::Done { attempts: 1 })
             .await
             .unwrap();
         // The dead letter keeps its event; the done delivery goes.
