@@ -188,6 +188,13 @@ pub fn verify(auth: Authenticated<'_>, body: Bytes) -> Result<VerifiedEvent, Rej
             "body is not a JSON object".into(),
         ));
     }
+    // PostgreSQL text cannot hold U+0000, and no FACEIO field has one: refusing it here
+    // keeps an event from being answered 503 forever by the shared store.
+    if contains_nul(&value) {
+        return Err(Rejection::InvalidPayload(
+            "a string contains the character U+0000".into(),
+        ));
+    }
     let payload =
         Payload::deserialize(&value).map_err(|e| Rejection::InvalidPayload(e.to_string()))?;
     if payload.event_name.is_empty() {
@@ -205,6 +212,17 @@ pub fn verify(auth: Authenticated<'_>, body: Bytes) -> Result<VerifiedEvent, Rej
         payload,
         body,
     })
+}
+
+/// Whether any key or string in `value` contains U+0000.
+fn contains_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
 }
 
 /// Wall-clock Unix milliseconds.
@@ -305,6 +323,8 @@ mod tests {
             br#"{"eventName":"","facialId":"f","appId":"fioa1","clientIp":"1.2.3.4"}"#,
             // Values the relay never reads are checked too: destinations parse them.
             br#"{"eventName":"AUTH","facialId":"f","appId":"fioa1","clientIp":"1.2.3.4","n":1e999999}"#,
+            br#"{"eventName":"AUTH","facialId":"a\u0000b","appId":"fioa1","clientIp":"1.2.3.4"}"#,
+            br#"{"eventName":"AUTH","facialId":"f","appId":"fioa1","clientIp":"1.2.3.4","x":{"k\u0000":1}}"#,
         ] {
             let err = verify(auth, Bytes::copy_from_slice(body)).unwrap_err();
             assert!(matches!(err, Rejection::InvalidPayload(_)), "{err:?}");

@@ -445,5 +445,6 @@ impl Daemon {
         self.log.lock().unwrap().join("\n")
     }
 }
+pub mod faults;
 pub mod pg;
 pub mod proc;

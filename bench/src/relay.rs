@@ -1,0 +1,209 @@
+//! The relay under test: its release binary as a child process, a config in a temp dir
+//! on disk, readiness from its `faceio-relay ready addr=…` log line, and what /proc says
+//! about it (peak RSS, CPU time).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::load::{APP_ID, TOKEN};
+
+/// How long a relay may take to print its ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The relay's config for a run: SQLite on disk, one HTTP destination (the sink).
+pub fn write_config(dir: &Path, sink: SocketAddr, dest_timeout: &str) -> anyhow::Result<PathBuf> {
+    let yaml = format!(
+        "# Written by loadgen (BENCHMARKS.md).\n\
+         listen: 127.0.0.1:0\n\
+         admin_listen: off\n\
+         store:\n  path: {db}\n\
+         applications:\n  - app_id: {APP_ID}\n    token: {TOKEN}\n\
+         destinations:\n  sink:\n    type: http\n    url: http://{sink}/sink\n\
+         \x20   concurrency: 64\n    timeout: {dest_timeout}\n\
+         routes:\n  - to: [sink]\n",
+        db = dir.join("relay.db").display(),
+    );
+    let path = dir.join("relay.yaml");
+    std::fs::write(&path, yaml)?;
+    Ok(path)
+}
+
+/// A running relay.
+pub struct RelayProc {
+    child: Child,
+    pub addr: SocketAddr,
+    /// stderr lines so far (the relay logs one per event and one per delivery at `info`).
+    pub log_lines: Arc<AtomicU64>,
+    /// The last stderr lines, for error messages.
+    tail: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RelayProc {
+    /// Spawns `bin run --config config` and waits for the ready line; also returns the
+    /// time from spawn to that line.
+    pub fn start(bin: &Path, config: &Path) -> anyhow::Result<(Self, Duration)> {
+        let spawned = Instant::now();
+        let mut child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {}", bin.display()))?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        let log_lines = Arc::new(AtomicU64::new(0));
+        let tail = Arc::new(std::sync::Mutex::new(Vec::new()));
+        {
+            let (log_lines, tail) = (Arc::clone(&log_lines), Arc::clone(&tail));
+            std::thread::spawn(move || {
+                let mut ready_sent = false;
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log_lines.fetch_add(1, Ordering::Relaxed);
+                    if !ready_sent && line.contains("faceio-relay ready") {
+                        let _ = tx.send((Instant::now(), line.clone()));
+                        ready_sent = true;
+                    }
+                    let mut tail = tail.lock().unwrap();
+                    if tail.len() >= 50 {
+                        tail.remove(0);
+                    }
+                    tail.push(line);
+                }
+            });
+        }
+        let (at, line) = match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "relay not ready within {READY_TIMEOUT:?}:\n{}",
+                    tail.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .context("ready line names no addr")?
+            .parse()?;
+        Ok((
+            Self {
+                child,
+                addr,
+                log_lines,
+                tail,
+            },
+            at - spawned,
+        ))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn status_kb(&self, field: &str) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Peak resident set size since start or the last [`RelayProc::reset_peak`], in kB.
+    pub fn peak_rss_kb(&self) -> u64 {
+        self.status_kb("VmHWM:")
+    }
+
+    /// Resets the peak RSS to the current RSS (`echo 5 > /proc/PID/clear_refs`).
+    pub fn reset_peak(&self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
+    }
+
+    /// User + system CPU time so far.
+    pub fn cpu_time(&self) -> Duration {
+        cpu_time(self.pid())
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.tail.lock().unwrap().join("\n")
+    }
+
+    /// SIGTERM and wait (then SIGKILL after 20 s).
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    eprintln!("relay exited with {status}:\n{}", self.log_tail());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("relay did not stop within 20 s after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// utime + stime of `pid` from /proc/PID/stat.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line: indexes 11 and 12 after ")".
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // USER_HZ is 100 on every Linux this runs on.
+    Duration::from_millis(ticks * 10)
+}
+
+/// The filesystem type and device holding `path`, from /proc/mounts (longest prefix).
+pub fn filesystem_of(path: &Path) -> String {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut best: Option<(usize, String)> = None;
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 {
+            continue;
+        }
+        if path.starts_with(f[1]) && best.as_ref().is_none_or(|(len, _)| f[1].len() > *len) {
+            best = Some((f[1].len(), format!("{} on {} ({})", f[0], f[1], f[2])));
+        }
+    }
+    best.map(|(_, s)| s).unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,177 @@
+//! Destination faults: an outage and its recovery (without spinning while down), and a
+//! destination that refuses for good. (429 storms: `faults_retry_after.rs`.)
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::faults::*;
+use common::proc::*;
+use common::*;
+
+/// How long the outage's CPU is measured.
+const OUTAGE_WINDOW: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_waited_out_without_spinning_and_everything_pending_is_delivered() {
+    let mut receiver = Receiver::ok().await;
+    let api = Gate::start(receiver.addr, GateMode::Refuse).await;
+    let doomed = Gate::start(receiver.addr, GateMode::Refuse).await;
+    let setup = Setup::new();
+    // `api` is down for a while and has a budget that outlasts the outage; `doomed` stays
+    // down and has a budget of 3 attempts.
+    let config = setup.write_config(&format!(
+        "destinations:\n\
+         \x20 api:\n    type: http\n    url: {}\n    concurrency: 4\n\
+         \x20   retry: {{ max_attempts: 1000, initial_delay: 500ms, max_delay: 2s }}\n\
+         \x20 doomed:\n    type: http\n    url: {}\n\
+         \x20   retry: {{ max_attempts: 3, initial_delay: 50ms, max_delay: 100ms }}\n\
+         routes:\n  - to: [api]\n  - match: {{ eventName: DELETION }}\n    to: [doomed]\n",
+        api.url("/api"),
+        doomed.url("/doomed"),
+    ));
+    let daemon = Relayd::start(&config).await;
+    let client = reqwest::Client::new();
+    let mut ledger = BTreeSet::new();
+    for i in 0..20 {
+        let face = format!("outage-{i}");
+        let name = if i % 4 == 0 { "DELETION" } else { "AUTH" };
+        let (status, body) = send(&client, &daemon.url(), Some(TOKEN), &event(name, &face)).await;
+        assert_eq!(status, 200, "{body}");
+        ledger.insert(face);
+    }
+    eventually("every api delivery failed at least once", || {
+        api.accepted() >= 20
+    })
+    .await;
+
+    // The outage: the relay waits between retries instead of spinning.
+    let pid = daemon.pid();
+    let (cpu0, attempts0, t0) = (cpu_time(pid), api.accepted(), Instant::now());
+    tokio::time::sleep(OUTAGE_WINDOW).await;
+    let (cpu, attempts, wall) = (
+        cpu_time(pid) - cpu0,
+        api.accepted() - attempts0,
+        t0.elapsed(),
+    );
+    let share = cpu.as_secs_f64() / wall.as_secs_f64();
+    println!(
+        "outage: relay CPU {:.0} ms over {:.1} s ({:.1}% of one core), {attempts} attempts to the down destination",
+        cpu.as_secs_f64() * 1000.0,
+        wall.as_secs_f64(),
+        share * 100.0
+    );
+    assert!(
+        share < 0.10,
+        "busy while the destination is down: {share:.3} of a core"
+    );
+    // 20 deliveries backing off 500 ms..2 s make well under 20 / 0.5 s attempts a second.
+    assert!(
+        (attempts as f64) < 20.0 / 0.5 * wall.as_secs_f64(),
+        "{attempts} attempts in {wall:?}"
+    );
+
+    // Nothing of `api` is dead-lettered while its budget lasts; `doomed` spends exactly
+    // its 3 attempts per delivery, then dead-letters.
+    let db = setup.db();
+    let api_dead: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM deliveries WHERE destination = 'api' AND state = 'dead'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(api_dead, 0, "dead-lettered before the budget was spent");
+    eventually("every doomed delivery dead", || {
+        setup
+            .db()
+            .query_row(
+                "SELECT COUNT(*) FROM deliveries WHERE destination = 'doomed' AND state = 'dead'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+            == 5
+    })
+    .await;
+    let attempts: Vec<i64> = db
+        .prepare("SELECT attempts FROM deliveries WHERE destination = 'doomed'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![3; 5],
+        "each doomed delivery tried exactly 3 times"
+    );
+
+    // The destination comes back: everything pending arrives, nothing is dead.
+    api.set(GateMode::Open);
+    await_delivered(&mut receiver, &ledger, 3 * WAIT).await;
+    eventually("api has nothing pending", || {
+        setup
+            .db()
+            .query_row(
+                "SELECT COUNT(*) FROM deliveries WHERE destination = 'api' AND state != 'done'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+            == 0
+    })
+    .await;
+    daemon.terminate(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_400_dead_letters_at_once_and_is_never_retried() {
+    let mut receiver = Receiver::start(Reply::status(400).body("bad request")).await;
+    let setup = Setup::new();
+    let config = setup.write_config(&format!(
+        "destinations:\n  api:\n    type: http\n    url: {}\n    concurrency: 4\n\
+         \x20   retry: {{ max_attempts: 10, initial_delay: 10ms, max_delay: 20ms }}\n\
+         routes:\n  - to: [api]\n",
+        receiver.url()
+    ));
+    let daemon = Relayd::start(&config).await;
+    let client = reqwest::Client::new();
+    for i in 0..5 {
+        let (status, _) = send(
+            &client,
+            &daemon.url(),
+            Some(TOKEN),
+            &event("AUTH", &format!("perm-{i}")),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    eventually("all five dead-lettered", || count(&setup, "dead") == 5).await;
+    let mut got = BTreeMap::new();
+    for _ in 0..5 {
+        let r = receiver.next().await;
+        *got.entry(r.json()["facialId"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    assert!(got.values().all(|n| *n == 1), "{got:?}");
+    // A retry would come after 10..20 ms; give it fifty times that.
+    assert!(
+        receiver.next_within(Duration::from_secs(1)).await.is_none(),
+        "a permanent failure was retried"
+    );
+    let rows: Vec<(i64, String)> = setup
+        .db()
+        .prepare("SELECT attempts, last_error FROM deliveries")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (attempts, error) in &rows {
+        assert_eq!(*attempts, 1, "{error}");
+        assert!(error.contains("400"), "{error}");
+    }
+    daemon.terminate(WAIT).await;
+}
