@@ -99,7 +99,7 @@ async fn ten_kill9s_under_load_lose_no_acknowledged_event() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "heavy: 40 kills with 16 senders (about a minute); run with --ignored"]
+#[ignore = "heavy: 40 kills with 16 senders (about 15 s); run with --ignored"]
 async fn forty_kill9s_under_heavier_load_lose_no_acknowledged_event() {
     crash_loop(40, 16).await;
 }

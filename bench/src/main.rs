@@ -162,11 +162,15 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.starts = Some(it.next().context("--starts needs a number")?.parse()?)
             }
             "--skip-baseline" => args.skip_baseline = true,
+            "--relay-log" => {
+                let level = it.next().context("--relay-log needs a level")?;
+                let _ = relay::RELAY_LOG.set(level);
+            }
             "-h" | "--help" => {
                 println!(
                     "loadgen [--quick] [--backlog N | --skip-backlog] [--out FILE] [--relay-bin PATH]\n\
                      \x20       [--closed-count N] [--open-secs S] [--concurrencies 64,256] [--rates 1000,5000]\n\
-                     \x20       [--starts N] [--skip-baseline]\n\
+                     \x20       [--starts N] [--skip-baseline] [--relay-log RUST_LOG]\n\
                      Full run (default): 100k requests per closed-loop scenario, 20 s per open-loop rate,\n\
                      a 1,000,000-event backlog; --quick: small counts, under a minute."
                 );
@@ -605,7 +609,8 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
         "plan": {"closed_count": plan.closed_count, "open_secs": plan.open_secs,
                  "concurrencies": plan.concurrencies, "rates": plan.rates,
                  "backlog": plan.backlog, "starts": plan.starts},
-        "relay": {"binary": bin.display().to_string(), "config": "SQLite on disk (synchronous=FULL WAL, group commit), one http destination (concurrency 64) -> sink, admin_listen off, RUST_LOG unset (info)",
+        "relay": {"binary": bin.display().to_string(), "config": "SQLite on disk (synchronous=FULL WAL, group commit), one http destination (concurrency 64) -> sink, admin_listen off",
+                  "rust_log": relay::RELAY_LOG.get().cloned().unwrap_or_else(|| "unset (info)".into()),
                   "log_lines_during_load": log_lines, "peak_rss_load_mb": round1(load_peak_kb as f64 / 1024.0)},
         "sink_strays": sink.strays.load(Ordering::Relaxed),
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),

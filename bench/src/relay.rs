@@ -14,6 +14,9 @@ use anyhow::{Context, bail};
 
 use crate::load::{APP_ID, TOKEN};
 
+/// `RUST_LOG` for the relay (`--relay-log`); unset = the relay's default (`info`).
+pub static RELAY_LOG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// How long a relay may take to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -50,11 +53,15 @@ impl RelayProc {
     /// time from spawn to that line.
     pub fn start(bin: &Path, config: &Path) -> anyhow::Result<(Self, Duration)> {
         let spawned = Instant::now();
-        let mut child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        match RELAY_LOG.get() {
+            Some(level) => cmd.env("RUST_LOG", level),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let mut child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
