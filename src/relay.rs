@@ -110,8 +110,7 @@ impl Relay {
             ));
         }
 
-        let listener = TcpListener::bind(config.listen)
-            .await
+        let listener = bind_ingress(config.listen, config.ingress.max_connections)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
         let admin_listener = match config.admin_listen {
@@ -367,6 +366,21 @@ fn describe(applied: &Applied) -> String {
         list(&applied.stopped),
         applied.dead_lettered
     )
+}
+
+/// Binds ingress with an accept backlog as deep as the connection cap (the kernel caps it
+/// at `net.core.somaxconn`): `TcpListener::bind` uses 128, and a burst of new
+/// connections beyond that waits a whole SYN retransmit (1 s), a sixth of FACEIO's
+/// patience.
+fn bind_ingress(addr: SocketAddr, max_connections: usize) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(max_connections).unwrap_or(u32::MAX).max(128))
 }
 
 /// Builds the one-line status systemd shows.
