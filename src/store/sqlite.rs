@@ -148,8 +148,6 @@ pub struct SqliteStore {
     slow_reader: Arc<Mutex<Connection>>,
     /// Held for the daemon's lifetime: an exclusive lock on `<db>.lock`.
     _lock: Option<File>,
-    /// Dropping it stops the checkpoint thread.
-    _checkpoint_stop: std::sync::mpsc::Sender<()>,
 }
 
 impl SqliteStore {
@@ -197,7 +195,7 @@ impl SqliteStore {
     }
 
     fn start(path: &Path, lock: Option<File>) -> Result<Self, StoreError> {
-        let conn = open_writer_connection(path)?;
+        let conn = open_connection(path)?;
         migrate(&conn).map_err(|e| open_err(path, e))?;
         let reader = open_connection(path)?;
         let slow_reader = open_connection(path)?;
@@ -209,14 +207,7 @@ impl SqliteStore {
             .name("store-writer".into())
             .spawn(move || writer_loop(path_buf, Some(conn), rx, &writer_stats))
             .map_err(|e| open_err(path, e))?;
-        let (checkpoint_stop, checkpoint_rx) = std::sync::mpsc::channel();
-        let checkpoint_conn = open_connection(path)?;
-        std::thread::Builder::new()
-            .name("store-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpoint_conn, checkpoint_rx))
-            .map_err(|e| open_err(path, e))?;
         Ok(Self {
-            _checkpoint_stop: checkpoint_stop,
             stats,
             writer: tx,
             reader: Arc::new(Mutex::new(reader)),
@@ -297,37 +288,6 @@ fn unavailable(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// How often WAL frames are copied into the database file, off the commit path.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
-
-/// The writer's connection: like any other, but it never checkpoints itself. An
-/// automatic checkpoint would run inside a commit and add its fsyncs to the latency of
-/// every event in that batch; the checkpoint thread does that work beside the writer.
-fn open_writer_connection(path: &Path) -> Result<Connection, StoreError> {
-    let conn = open_connection(path)?;
-    conn.pragma_update(None, "wal_autocheckpoint", 0)
-        .map_err(|e| open_err(path, e))?;
-    Ok(conn)
-}
-
-/// Copies committed WAL frames into the database file (PASSIVE: never blocks the
-/// writer or readers), so the WAL stays small. Ends when the store is dropped.
-fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
-    let mut warned = false;
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-        stop.recv_timeout(CHECKPOINT_INTERVAL)
-    {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            if !warned {
-                tracing::warn!(error = %e, "WAL checkpoint failed; will keep trying");
-                warned = true;
-            }
-        } else {
-            warned = false;
-        }
-    }
-}
-
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(|e| open_err(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
@@ -369,7 +329,7 @@ fn writer_loop(
         }
         stats.taken.fetch_add(batch.len() as u64, Ordering::Relaxed);
         if conn.is_none() {
-            match open_writer_connection(&path) {
+            match open_connection(&path) {
                 Ok(c) => {
                     conn = Some(c);
                     synchronous_full = true;
