@@ -551,6 +551,13 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
             .await;
         row.ratio = (!args.skip_baseline).then(|| row.req_s / rows[i].req_s);
         load_peak_kb = load_peak_kb.max(relay.peak_rss_kb());
+        if !row.failures.is_empty() {
+            eprintln!(
+                "relay: {} failed; its last log lines:\n{}",
+                row.scenario,
+                relay.log_tail()
+            );
+        }
         rows.push(row);
     }
     let log_lines = relay.log_lines.load(Ordering::Relaxed);
@@ -649,6 +656,13 @@ async fn backlog_run(run: &mut Run, bin: &Path, n: usize) -> anyhow::Result<Valu
     eprintln!("backlog: pushing {n} events with the sink down");
     let cpu0 = relay.cpu_time();
     let out = load::closed_loop(relay.addr, sid, n, 256, Arc::clone(&track)).await;
+    if !out.failures.is_empty() {
+        eprintln!(
+            "backlog: {:?} while pushing; the relay's last log lines:\n{}",
+            out.failures,
+            relay.log_tail()
+        );
+    }
     let push_peak = relay.peak_rss_kb();
     let push_cpu = relay.cpu_time() - cpu0;
     let db_bytes: u64 = std::fs::read_dir(dir.path())?
