@@ -30,6 +30,25 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// How often quiet sources' failed-authentication counters are dropped.
 const FORGET_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Shortest life of an announcement of this relay's destinations (shared stores; renewed
+/// every `poll_interval`): a relay silent this long (dead, or cut off from the database)
+/// no longer protects its destinations from the other relays' orphan sweeps. Generous,
+/// so a relay that restarts keeps its destinations' deliveries.
+const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(60);
+
+/// An announcement lasts at least this many `poll_interval`s.
+const ANNOUNCEMENT_POLLS: u32 = 10;
+
+/// Shared stores sweep orphaned deliveries every this many announcements: with several
+/// relays they can appear at any time (the only relay that had a destination died, or a
+/// `dead-letters replay` of one no relay has).
+const SWEEP_EVERY: u32 = 30;
+
+/// How long an announcement made under `config` lasts.
+fn announcement_ttl(config: &Config) -> Duration {
+    (config.delivery.poll_interval * ANNOUNCEMENT_POLLS).max(ANNOUNCEMENT_TTL)
+}
+
 /// A running relay: ingress, admin endpoint, dispatchers and store.
 pub struct Relay {
     /// The address ingress actually listens on (resolves a configured port 0).
@@ -78,6 +97,9 @@ impl Relay {
             delivery.clone(),
         ));
         let (wakers, _) = deliveries.apply(&config).await?;
+        // Before any sweep here and any event accepted for them: the other relays must
+        // know this one has these destinations.
+        deliveries.announce(announcement_ttl(&config)).await?;
         deliveries.dead_letter_orphans(&config).await?;
         // A shared store tells every relay about deliveries accepted by any of them.
         if let Some(wakes) = store.subscribe() {
@@ -88,8 +110,7 @@ impl Relay {
             ));
         }
 
-        let listener = TcpListener::bind(config.listen)
-            .await
+        let listener = bind_ingress(config.listen, config.ingress.max_connections)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
         let admin_listener = match config.admin_listen {
@@ -117,6 +138,14 @@ impl Relay {
             config.store.retention,
             delivery.soft.clone(),
         ));
+        let current = Arc::new(Mutex::new(Arc::clone(&config)));
+        if store.shared() {
+            tracker.spawn(announce_and_sweep(
+                Arc::clone(&deliveries),
+                Arc::clone(&current),
+                delivery.soft.clone(),
+            ));
+        }
         let stop_ingress = CancellationToken::new();
         let ingress_up = Arc::new(AtomicBool::new(true));
         if let Some(listener) = admin_listener {
@@ -165,7 +194,7 @@ impl Relay {
             tracker,
             deliveries,
             ingress_state,
-            current: Arc::new(Mutex::new(config)),
+            current,
             metrics,
             store,
         })
@@ -250,6 +279,11 @@ impl Relay {
             }
         }
         let (wakers, mut applied) = self.deliveries.apply(&new).await?;
+        // New destinations are announced before ingress routes to them (see `start`).
+        if let Err(e) = self.deliveries.announce(announcement_ttl(&new)).await {
+            tracing::warn!(error = %e,
+                "cannot announce this relay's destinations to the other relays; retried every poll interval");
+        }
         self.ingress_state.replace(Arc::clone(&new), wakers);
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&new);
         // Ingress uses the new routes from here on; requests that read the old ones may
@@ -334,6 +368,21 @@ fn describe(applied: &Applied) -> String {
     )
 }
 
+/// Binds ingress with an accept backlog as deep as the connection cap (the kernel caps it
+/// at `net.core.somaxconn`): `TcpListener::bind` uses 128, and a burst of new
+/// connections beyond that waits a whole SYN retransmit (1 s), a sixth of FACEIO's
+/// patience.
+fn bind_ingress(addr: SocketAddr, max_connections: usize) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(max_connections).unwrap_or(u32::MAX).max(128))
+}
+
 /// Builds the one-line status systemd shows.
 #[derive(Clone)]
 pub struct StatusSource {
@@ -382,6 +431,34 @@ async fn forward_wakes(
             Ok(Wake::Destination(name)) => deliveries.wakers().wake(&name),
             Ok(Wake::All) | Err(RecvError::Lagged(_)) => deliveries.wakers().wake_all(),
             Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Shared stores: announces this relay's destinations every `poll_interval` (so the
+/// other relays' orphan sweeps leave them alone) and sweeps orphans every
+/// [`SWEEP_EVERY`] announcements.
+async fn announce_and_sweep(
+    deliveries: Arc<Deliveries>,
+    current: Arc<Mutex<Arc<Config>>>,
+    stop: CancellationToken,
+) {
+    let config_now = || Arc::clone(&current.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut rounds: u32 = 0;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(config_now().delivery.poll_interval) => {}
+            () = stop.cancelled() => return,
+        }
+        let config = config_now();
+        if let Err(e) = deliveries.announce(announcement_ttl(&config)).await {
+            tracing::warn!(error = %e, "cannot announce this relay's destinations to the other relays");
+        }
+        rounds = rounds.wrapping_add(1);
+        if rounds.is_multiple_of(SWEEP_EVERY)
+            && let Err(e) = deliveries.dead_letter_orphans(&config).await
+        {
+            tracing::warn!(error = %e, "cannot sweep deliveries of destinations no relay has");
         }
     }
 }

@@ -136,6 +136,7 @@ fn check_render(template: Option<&str>, body: &[u8]) {
         attempts: 0,
         received_at_ms: 1_795_000_000_000,
         body: Bytes::copy_from_slice(body),
+        claim: None,
     };
     match dest.render(&delivery) {
         Ok(text) => assert!(text.len() < 64 * body.len().max(1024), "render blew up"),

@@ -18,7 +18,6 @@ use common::*;
 const WAL_LIMIT: u64 = 24 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: store/sqlite.rs checkpoint_loop (PASSIVE every 250 ms, wal_autocheckpoint=0 on the writer) never lets the WAL restart while the writer and the dispatcher's reader stay busy: 1.5 GB of WAL after 260,000 events in loadgen, RSS and read times growing with it"]
 async fn the_wal_stays_bounded_under_sustained_load() {
     let mut receiver = Receiver::ok().await;
     let setup = Setup::new();

@@ -15,7 +15,7 @@ use faceio_relay::config::{Application, PostgresConfig, Secret, StoreBackend};
 use faceio_relay::ingress::VerifiedEvent;
 use faceio_relay::ingress::verify::{authenticate, now_ms, verify};
 use faceio_relay::store::postgres::PostgresStore;
-use faceio_relay::store::{Outcome, Selection, Store, Wake};
+use faceio_relay::store::{ClaimRequest, Outcome, Selection, Store, Wake};
 
 use common::proc::{Relayd, cli, dead_letters_json};
 use common::{APP, Receiver, Reply, TOKEN, TestRelay, event};
@@ -40,6 +40,19 @@ fn verified(name: &str) -> VerifiedEvent {
 }
 
 const LONG: Duration = Duration::from_secs(60);
+
+/// A claim of up to 10 due deliveries of `destination`, nothing in flight, taking over
+/// from other processes allowed.
+fn request(destination: &str, lease: Duration) -> ClaimRequest<'_> {
+    ClaimRequest {
+        destination,
+        now_ms: now_ms(),
+        want: 10,
+        in_flight: &[],
+        lease,
+        take_over: true,
+    }
+}
 
 #[tokio::test]
 async fn store_contract_holds_on_postgres() {
@@ -71,12 +84,14 @@ async fn store_contract_holds_on_postgres() {
     assert_eq!(stats[0].oldest_pending_ms, Some(ev.received_at_ms()));
     assert_eq!(stats[0].dead, 0);
 
-    // retry / next_due_after / done
-    let a = due_a[0].clone();
+    // retry / next_due_after / done; outcomes apply to the claim they name
+    let a = store.claim(request("a", LONG)).await.unwrap().remove(0);
+    assert_eq!(a.id, due_a[0].id);
+    assert!(a.claim.is_some(), "a claim carries its token");
     let later = now_ms() + 60_000;
     store
         .record(
-            a.id,
+            &a,
             Outcome::Retry {
                 attempts: 1,
                 next_attempt_at_ms: later,
@@ -86,23 +101,34 @@ async fn store_contract_holds_on_postgres() {
         .await
         .unwrap();
     assert!(store.due("a", now_ms(), 10).await.unwrap().is_empty());
+    // Times go through the database's clock: equal to the relay's here, give or take
+    // the round trips.
+    let next = store.next_due_after("a", now_ms()).await.unwrap().unwrap();
+    assert!((next - later).abs() < 1000, "{next} vs {later}");
+    assert_eq!(store.next_due_after("a", later + 1000).await.unwrap(), None);
     assert_eq!(
-        store.next_due_after("a", now_ms()).await.unwrap(),
-        Some(later)
+        store.due("a", later + 1000, 10).await.unwrap()[0].attempts,
+        1
     );
-    assert_eq!(store.next_due_after("a", later).await.unwrap(), None);
-    assert_eq!(store.due("a", later, 10).await.unwrap()[0].attempts, 1);
+    let a = store
+        .claim(ClaimRequest {
+            now_ms: later + 1000,
+            ..request("a", LONG)
+        })
+        .await
+        .unwrap()
+        .remove(0);
     store
-        .record(a.id, Outcome::Done { attempts: 2 })
+        .record(&a, Outcome::Done { attempts: 2 })
         .await
         .unwrap();
     assert_eq!(store.next_due_after("a", 0).await.unwrap(), None);
 
     // dead letters: list, show, replay, purge
-    let b = store.due("b", now_ms(), 10).await.unwrap().remove(0);
+    let b = store.claim(request("b", LONG)).await.unwrap().remove(0);
     store
         .record(
-            b.id,
+            &b,
             Outcome::Dead {
                 attempts: 1,
                 error: "HTTP 404: channel_not_found".into(),
@@ -131,9 +157,22 @@ async fn store_contract_holds_on_postgres() {
         1
     );
     assert_eq!(store.due("b", now_ms(), 10).await.unwrap()[0].attempts, 0);
+    // An outcome for the claim from before the replay is not applied.
     store
         .record(
-            b.id,
+            &b,
+            Outcome::Dead {
+                attempts: 1,
+                error: "late".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(db.count("pending").await, 1);
+    let b = store.claim(request("b", LONG)).await.unwrap().remove(0);
+    store
+        .record(
+            &b,
             Outcome::Dead {
                 attempts: 1,
                 error: "again".into(),
@@ -142,9 +181,10 @@ async fn store_contract_holds_on_postgres() {
         .await
         .unwrap();
     assert_eq!(store.replay(&Selection::Ids(vec![b.id])).await.unwrap(), 1);
+    let b = store.claim(request("b", LONG)).await.unwrap().remove(0);
     store
         .record(
-            b.id,
+            &b,
             Outcome::Dead {
                 attempts: 1,
                 error: "again".into(),
@@ -165,9 +205,9 @@ async fn store_contract_holds_on_postgres() {
     let dead = store.dead_letters(None, 10).await.unwrap();
     assert_eq!(dead[0].destination, "removed");
     assert!(dead[0].last_error.contains("no longer in the config"));
-    let kept = store.due("kept", now_ms(), 10).await.unwrap().remove(0);
+    let kept = store.claim(request("kept", LONG)).await.unwrap().remove(0);
     store
-        .record(kept.id, Outcome::Done { attempts: 1 })
+        .record(&kept, Outcome::Done { attempts: 1 })
         .await
         .unwrap();
     // `a` (done) and `kept` (done) go, and the first event with them.
@@ -189,59 +229,53 @@ async fn claims_leases_and_ownership_keep_processes_apart() {
 
     // A claimed row is not handed to another process, nor to the same one twice.
     one.insert_event(&verified("AUTH"), &["c"]).await.unwrap();
-    let claimed = one.claim("c", now_ms(), 10, 0, minute).await.unwrap();
+    let claimed = one.claim(request("c", minute)).await.unwrap();
     assert_eq!(claimed.len(), 1);
-    let id = claimed[0].id;
-    assert!(
-        two.claim("c", now_ms(), 10, 0, minute)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        one.claim("c", now_ms(), 10, 0, minute)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(!two.renew(id, minute).await.unwrap(), "not two's claim");
-    assert!(one.renew(id, minute).await.unwrap());
+    let c = claimed[0].clone();
+    assert!(two.claim(request("c", minute)).await.unwrap().is_empty());
+    assert!(one.claim(request("c", minute)).await.unwrap().is_empty());
+    assert!(!two.renew(&c, minute).await.unwrap(), "not two's claim");
+    assert!(one.renew(&c, minute).await.unwrap());
     // Given back, it goes to the other; the first may neither renew nor record it.
-    one.unclaim(&[id]).await.unwrap();
-    assert_eq!(
-        two.claim("c", now_ms(), 10, 0, minute).await.unwrap()[0].id,
-        id
-    );
-    assert!(!one.renew(id, minute).await.unwrap());
-    one.record(id, Outcome::Done { attempts: 1 }).await.unwrap();
+    one.unclaim(std::slice::from_ref(&c)).await.unwrap();
+    let c2 = two.claim(request("c", minute)).await.unwrap().remove(0);
+    assert_eq!(c2.id, c.id);
+    assert!(!one.renew(&c, minute).await.unwrap());
+    one.record(&c, Outcome::Done { attempts: 1 }).await.unwrap();
     assert_eq!(
         db.count("pending").await,
         1,
         "one's outcome was not applied"
     );
-    two.record(id, Outcome::Done { attempts: 1 }).await.unwrap();
+    two.record(&c2, Outcome::Done { attempts: 1 })
+        .await
+        .unwrap();
     assert_eq!(db.count("done").await, 1);
 
-    // A lease that runs out frees the row for another process.
+    // A lease that runs out frees the row for another process, unless it asks not to take
+    // over others' rows (a new owner, during its first lease).
     one.insert_event(&verified("AUTH"), &["d"]).await.unwrap();
     let short = Duration::from_millis(300);
-    let id = one.claim("d", now_ms(), 10, 0, short).await.unwrap()[0].id;
-    assert!(
-        two.claim("d", now_ms(), 10, 0, minute)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    let d = one.claim(request("d", short)).await.unwrap().remove(0);
+    assert!(two.claim(request("d", minute)).await.unwrap().is_empty());
     let taken = std::sync::Mutex::new(Vec::new());
     within(Duration::from_secs(10), "the lease to run out", || async {
-        let got = two.claim("d", now_ms(), 10, 0, minute).await.unwrap();
+        let patient = ClaimRequest {
+            take_over: false,
+            ..request("d", minute)
+        };
+        assert!(
+            two.claim(patient).await.unwrap().is_empty(),
+            "taken over from another process although asked not to"
+        );
+        let got = two.claim(request("d", minute)).await.unwrap();
         let any = !got.is_empty();
         taken.lock().unwrap().extend(got);
         any
     })
     .await;
-    assert_eq!(taken.lock().unwrap()[0].id, id);
-    assert!(!one.renew(id, minute).await.unwrap(), "one lost it");
+    assert_eq!(taken.lock().unwrap()[0].id, d.id);
+    assert!(!one.renew(&d, minute).await.unwrap(), "one lost it");
 
     // Ownership: one process at a time; re-entrant within a process.
     let owned = one.own("x").await.unwrap().expect("free");

@@ -97,6 +97,7 @@ fn render_slack(c: &mut Criterion) {
         attempts: 0,
         received_at_ms: 1_795_000_000_000,
         body: Bytes::from_static(ENROLL.as_bytes()),
+        claim: None,
     };
     c.bench_function("slack/render default template (ENROLL)", |b| {
         b.iter(|| dest.render(black_box(&delivery)).unwrap())

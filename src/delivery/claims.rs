@@ -61,6 +61,11 @@ impl Claims {
         self.active.contains(&id)
     }
 
+    /// The claimed IDs.
+    pub fn ids(&self) -> Vec<i64> {
+        self.active.iter().copied().collect()
+    }
+
     /// How many are claimed.
     pub fn len(&self) -> usize {
         self.active.len()

@@ -114,6 +114,9 @@ pub struct Deliveries {
     in_flight: Mutex<HashMap<String, InFlight>>,
     /// The wakers of the running dispatchers, for wake-ups that come from the store.
     wakers: Mutex<Wakers>,
+    /// Held while announcing, so an announcement that read an older set of destinations
+    /// can never land after one that read a newer set.
+    announcing: tokio::sync::Mutex<()>,
 }
 
 impl Deliveries {
@@ -131,7 +134,25 @@ impl Deliveries {
             running: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             wakers: Mutex::new(Wakers::default()),
+            announcing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Tells the other processes sharing the store that this one has the destinations
+    /// its dispatchers run now, for `alive_for` ([`Store::announce`]; a no-op for a store
+    /// used by one daemon). Call it after [`Deliveries::apply`] and before ingress routes
+    /// to a new destination, and periodically.
+    pub async fn announce(&self, alive_for: Duration) -> Result<(), StoreError> {
+        let _one_at_a_time = self.announcing.lock().await;
+        let names: Vec<String> = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.store.announce(&names, alive_for).await
     }
 
     /// The wakers of the dispatchers running now.

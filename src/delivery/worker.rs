@@ -7,6 +7,7 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, RateLimiter};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::retry::{self, Next};
@@ -14,7 +15,7 @@ use super::{InFlight, Shutdown};
 use crate::config::{DestinationConfig, RetryPolicy};
 use crate::destinations::{DeliveryError, Destination};
 use crate::ingress::verify::now_ms;
-use crate::store::{Delivery, Outcome, Ownership, Store};
+use crate::store::{ClaimRequest, Delivery, Outcome, Ownership, Store, StoreError};
 use crate::telemetry::events::{AttemptResult, DeliveryAttempted, RateLimitWait};
 use crate::telemetry::metrics::Metrics;
 
@@ -26,6 +27,16 @@ const MAX_PREFETCH: usize = 256;
 /// request starting, and scheduling delays, so a lease does not run out while its
 /// attempt can still be under way.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long before its lease runs out (on this process's clock) an attempt must be over:
+/// room for scheduling delays and clocks that run at slightly different rates. An attempt
+/// whose claim renewal took longer than `LEASE_MARGIN - LEASE_SAFETY` is skipped.
+const LEASE_SAFETY: Duration = Duration::from_secs(1);
+
+/// Longest a dispatcher or an attempt waits for one store call. A store that hangs (a
+/// dead network path to a shared database) then fails the call, which is retried,
+/// instead of stalling the destination for good.
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// State shared by a dispatcher and its attempts.
 struct Shared {
@@ -171,6 +182,10 @@ impl Dispatcher {
     async fn dispatch(&self, ownership: &Ownership) {
         let shared = &self.shared;
         let cancel = &shared.shutdown.soft;
+        // Rows another relay claimed are left alone for one full lease from here, on this
+        // clock: that relay may have owned the destination until now and still be
+        // finishing attempts whose lease looks over on the database's clock.
+        let owned_at = Instant::now();
         let mut queue: VecDeque<Delivery> = VecDeque::new();
         loop {
             if ownership.is_lost() {
@@ -193,7 +208,8 @@ impl Dispatcher {
                 () = ownership.lost() => break,
             };
             if queue.is_empty() {
-                match self.fill(&mut queue).await {
+                let take_over = owned_at.elapsed() >= shared.lease;
+                match self.fill(&mut queue, take_over).await {
                     Ok(()) => {}
                     Err(e) => {
                         tracing::warn!(destination = %shared.name, error = %e, "cannot read pending deliveries");
@@ -214,43 +230,49 @@ impl Dispatcher {
                 }
                 continue;
             };
-            self.tracker
-                .spawn(attempt(Arc::clone(shared), delivery, permit));
+            self.tracker.spawn(attempt(
+                Arc::clone(shared),
+                delivery,
+                permit,
+                ownership.lost_token(),
+            ));
         }
-        // Read-ahead deliveries were never started: release them (they stay pending).
-        let ids: Vec<i64> = queue.iter().map(|d| d.id).collect();
-        {
-            let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            for id in &ids {
-                in_flight.release(*id);
-            }
-        }
-        self.unclaim(&ids).await;
-    }
-
-    /// Gives the store's claims on never-attempted deliveries back, so another process
-    /// need not wait for their lease (a no-op for a store used by one daemon).
-    async fn unclaim(&self, ids: &[i64]) {
-        if ids.is_empty() {
-            return;
-        }
-        if let Err(e) = self.shared.store.unclaim(ids).await {
-            tracing::warn!(destination = %self.shared.name, error = %e,
-                "cannot give back unattempted deliveries; they wait for their lease");
+        // Read-ahead deliveries were never started: give them back in the store first,
+        // then here (they stay pending). In this order another dispatcher of this
+        // process (a reload) cannot claim them here while the store still has them
+        // claimed for this one.
+        let unstarted: Vec<Delivery> = queue.into_iter().collect();
+        unclaim(shared, &unstarted).await;
+        let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        for d in &unstarted {
+            in_flight.release(d.id);
         }
     }
 
     /// Claims due deliveries not already in flight into `queue`, marking them in flight.
-    async fn fill(&self, queue: &mut VecDeque<Delivery>) -> Result<(), crate::store::StoreError> {
+    async fn fill(
+        &self,
+        queue: &mut VecDeque<Delivery>,
+        take_over: bool,
+    ) -> Result<(), StoreError> {
         let shared = &self.shared;
-        let (skip, read) = {
+        let (in_flight, read) = {
             let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            (claims.len(), claims.read_started())
+            (claims.ids(), claims.read_started())
         };
-        let due = shared
-            .store
-            .claim(&shared.name, now_ms(), self.prefetch, skip, shared.lease)
-            .await;
+        let due = tokio::time::timeout(
+            STORE_TIMEOUT,
+            shared.store.claim(ClaimRequest {
+                destination: &shared.name,
+                now_ms: now_ms(),
+                want: self.prefetch,
+                in_flight: &in_flight,
+                lease: shared.lease,
+                take_over,
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| Err(timed_out("claiming deliveries")));
         let mut surplus = Vec::new();
         {
             let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
@@ -264,14 +286,15 @@ impl Dispatcher {
             for d in due {
                 if queue.len() < self.prefetch && claims.claim(d.id, read) {
                     queue.push_back(d);
-                } else if !claims.contains(d.id) {
-                    // Claimed in the store but not taken here: give it back at once.
-                    surplus.push(d.id);
+                } else {
+                    // Claimed in the store but not taken here: give that claim back at
+                    // once (its token names this claim only, never an attempt's).
+                    surplus.push(d);
                 }
             }
             claims.read_finished();
         }
-        self.unclaim(&surplus).await;
+        unclaim(shared, &surplus).await;
         Ok(())
     }
 
@@ -279,18 +302,42 @@ impl Dispatcher {
     /// Attempts under way wake the dispatcher when they finish, so they need no timer.
     async fn idle_wait(&self) -> Duration {
         let now = now_ms();
-        match self
-            .shared
-            .store
-            .next_due_after(&self.shared.name, now)
-            .await
-        {
-            Ok(Some(at)) => {
+        let next = tokio::time::timeout(
+            STORE_TIMEOUT,
+            self.shared.store.next_due_after(&self.shared.name, now),
+        )
+        .await;
+        match next {
+            Ok(Ok(Some(at))) => {
                 let ms = (at - now).max(1) as u64;
                 Duration::from_millis(ms).min(self.poll_interval)
             }
             _ => self.poll_interval,
         }
+    }
+}
+
+/// The error a store call that did not answer within [`STORE_TIMEOUT`] counts as.
+fn timed_out(what: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "{what}: the store did not answer within {}s",
+        STORE_TIMEOUT.as_secs()
+    ))
+}
+
+/// Gives the store's claims on deliveries that will not be attempted now back, so
+/// another process need not wait for their lease (a no-op for a store used by one
+/// daemon). Call it before releasing them in process.
+async fn unclaim(shared: &Shared, deliveries: &[Delivery]) {
+    if deliveries.is_empty() {
+        return;
+    }
+    let done = tokio::time::timeout(STORE_TIMEOUT, shared.store.unclaim(deliveries))
+        .await
+        .unwrap_or_else(|_| Err(timed_out("giving back claims")));
+    if let Err(e) = done {
+        tracing::warn!(destination = %shared.name, error = %e,
+            "cannot give back unattempted deliveries; they wait for their lease");
     }
 }
 
@@ -315,12 +362,18 @@ impl Drop for Claim {
 /// Longest pause between tries to record an outcome while the store refuses writes.
 const MAX_RECORD_BACKOFF: Duration = Duration::from_secs(30);
 
-/// One attempt: wait for the rate limit and any `Retry-After` pause, deliver, record.
-async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphorePermit) {
-    let _claim = Claim {
-        shared: Arc::clone(&shared),
-        id: delivery.id,
-    };
+/// Why an attempt waiting for its turn stopped waiting.
+enum Waited {
+    Ready,
+    /// The soft cancel (shutdown, or this dispatcher stopped on reload).
+    Cancelled,
+    /// The destination's ownership was lost: another relay may dispatch it now.
+    Lost,
+}
+
+/// Waits for the rate limit and until no `Retry-After` pause is in force.
+async fn wait_turn(shared: &Shared, delivery: &Delivery, lost: &CancellationToken) -> Waited {
+    let cancel = &shared.shutdown.soft;
     if let Some(limiter) = shared.limiter.as_ref().filter(|l| l.check().is_err()) {
         RateLimitWait {
             destination: &shared.name,
@@ -329,7 +382,8 @@ async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphore
         .emit(&shared.metrics);
         tokio::select! {
             () = limiter.until_ready() => {}
-            () = shared.shutdown.soft.cancelled() => return,
+            () = cancel.cancelled() => return Waited::Cancelled,
+            () = lost.cancelled() => return Waited::Lost,
         }
     }
     // A `Retry-After` may have arrived while this attempt waited for its turn, and
@@ -337,12 +391,50 @@ async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphore
     while let Some(until) = shared.pause() {
         tokio::select! {
             () = tokio::time::sleep_until(until) => {}
-            () = shared.shutdown.soft.cancelled() => return,
+            () = cancel.cancelled() => return Waited::Cancelled,
+            () = lost.cancelled() => return Waited::Lost,
         }
     }
+    Waited::Ready
+}
+
+/// One attempt: wait for the rate limit and any `Retry-After` pause, renew the claim,
+/// deliver within the claim's lease, record. Every way out before the delivery gives
+/// the claim back (store first, then in process).
+async fn attempt(
+    shared: Arc<Shared>,
+    delivery: Delivery,
+    permit: OwnedSemaphorePermit,
+    lost: CancellationToken,
+) {
+    let _claim = Claim {
+        shared: Arc::clone(&shared),
+        id: delivery.id,
+    };
+    let give_back = || unclaim(&shared, std::slice::from_ref(&delivery));
+    match wait_turn(&shared, &delivery, &lost).await {
+        Waited::Ready => {}
+        Waited::Cancelled => return give_back().await,
+        Waited::Lost => {
+            tracing::info!(destination = %shared.name, event_id = %delivery.event_id,
+                "ownership of the destination lost; delivery left to its next owner");
+            return give_back().await;
+        }
+    }
+    // After losing ownership, nothing more is sent from here (the next owner's limiter
+    // and pauses take over); the check is repeated once the renewal is back.
+    if lost.is_cancelled() {
+        return give_back().await;
+    }
     // A shared store's claim may have run out while this delivery waited (another relay
-    // then owns the destination and may have taken the row): check and extend it.
-    match shared.store.renew(delivery.id, shared.lease).await {
+    // then owns the destination and may have taken the row): check and extend it. The
+    // lease was stamped on the database's clock at some point after `sent`; on this
+    // clock it therefore lasts at least until `sent + lease`.
+    let sent = Instant::now();
+    let renewed = tokio::time::timeout(STORE_TIMEOUT, shared.store.renew(&delivery, shared.lease))
+        .await
+        .unwrap_or_else(|_| Err(timed_out("renewing a claim")));
+    match renewed {
         Ok(true) => {}
         Ok(false) => {
             tracing::info!(destination = %shared.name, event_id = %delivery.event_id,
@@ -352,12 +444,32 @@ async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphore
         Err(e) => {
             tracing::warn!(destination = %shared.name, event_id = %delivery.event_id, error = %e,
                 "cannot confirm the claim on a delivery; it stays pending and is tried later");
-            return;
+            return give_back().await;
         }
     }
+    if lost.is_cancelled() {
+        return give_back().await;
+    }
+    // The request may take the destination's `timeout` (the lease less LEASE_MARGIN): if
+    // the renewal's round trip ate the margin, the request could outlive the lease, and
+    // another relay could send the same delivery meanwhile. Skip it instead.
+    if sent.elapsed() > LEASE_MARGIN - LEASE_SAFETY {
+        tracing::warn!(destination = %shared.name, event_id = %delivery.event_id,
+            renew_ms = sent.elapsed().as_millis() as u64,
+            "renewing the claim took too long to attempt the delivery within it; tried again later");
+        return give_back().await;
+    }
+    // Not needed while the destination keeps its own `timeout`; a bound that holds
+    // whatever the destination does.
+    let lease_end = sent + shared.lease - LEASE_SAFETY;
     let started = std::time::Instant::now();
     let result = tokio::select! {
-        r = shared.destination.deliver(&delivery) => r,
+        r = tokio::time::timeout_at(lease_end, shared.destination.deliver(&delivery)) => {
+            r.unwrap_or_else(|_| Err(DeliveryError::Retryable {
+                reason: "attempt cut off at the end of its claim's lease".into(),
+                retry_after: None,
+            }))
+        }
         () = shared.shutdown.hard.cancelled() => {
             tracing::warn!(destination = %shared.name, event_id = %delivery.event_id,
                 "delivery abandoned at shutdown; it stays pending and resumes on restart");
@@ -371,7 +483,16 @@ async fn attempt(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphore
     // Keep the claim until the outcome is committed: releasing it earlier would resend
     // the delivery while the store is down, ignoring its backoff.
     let mut backoff = Duration::from_millis(100);
-    while let Err(e) = shared.store.record(delivery.id, outcome.clone()).await {
+    loop {
+        let recorded = tokio::time::timeout(
+            STORE_TIMEOUT,
+            shared.store.record(&delivery, outcome.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| Err(timed_out("recording an outcome")));
+        let Err(e) = recorded else {
+            break;
+        };
         tracing::error!(destination = %shared.name, event_id = %delivery.event_id, error = %e,
             retry_in_ms = backoff.as_millis() as u64, "cannot record delivery outcome; retrying");
         tokio::select! {

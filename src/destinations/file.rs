@@ -225,6 +225,7 @@ mod tests {
             attempts: 0,
             received_at_ms: 1_764_230_400_000,
             body: Bytes::from_static(br#"{"eventName":"AUTH","facialId":"f","extra":{"k":[1,2]}}"#),
+            claim: None,
         }
     }
 

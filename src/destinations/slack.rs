@@ -120,6 +120,7 @@ mod tests {
             attempts: 0,
             received_at_ms: 0,
             body: Bytes::from(body.to_string()),
+            claim: None,
         }
     }
 

@@ -98,6 +98,12 @@ impl Ownership {
     pub fn is_lost(&self) -> bool {
         self.lost.is_cancelled()
     }
+
+    /// A token cancelled when the ownership is lost, for attempts that outlive a borrow
+    /// of the ownership (they must stop before renewing a claim once it is lost).
+    pub fn lost_token(&self) -> CancellationToken {
+        self.lost.clone()
+    }
 }
 
 impl Drop for Ownership {
@@ -131,6 +137,33 @@ pub struct Delivery {
     pub received_at_ms: i64,
     /// The original FACEIO body.
     pub body: Bytes,
+    /// The claim's token in a shared store (`deliveries.claim_seq`, bumped by every
+    /// claim): [`Store::renew`], [`Store::unclaim`] and [`Store::record`] act only while
+    /// the row still carries it, so a stale attempt never touches a newer claim. `None`
+    /// in a store used by one daemon, which ignores it.
+    pub claim: Option<i64>,
+}
+
+/// What [`Store::claim`] is asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    pub destination: &'a str,
+    /// "Now" on the caller's clock: deliveries due by then are returned. A shared store
+    /// judges this on the database's clock (it only uses the caller's offset from its own
+    /// now), so a relay whose clock is off neither delays nor hurries deliveries.
+    pub now_ms: i64,
+    /// Most deliveries to return.
+    pub want: usize,
+    /// Deliveries this process has under way: never returned (a shared store would
+    /// otherwise take a row back from an attempt whose lease ran out while it waited).
+    pub in_flight: &'a [i64],
+    /// How long the claim lasts.
+    pub lease: Duration,
+    /// Whether rows another process claimed (and whose lease ran out) may be taken.
+    /// False during the first lease after taking ownership of the destination: the old
+    /// owner may still be finishing attempts whose lease looks over on the database's
+    /// clock but not on its own.
+    pub take_over: bool,
 }
 
 /// The result of one attempt, as recorded.
@@ -211,8 +244,10 @@ pub trait Store: Send + Sync + 'static {
         after_ms: i64,
     ) -> Result<Option<i64>, StoreError>;
 
-    /// Records an attempt's outcome (committed, not synced).
-    async fn record(&self, delivery_id: i64, outcome: Outcome) -> Result<(), StoreError>;
+    /// Records an attempt's outcome (committed, not synced). In a shared store it applies
+    /// only while `delivery`'s claim ([`Delivery::claim`]) is still this process's:
+    /// a late outcome never overwrites the result of a newer claim.
+    async fn record(&self, delivery: &Delivery, outcome: Outcome) -> Result<(), StoreError>;
 
     /// Dead letters, newest first, optionally for one destination.
     async fn dead_letters(
@@ -232,7 +267,9 @@ pub trait Store: Send + Sync + 'static {
     async fn purge(&self, selection: &Selection) -> Result<u64, StoreError>;
 
     /// Moves every pending delivery for a destination that no longer exists to the
-    /// dead-letter store, so nothing waits forever for a worker. Returns how many.
+    /// dead-letter store, so nothing waits forever for a worker. Returns how many. A
+    /// shared store leaves alone destinations another live process has announced
+    /// ([`Store::announce`]) or dispatches.
     async fn dead_letter_orphans(&self, known: &[&str]) -> Result<u64, StoreError>;
 
     /// Proves the store takes durable writes now (a synced write of a heartbeat row).
@@ -254,33 +291,49 @@ pub trait Store: Send + Sync + 'static {
         Ok(Some(Ownership::exclusive()))
     }
 
-    /// Up to `want` due deliveries for `destination`, oldest first, claimed for this
-    /// process for `lease`: no `claim` (in any process) returns them again until the
-    /// lease runs out or their outcome is recorded. `in_flight` is how many this process
-    /// already has under way. The default suits a store used by one daemon: it reads
-    /// like [`Store::due`], `want + in_flight` rows (the caller skips its own), and
-    /// claims nothing in the store.
-    async fn claim(
-        &self,
-        destination: &str,
-        now_ms: i64,
-        want: usize,
-        in_flight: usize,
-        _lease: Duration,
-    ) -> Result<Vec<Delivery>, StoreError> {
-        self.due(destination, now_ms, want + in_flight).await
+    /// Up to `want` due deliveries, oldest first, claimed for this process for
+    /// `lease`: no `claim` (in any process) returns them again until the lease runs out
+    /// or their outcome is recorded. See [`ClaimRequest`]. The default suits a store used
+    /// by one daemon: it reads like [`Store::due`], `want` rows plus as many as are in
+    /// flight (the caller skips its own), and claims nothing in the store.
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Vec<Delivery>, StoreError> {
+        self.due(
+            request.destination,
+            request.now_ms,
+            request.want + request.in_flight.len(),
+        )
+        .await
     }
 
-    /// Just before an attempt: extends this process's claim on `delivery_id` to `lease`
-    /// from now. `false` if the claim was lost (another process took the row after its
+    /// Just before an attempt: extends this process's claim on `delivery` to `lease`
+    /// from now. `false` if the claim was lost (another claim took the row after its
     /// lease ran out, or it is no longer pending): the attempt must not start.
-    async fn renew(&self, _delivery_id: i64, _lease: Duration) -> Result<bool, StoreError> {
+    async fn renew(&self, _delivery: &Delivery, _lease: Duration) -> Result<bool, StoreError> {
         Ok(true)
     }
 
-    /// Gives up this process's claims on deliveries read but never attempted, so other
-    /// processes need not wait for their lease.
-    async fn unclaim(&self, _delivery_ids: &[i64]) -> Result<(), StoreError> {
+    /// Gives up this process's claims on deliveries that will not be attempted now, so
+    /// other processes need not wait for their lease. A claim that is no longer the one
+    /// `Delivery::claim` names is left alone.
+    async fn unclaim(&self, _deliveries: &[Delivery]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Whether other processes share the store (they then need [`Store::announce`] and a
+    /// periodic orphan sweep). False for a store used by one daemon.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Tells the other processes sharing the store that this one has `destinations`
+    /// configured, for `alive_for` from now: [`Store::dead_letter_orphans`] in any
+    /// process leaves their deliveries alone meanwhile. Called at start, before a reload
+    /// and periodically. A no-op for a store used by one daemon.
+    async fn announce(
+        &self,
+        _destinations: &[&str],
+        _alive_for: Duration,
+    ) -> Result<(), StoreError> {
         Ok(())
     }
 

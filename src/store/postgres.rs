@@ -2,19 +2,29 @@
 //! relays behind a load balancer use one database and act as one relay.
 //!
 //! # Tables
-//! The same `events` and `deliveries` as the SQLite store (see
-//! `migrations/postgres/0001_initial.sql`, applied on start under sqlx's migration lock),
-//! plus two columns on `deliveries`: `claimed_by` (the relay process that claimed the row)
-//! and `lease_until` (when that claim runs out, on the database's clock).
+//! The same `events` and `deliveries` as the SQLite store (see `migrations/postgres/`,
+//! applied on start under sqlx's migration lock), plus three columns on `deliveries`:
+//! `claimed_by` (the relay process that claimed the row), `lease_until` (when that claim
+//! runs out) and `claim_seq` (bumped by every claim), and `relay_destinations` (which
+//! destinations each live relay has configured). Migrations only ever add, and relays
+//! start with `ignore_missing`, so an older relay runs on a newer schema (rolling
+//! upgrades); `dead-letters` commands never migrate.
+//!
+//! # One clock
+//! Every time the relays compare (`next_attempt_at`, leases, announcements) is taken from
+//! the database's clock (`faceio_relay_now_ms()`): a relay's own clock only measures
+//! offsets ("due now", "retry in 30 s"), so a relay whose clock is off delays or hurries
+//! nothing. `received_at` is the accepting relay's clock, as in SQLite.
 //!
 //! # Durability
 //! An event and its deliveries are written by one statement (one round trip, its own
-//! transaction) that also sends `NOTIFY faceio_relay_new, '<destination>'` per destination;
-//! it returns once PostgreSQL has committed it with `synchronous_commit` on (turned on
-//! per connection if the database default is `off`), so the 200 follows a WAL flush.
-//! Group commit is PostgreSQL's own: concurrent commits share WAL flushes. Outcomes are
-//! committed the same way (PostgreSQL has no cheaper per-statement choice without extra
-//! round trips).
+//! transaction); it returns once PostgreSQL has committed it with `synchronous_commit`
+//! set for the session on connect (`on`, or the `remote_*` level the database asks for),
+//! so the 200 follows a WAL flush. Group commit is PostgreSQL's own: concurrent commits
+//! share WAL flushes. The wake-up notification is *not* part of that transaction (a
+//! `NOTIFY` serializes every notifying commit in the cluster on one lock, across its WAL
+//! flush): a background task sends it after the commit, coalesced per destination, as
+//! its own asynchronously committed statement. Losing one costs a poll, not an event.
 //!
 //! # One dispatcher per destination in the cluster
 //! [`Store::own`] takes a session-level advisory lock,
@@ -22,25 +32,38 @@
 //! per relay. The relay holding it is the only one that dispatches the destination, so its
 //! in-process claims, rate limiter and `Retry-After` pause hold for the whole cluster.
 //! When that relay dies, PostgreSQL ends its session and drops the lock; another relay
-//! takes it at its next try (every `poll_interval`). The connection is checked every
-//! [`LOCK_CHECK_INTERVAL`]; when it fails, every [`Ownership`] it carried is reported lost
-//! and the dispatchers stop until they own their destination again.
+//! takes it at its next try (every `poll_interval`). Every session asks for TCP
+//! keepalives ([`SESSION_OPTIONS`]), so PostgreSQL also ends the session of a relay whose
+//! machine vanished within about 20 s. The lock connection is checked every
+//! [`LOCK_CHECK_INTERVAL`]; when it fails, every [`Ownership`] it carried is reported
+//! lost and the dispatchers stop until they own their destination again. The next lock
+//! connection ends the previous lock session if PostgreSQL still has it (a hung network
+//! path), so this relay's locks are free at once rather than when keepalives give up.
 //!
 //! # Claims under a lease
 //! Ownership can move while the old owner still has attempts under way (its connection
 //! died, but the process did not). So rows are also claimed: [`Store::claim`] takes due
-//! rows that nobody holds (or whose lease ran out) with `FOR UPDATE SKIP LOCKED` and stamps
-//! them with this process's ID and a lease; [`Store::renew`] re-checks and extends the
-//! claim just before each attempt; [`Store::record`] applies only while the claim is
-//! still this process's (or nobody's). A row is therefore never attempted by two live
-//! relays at once: a new owner waits for the old owner's leases to run out.
+//! rows that nobody holds (or whose lease ran out) with `FOR UPDATE SKIP LOCKED`, stamps
+//! them with this process's ID, a lease and a new `claim_seq`; [`Store::renew`] re-checks
+//! and extends the claim just before each attempt; [`Store::renew`], [`Store::unclaim`]
+//! and [`Store::record`] apply only while the row still carries that claim (instance and
+//! `claim_seq`). The dispatcher adds two rules on its own monotonic clock (see
+//! `delivery::worker`): a new owner leaves rows claimed by other relays alone for one full
+//! lease, and an attempt whose renewal came back late skips or is cut short, so it ends
+//! before its lease does. A row is therefore never attempted by two live relays at once.
 //!
 //! # Wake-ups
 //! Every relay listens on `faceio_relay_new` on a dedicated connection and passes the
 //! destination names to its dispatchers ([`Store::subscribe`]), so a delivery accepted
 //! by any relay starts within milliseconds at the relay that owns its destination.
+//!
+//! # Connections that stop answering
+//! A statement whose caller gave up (a timeout) closes its pooled connection instead of
+//! returning it: sqlx would first check it with a round trip that has no time limit,
+//! which on a dead network path holds a pool slot for as long as TCP retransmits.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -48,30 +71,56 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::Row;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Connection, Executor};
-use tokio::sync::{Mutex, broadcast};
+use sqlx::{AssertSqlSafe, Connection, Executor, Postgres};
+use tokio::sync::{Mutex, Notify, broadcast};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DeadLetter, Delivery, DestinationStats, Outcome, Ownership, Selection, Store, StoreError, Wake,
+    ClaimRequest, DeadLetter, Delivery, DestinationStats, Outcome, Ownership, Selection, Store,
+    StoreError, Wake,
 };
 use crate::config::PostgresConfig;
 use crate::ingress::VerifiedEvent;
 use crate::ingress::verify::now_ms;
 
-/// The schema migrations, shipped in the binary.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/postgres/0001_initial.sql"),
-)];
+/// The schema migrations, shipped in the binary. Additive only (see
+/// `migrations/postgres/0002_*.sql`): relays of older versions run on the newer schema.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "claim tokens and announcements",
+        include_str!("../../migrations/postgres/0002_claim_tokens_and_announcements.sql"),
+    ),
+];
 
 /// Where sqlx records applied migrations (named after us, not `_sqlx_migrations`).
 const MIGRATIONS_TABLE: &str = "faceio_relay_migrations";
 
 /// The NOTIFY channel for new deliveries; the payload is the destination name.
 const CHANNEL: &str = "faceio_relay_new";
+
+/// Set on every session at connect. The TCP keepalives make PostgreSQL end the session
+/// of a relay whose machine vanished within about 20 s (10 s idle, then 3 probes 3 s
+/// apart; 15 s for data left unacknowledged) instead of the server default of hours,
+/// which would keep that relay's destination locks, and so its destinations, stuck.
+/// (`tcp_user_timeout` needs PostgreSQL 12 or later.) Notices (such as "relation …
+/// already exists, skipping" from a migration check) would land in the operator's
+/// terminal at INFO: keep only warnings.
+const SESSION_OPTIONS: [(&str, &str); 5] = [
+    ("client_min_messages", "warning"),
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "3"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "15000"),
+];
 
 /// Rows deleted per prune statement.
 const PRUNE_CHUNK: i64 = 5000;
@@ -80,19 +129,46 @@ const PRUNE_CHUNK: i64 = 5000;
 /// 503), well inside ingress's own `store_timeout`.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Longest wait to open a connection or run a query on the lock connection.
+/// Longest wait to open a connection or run a statement of our own (lock connection,
+/// listener, notifications).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often the lock connection is checked. A lock lost with its connection is noticed
 /// within this; the leases cover the time until then.
 pub const LOCK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// First pause before listening again after the listening connection failed; doubled
+/// (up to [`MAX_LISTEN_BACKOFF`]) until a connection lives [`LISTEN_STABLE`].
+const LISTEN_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Longest pause between attempts to re-listen after the listening connection failed.
 const MAX_LISTEN_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A listening connection that lived this long was healthy: the next failure starts the
+/// backoff over. One that dies sooner (ended right after connecting, say) keeps it
+/// growing, so a relay does not reconnect in a tight loop.
+const LISTEN_STABLE: Duration = Duration::from_secs(5);
+
+/// How often the idle listening connection is checked with a round trip: nothing else
+/// would notice a connection that hangs without failing.
+const LISTEN_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Least time between two "look at every destination" wake-ups (each costs every
+/// dispatcher a store read).
+const WAKE_ALL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Notifications buffered for dispatchers that are slow to read them (a lagging reader
 /// wakes every dispatcher instead).
 const WAKE_BUFFER: usize = 1024;
+
+/// Pause after sending notifications: inserts committed meanwhile share the next
+/// statement, one notification per destination. Short next to the milliseconds a
+/// wake-up may take.
+const NOTIFY_COALESCE: Duration = Duration::from_millis(2);
+
+/// Announcements (`relay_destinations`) this long expired belong to relays long gone and
+/// are deleted.
+const ANNOUNCEMENT_RETENTION: Duration = Duration::from_secs(86_400);
 
 /// PostgreSQL-backed [`Store`].
 pub struct PostgresStore {
@@ -105,9 +181,11 @@ pub struct PostgresStore {
     /// New-delivery notifications from the listening connection; started on the first
     /// [`Store::subscribe`].
     wakes: std::sync::Mutex<Option<broadcast::Sender<Wake>>>,
+    /// Destinations with committed deliveries whose notification is not sent yet.
+    notices: Arc<Notices>,
     /// The connection options, for the dedicated connections.
     options: PgConnectOptions,
-    /// Stops the background tasks (lock check, listener).
+    /// Stops the background tasks (lock check, listener, notifications).
     stop: CancellationToken,
 }
 
@@ -122,12 +200,23 @@ struct Locks {
 struct LockState {
     /// `None` until the first [`Store::own`] and after a failure.
     conn: Option<PgConnection>,
+    /// The session of the latest lock connection: its backend PID and start (µs since
+    /// the epoch, so a reused PID is not mistaken for it). Kept after a failure: the next
+    /// lock connection ends that session if PostgreSQL still has it.
+    session: Option<(i32, i64)>,
     /// Cancelled when `conn` fails: every ownership granted on it is lost.
     lost: CancellationToken,
     /// Bumped on every new connection, so a release meant for a dead one is dropped.
     generation: u64,
     /// Whether the check task runs.
     checking: bool,
+}
+
+/// Destinations waiting for their notification, and the task's wake-up.
+#[derive(Default)]
+struct Notices {
+    pending: std::sync::Mutex<HashSet<String>>,
+    ready: Notify,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -144,16 +233,56 @@ fn open_err(e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// Makes sure commits on `conn` wait for the WAL flush. Anything but `off` is kept
-/// (`remote_apply` and the like are stronger).
-async fn ensure_synchronous_commit(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    let mode: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
-        .fetch_one(&mut *conn)
-        .await?;
-    if mode == "off" {
-        conn.execute("SET synchronous_commit = on").await?;
-    }
+/// Sets `synchronous_commit` for the session, so commits on `conn` wait for the WAL
+/// flush whatever the database or server default says, now or after a configuration
+/// reload (a session-level setting outlives both). The `remote_*` levels are kept: they
+/// wait for more.
+async fn set_synchronous_commit(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    conn.execute(
+        "SELECT set_config('synchronous_commit',
+             CASE WHEN current_setting('synchronous_commit') IN ('remote_write', 'remote_apply')
+                  THEN current_setting('synchronous_commit') ELSE 'on' END,
+             false)",
+    )
+    .await?;
     Ok(())
+}
+
+/// A pooled connection for one statement. Unless [`Conn::finish`] saw the statement
+/// end, dropping it closes the connection instead of returning it to the pool (where
+/// sqlx would check it with a round trip that has no time limit): a caller that gave up
+/// waiting on a hung connection gets its pool slot back.
+struct Conn {
+    conn: PoolConnection<Postgres>,
+    finished: bool,
+}
+
+impl Conn {
+    fn get(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    /// Marks the statement as ended and maps its error.
+    fn finish<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, StoreError> {
+        self.finished = true;
+        result.map_err(unavailable)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+async fn conn(pool: &PgPool) -> Result<Conn, StoreError> {
+    let conn = pool.acquire().await.map_err(unavailable)?;
+    Ok(Conn {
+        conn,
+        finished: false,
+    })
 }
 
 impl PostgresStore {
@@ -175,6 +304,9 @@ impl PostgresStore {
                 .collect(),
         );
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        // A newer relay may have applied versions this one does not know. They only add
+        // (see the migrations), so this one works on them: leave them alone.
+        migrator.set_ignore_missing(true);
         tokio::time::timeout(CONNECT_TIMEOUT * 6, migrator.run(&store.pool))
             .await
             .map_err(|_| open_err("the schema migration did not finish in time"))?
@@ -182,10 +314,25 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// Like [`PostgresStore::open`], for the `dead-letters` commands (the same thing: the
-    /// database is shared, there is no daemon lock to skip).
+    /// Like [`PostgresStore::open`], for the `dead-letters` commands, but never creates
+    /// or migrates the schema: a command run with a newer binary than the relays must not
+    /// change the database under them (and one pointed at the wrong database must not
+    /// create tables there). The commands use only what version 1 of the schema has.
     pub async fn open_admin(config: &PostgresConfig) -> Result<Self, StoreError> {
-        Self::open(config).await
+        let store = Self::connect(config).await?;
+        let ready: bool = sqlx::query_scalar(
+            "SELECT to_regclass('deliveries') IS NOT NULL AND to_regclass('events') IS NOT NULL",
+        )
+        .fetch_one(&store.pool)
+        .await
+        .map_err(open_err)?;
+        if !ready {
+            return Err(open_err(
+                "this database has no faceio-relay tables; start a relay on it once \
+                 (relays create and migrate the schema)",
+            ));
+        }
+        Ok(store)
     }
 
     async fn connect(config: &PostgresConfig) -> Result<Self, StoreError> {
@@ -194,11 +341,9 @@ impl PostgresStore {
             .expose()
             .parse()
             .map_err(|_| open_err("store.url is not a valid PostgreSQL URL"))?;
-        // Notices (such as "relation … already exists, skipping" from a migration
-        // check) would land in the operator's terminal at INFO: keep only warnings.
         let options = options
             .application_name("faceio-relay")
-            .options([("client_min_messages", "warning")]);
+            .options(SESSION_OPTIONS);
         // No test query before handing out a connection: it would double the round trips
         // of every insert. A connection that died while idle fails one statement (503 or
         // a retried outcome) and is replaced.
@@ -206,11 +351,17 @@ impl PostgresStore {
             .max_connections(config.pool_size)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
-            .after_connect(|conn, _| Box::pin(ensure_synchronous_commit(conn)))
+            .after_connect(|conn, _| Box::pin(set_synchronous_commit(conn)))
             .connect_with(options.clone())
             .await
             .map_err(open_err)?;
         let stop = CancellationToken::new();
+        let notices = Arc::new(Notices::default());
+        tokio::spawn(send_notices(
+            pool.clone(),
+            Arc::clone(&notices),
+            stop.child_token(),
+        ));
         Ok(Self {
             pool,
             instance: uuid::Uuid::now_v7().simple().to_string(),
@@ -218,6 +369,7 @@ impl PostgresStore {
                 options: options.clone(),
                 state: Mutex::new(LockState {
                     conn: None,
+                    session: None,
                     lost: CancellationToken::new(),
                     generation: 0,
                     checking: false,
@@ -225,6 +377,7 @@ impl PostgresStore {
                 stop: stop.child_token(),
             }),
             wakes: std::sync::Mutex::new(None),
+            notices,
             options,
             stop,
         })
@@ -239,6 +392,10 @@ impl PostgresStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        conn(&self.pool).await
+    }
 }
 
 impl Drop for PostgresStore {
@@ -252,11 +409,7 @@ impl Locks {
     async fn try_own(self: &Arc<Self>, destination: &str) -> Result<Option<Ownership>, StoreError> {
         let mut state = self.state.lock().await;
         if state.conn.is_none() {
-            let conn =
-                tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&self.options))
-                    .await
-                    .map_err(|_| unavailable("connecting for destination locks timed out"))?
-                    .map_err(unavailable)?;
+            let conn = self.reconnect(&mut state).await?;
             state.conn = Some(conn);
             state.lost = CancellationToken::new();
             state.generation += 1;
@@ -295,6 +448,46 @@ impl Locks {
                 rt.spawn(async move { locks.release(&destination, generation).await });
             }
         })))
+    }
+
+    /// Opens a new lock connection, ends the previous lock session if PostgreSQL still
+    /// has it, and remembers the new one.
+    async fn reconnect(&self, state: &mut LockState) -> Result<PgConnection, StoreError> {
+        let setup = async {
+            let mut conn = PgConnection::connect_with(&self.options).await?;
+            if let Some((pid, started)) = state.session {
+                // Only that session: the PID with the same start time, still ours.
+                let ended: Option<bool> = sqlx::query_scalar(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE pid = $1 AND application_name = 'faceio-relay'
+                       AND (extract(epoch FROM backend_start) * 1000000)::bigint = $2",
+                )
+                .bind(pid)
+                .bind(started)
+                .fetch_optional(&mut conn)
+                .await?;
+                if ended == Some(true) {
+                    tracing::warn!(
+                        pid,
+                        "ended this relay's previous PostgreSQL session for destination locks, \
+                         which no longer answered; its locks are free again"
+                    );
+                }
+            }
+            let session: (i32, i64) = sqlx::query_as(
+                "SELECT pid, (extract(epoch FROM backend_start) * 1000000)::bigint
+                 FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            Ok::<_, sqlx::Error>((conn, session))
+        };
+        let (conn, session) = tokio::time::timeout(CONNECT_TIMEOUT, setup)
+            .await
+            .map_err(|_| unavailable("connecting for destination locks timed out"))?
+            .map_err(unavailable)?;
+        state.session = Some(session);
+        Ok(conn)
     }
 
     async fn release(&self, destination: &str, generation: u64) {
@@ -355,53 +548,151 @@ impl LockState {
     }
 }
 
-/// Listens for new deliveries and passes them on until `stop`; after a lost connection,
-/// wakes every dispatcher (notifications may have been missed).
-async fn listen(pool: PgPool, tx: broadcast::Sender<Wake>, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
+/// Sends the notifications for committed deliveries until `stop`: one statement for
+/// every destination that got deliveries since the last one, then a short pause so a
+/// burst of inserts shares the next. Each is its own transaction, committed without
+/// waiting for the WAL flush (a notification needs no durability), so no insert waits
+/// for the cluster-wide lock NOTIFY takes at commit. A failure costs the other relays a
+/// poll, nothing more.
+async fn send_notices(pool: PgPool, notices: Arc<Notices>, stop: CancellationToken) {
     loop {
+        tokio::select! {
+            () = notices.ready.notified() => {}
+            () = stop.cancelled() => return,
+        }
+        let destinations: Vec<String> = notices
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        if destinations.is_empty() {
+            continue;
+        }
+        let sent = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let mut c = conn(&pool).await?;
+            let r = sqlx::query(
+                "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, dest)
+                 FROM unnest($2::text[]) AS dest",
+            )
+            .bind(CHANNEL)
+            .bind(&destinations)
+            .execute(c.get())
+            .await;
+            c.finish(r)
+        })
+        .await;
+        match sent {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e,
+                "cannot notify the other relays of new deliveries; they find them at their next poll"),
+            Err(_) => tracing::debug!(
+                "notifying the other relays of new deliveries timed out; they find them at their next poll"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(NOTIFY_COALESCE) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Why [`listen_until_lost`] returned.
+enum Ended {
+    Stopped,
+    Lost(String),
+}
+
+/// Listens for new deliveries and passes them on until `stop`; after a lost connection,
+/// wakes every dispatcher (notifications may have been missed), at most once per
+/// [`WAKE_ALL_INTERVAL`].
+async fn listen(options: PgConnectOptions, tx: broadcast::Sender<Wake>, stop: CancellationToken) {
+    let mut backoff = LISTEN_BACKOFF;
+    let mut last_wake_all: Option<Instant> = None;
+    loop {
+        // A pool of its own for each connection: the listener keeps that connection for
+        // good, and one that hung must not be handed back (sqlx would check it first, with
+        // no time limit, and hold the only slot meanwhile).
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_lazy_with(options.clone());
         let listener = async {
             let mut l = PgListener::connect_with(&pool).await?;
+            // The listener reconnects by itself otherwise, without any pause; we want
+            // every reconnection to go through the backoff below.
+            l.eager_reconnect(false);
             l.listen(CHANNEL).await?;
             Ok::<_, sqlx::Error>(l)
         };
-        let mut listener = tokio::select! {
-            l = listener => match l {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
-                        "cannot listen for new deliveries; dispatchers poll meanwhile");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = stop.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(MAX_LISTEN_BACKOFF);
-                    continue;
-                }
-            },
+        let connected = tokio::select! {
+            l = tokio::time::timeout(CONNECT_TIMEOUT, listener) => l,
             () = stop.cancelled() => return,
         };
-        backoff = Duration::from_millis(100);
-        // Anything committed while we were not listening.
-        let _ = tx.send(Wake::All);
-        loop {
-            let next = tokio::select! {
-                n = listener.try_recv() => n,
-                () = stop.cancelled() => return,
-            };
-            match next {
+        let lost = match connected {
+            Ok(Ok(mut listener)) => {
+                let since = Instant::now();
+                // Anything committed while we were not listening.
+                if let Some(last) = last_wake_all {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(last + WAKE_ALL_INTERVAL) => {}
+                        () = stop.cancelled() => return,
+                    }
+                }
+                last_wake_all = Some(Instant::now());
+                let _ = tx.send(Wake::All);
+                let ended = listen_until_lost(&mut listener, &tx, &stop).await;
+                if since.elapsed() >= LISTEN_STABLE {
+                    backoff = LISTEN_BACKOFF;
+                }
+                match ended {
+                    Ended::Stopped => return,
+                    Ended::Lost(why) => why,
+                }
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connecting timed out".to_string(),
+        };
+        tracing::warn!(error = %lost, retry_in_ms = backoff.as_millis() as u64,
+            "not listening for new deliveries; dispatchers poll meanwhile");
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(MAX_LISTEN_BACKOFF);
+    }
+}
+
+/// Passes notifications on until the connection fails (or stops answering a check) or
+/// `stop`.
+async fn listen_until_lost(
+    listener: &mut PgListener,
+    tx: &broadcast::Sender<Wake>,
+    stop: &CancellationToken,
+) -> Ended {
+    let mut check = tokio::time::interval_at(
+        Instant::now() + LISTEN_CHECK_INTERVAL,
+        LISTEN_CHECK_INTERVAL,
+    );
+    loop {
+        // `try_recv` is cancel-safe: a check (or the stop) never loses a notification.
+        tokio::select! {
+            n = listener.try_recv() => match n {
                 Ok(Some(n)) => {
                     let _ = tx.send(Wake::Destination(n.payload().to_string()));
                 }
-                // The connection was lost (and re-established): some may be missed.
-                Ok(None) => {
-                    let _ = tx.send(Wake::All);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "lost the connection listening for new deliveries");
-                    break;
+                Ok(None) => return Ended::Lost("the connection was closed".into()),
+                Err(e) => return Ended::Lost(e.to_string()),
+            },
+            _ = check.tick() => {
+                let ping = sqlx::query("SELECT 1").execute(&mut *listener);
+                match tokio::time::timeout(CONNECT_TIMEOUT, ping).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Ended::Lost(e.to_string()),
+                    Err(_) => return Ended::Lost("the connection stopped answering".into()),
                 }
             }
+            () = stop.cancelled() => return Ended::Stopped,
         }
     }
 }
@@ -426,6 +717,7 @@ fn dead_letter_row(row: &PgRow) -> Result<DeadLetter, sqlx::Error> {
     })
 }
 
+/// A delivery from `id, event_id, attempts, received_at, payload[, claim_seq]`.
 fn delivery_row(row: &PgRow, destination: &str) -> Result<Delivery, sqlx::Error> {
     Ok(Delivery {
         id: row.try_get(0)?,
@@ -434,6 +726,11 @@ fn delivery_row(row: &PgRow, destination: &str) -> Result<Delivery, sqlx::Error>
         attempts: row.try_get::<i32, _>(2)?.max(0) as u32,
         received_at_ms: row.try_get(3)?,
         body: Bytes::from(row.try_get::<String, _>(4)?),
+        claim: if row.len() > 5 {
+            Some(row.try_get(5)?)
+        } else {
+            None
+        },
     })
 }
 
@@ -456,6 +753,16 @@ fn selection_query(
     }
 }
 
+/// How far `at_ms` (the caller's clock) is from now on this process's clock: what the
+/// statements add to the database's clock.
+fn offset_from_now(at_ms: i64) -> i64 {
+    at_ms - now_ms()
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn insert_event(
@@ -466,20 +773,17 @@ impl Store for PostgresStore {
         let p = event.payload();
         let payload = std::str::from_utf8(event.body()).map_err(unavailable)?;
         let destinations: Vec<String> = destinations.iter().map(|d| d.to_string()).collect();
-        // One statement, one round trip, one transaction: the event, its deliveries and
-        // the notifications (sent on commit). The final SELECT reads `n` so that the
-        // notifying CTE runs.
-        sqlx::query(
+        // One statement, one round trip, one transaction: the event and its deliveries,
+        // due now on the database's clock.
+        let mut c = self.conn().await?;
+        let r = sqlx::query(
             "WITH e AS (
                  INSERT INTO events (id, received_at, app_id, event_name, facial_id, client_ip, payload)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ), d AS (
-                 INSERT INTO deliveries (event_id, destination, state, attempts, next_attempt_at, updated_at)
-                 SELECT $1, dest, 'pending', 0, $8, $8 FROM unnest($9::text[]) AS dest
-             ), n AS (
-                 SELECT pg_notify('faceio_relay_new', dest) FROM unnest($9::text[]) AS dest
              )
-             SELECT count(*) FROM n",
+             INSERT INTO deliveries (event_id, destination, state, attempts, next_attempt_at, updated_at)
+             SELECT $1, dest, 'pending', 0, clock.now, clock.now
+             FROM unnest($8::text[]) AS dest, (SELECT faceio_relay_now_ms() AS now) AS clock",
         )
         .bind(event.id())
         .bind(event.received_at_ms())
@@ -488,11 +792,19 @@ impl Store for PostgresStore {
         .bind(&p.facial_id)
         .bind(&p.client_ip)
         .bind(payload)
-        .bind(now_ms())
         .bind(&destinations)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .execute(c.get())
+        .await;
+        c.finish(r)?;
+        // Committed: now tell the other relays (in the background, see `send_notices`).
+        if !destinations.is_empty() {
+            self.notices
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(destinations);
+            self.notices.ready.notify_one();
+        }
         Ok(())
     }
 
@@ -502,94 +814,110 @@ impl Store for PostgresStore {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
-        let rows = sqlx::query(
+        let mut c = self.conn().await?;
+        let r = sqlx::query(
             "SELECT d.id, d.event_id, d.attempts, e.received_at, e.payload
              FROM deliveries d JOIN events e ON e.id = d.event_id
-             WHERE d.destination = $1 AND d.state = 'pending' AND d.next_attempt_at <= $2
+             WHERE d.destination = $1 AND d.state = 'pending'
+               AND d.next_attempt_at <= (SELECT faceio_relay_now_ms()) + $2
              ORDER BY d.next_attempt_at, d.id
              LIMIT $3",
         )
         .bind(destination)
-        .bind(now_ms)
+        .bind(offset_from_now(now_ms))
         .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .fetch_all(c.get())
+        .await;
+        let rows = c.finish(r)?;
         rows.iter()
             .map(|r| delivery_row(r, destination))
             .collect::<Result<_, _>>()
             .map_err(unavailable)
     }
 
-    async fn claim(
-        &self,
-        destination: &str,
-        now_ms: i64,
-        want: usize,
-        _in_flight: usize,
-        lease: Duration,
-    ) -> Result<Vec<Delivery>, StoreError> {
-        // Rows under someone's live lease (including this process's attempts under way,
-        // hence no need to read past them) are not returned; rows another claim is
-        // locking right now are skipped.
-        let rows = sqlx::query(
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Vec<Delivery>, StoreError> {
+        // Due on the database's clock. Rows under someone's live lease are not returned;
+        // rows whose lease ran out are, if they are this process's or `take_over` says
+        // another's may be taken; rows this process has under way never are (their lease
+        // may have run out while they waited for the rate limit); rows another claim is
+        // locking right now are skipped. Each claim gets a new `claim_seq`.
+        let mut c = self.conn().await?;
+        let r = sqlx::query(
             "WITH picked AS (
                  SELECT id FROM deliveries
-                 WHERE destination = $1 AND state = 'pending' AND next_attempt_at <= $2
-                   AND (lease_until IS NULL OR lease_until < faceio_relay_now_ms())
+                 WHERE destination = $1 AND state = 'pending'
+                   AND next_attempt_at <= (SELECT faceio_relay_now_ms()) + $2
+                   AND (lease_until IS NULL
+                        OR (lease_until < (SELECT faceio_relay_now_ms())
+                            AND ($6 OR claimed_by = $4)))
+                   AND id <> ALL($7)
                  ORDER BY next_attempt_at, id
                  LIMIT $3
                  FOR UPDATE SKIP LOCKED
              ), claimed AS (
-                 UPDATE deliveries d SET claimed_by = $4, lease_until = faceio_relay_now_ms() + $5
+                 UPDATE deliveries d SET claimed_by = $4, lease_until = faceio_relay_now_ms() + $5,
+                     claim_seq = d.claim_seq + 1
                  FROM picked WHERE d.id = picked.id
-                 RETURNING d.id, d.event_id, d.attempts, d.next_attempt_at
+                 RETURNING d.id, d.event_id, d.attempts, d.next_attempt_at, d.claim_seq
              )
-             SELECT c.id, c.event_id, c.attempts, e.received_at, e.payload
+             SELECT c.id, c.event_id, c.attempts, e.received_at, e.payload, c.claim_seq
              FROM claimed c JOIN events e ON e.id = c.event_id
              ORDER BY c.next_attempt_at, c.id",
         )
-        .bind(destination)
-        .bind(now_ms)
-        .bind(want as i64)
+        .bind(request.destination)
+        .bind(offset_from_now(request.now_ms))
+        .bind(request.want as i64)
         .bind(&self.instance)
-        .bind(lease.as_millis() as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .bind(millis(request.lease))
+        .bind(request.take_over)
+        .bind(request.in_flight)
+        .fetch_all(c.get())
+        .await;
+        let rows = c.finish(r)?;
         rows.iter()
-            .map(|r| delivery_row(r, destination))
+            .map(|r| delivery_row(r, request.destination))
             .collect::<Result<_, _>>()
             .map_err(unavailable)
     }
 
-    async fn renew(&self, delivery_id: i64, lease: Duration) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE deliveries SET lease_until = faceio_relay_now_ms() + $3
-             WHERE id = $1 AND state = 'pending' AND claimed_by = $2",
+    async fn renew(&self, delivery: &Delivery, lease: Duration) -> Result<bool, StoreError> {
+        let Some(seq) = delivery.claim else {
+            return Ok(false); // never claimed here
+        };
+        let mut c = self.conn().await?;
+        let r = sqlx::query(
+            "UPDATE deliveries SET lease_until = faceio_relay_now_ms() + $4
+             WHERE id = $1 AND state = 'pending' AND claimed_by = $2 AND claim_seq = $3",
         )
-        .bind(delivery_id)
+        .bind(delivery.id)
         .bind(&self.instance)
-        .bind(lease.as_millis() as i64)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(done.rows_affected() == 1)
+        .bind(seq)
+        .bind(millis(lease))
+        .execute(c.get())
+        .await;
+        Ok(c.finish(r)?.rows_affected() == 1)
     }
 
-    async fn unclaim(&self, delivery_ids: &[i64]) -> Result<(), StoreError> {
-        if delivery_ids.is_empty() {
+    async fn unclaim(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
+        let (ids, seqs): (Vec<i64>, Vec<i64>) = deliveries
+            .iter()
+            .filter_map(|d| d.claim.map(|seq| (d.id, seq)))
+            .unzip();
+        if ids.is_empty() {
             return Ok(());
         }
-        sqlx::query(
-            "UPDATE deliveries SET claimed_by = NULL, lease_until = NULL
-             WHERE id = ANY($1) AND claimed_by = $2",
+        let mut c = self.conn().await?;
+        let r = sqlx::query(
+            "UPDATE deliveries d SET claimed_by = NULL, lease_until = NULL
+             FROM unnest($1::bigint[], $2::bigint[]) AS mine(id, seq)
+             WHERE d.id = mine.id AND d.claim_seq = mine.seq AND d.claimed_by = $3",
         )
-        .bind(delivery_ids)
+        .bind(&ids)
+        .bind(&seqs)
         .bind(&self.instance)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .execute(c.get())
+        .await;
+        c.finish(r)?;
         Ok(())
     }
 
@@ -598,58 +926,80 @@ impl Store for PostgresStore {
         destination: &str,
         after_ms: i64,
     ) -> Result<Option<i64>, StoreError> {
-        sqlx::query_scalar(
-            "SELECT MIN(next_attempt_at) FROM deliveries
-             WHERE destination = $1 AND state = 'pending' AND next_attempt_at > $2",
+        // Asked and answered on the caller's clock, compared on the database's: the answer
+        // is the database's "in how long", added to the caller's now.
+        let now = now_ms();
+        let mut c = self.conn().await?;
+        let r = sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT MIN(next_attempt_at) - (SELECT faceio_relay_now_ms()) FROM deliveries
+             WHERE destination = $1 AND state = 'pending'
+               AND next_attempt_at > (SELECT faceio_relay_now_ms()) + $2",
         )
         .bind(destination)
-        .bind(after_ms)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(unavailable)
+        .bind(after_ms - now)
+        .fetch_one(c.get())
+        .await;
+        Ok(c.finish(r)?.map(|in_ms| now + in_ms))
     }
 
-    async fn record(&self, delivery_id: i64, outcome: Outcome) -> Result<(), StoreError> {
-        // Applies only while the claim is this process's, or nobody's: a relay whose
-        // lease ran out and whose row another relay took cannot overwrite that relay's
-        // state. `state = 'pending'` guards against an operator's purge, as in SQLite.
-        const MINE: &str =
-            "id = $1 AND state = 'pending' AND (claimed_by = $2 OR claimed_by IS NULL)";
-        let now = now_ms();
+    async fn record(&self, delivery: &Delivery, outcome: Outcome) -> Result<(), StoreError> {
+        // Applies only while the row still carries this claim: a relay whose lease ran out
+        // and whose row was claimed again (here or elsewhere) cannot overwrite that
+        // claim's result, not even after it was recorded. `state = 'pending'` guards
+        // against an operator's purge, as in SQLite.
+        let Some(seq) = delivery.claim else {
+            tracing::debug!(
+                delivery = delivery.id,
+                "outcome of an unclaimed delivery dropped"
+            );
+            return Ok(());
+        };
+        const MINE: &str = "id = $1 AND state = 'pending' AND claimed_by = $2 AND claim_seq = $3";
         let q = match &outcome {
             Outcome::Done { attempts } => sqlx::query(AssertSqlSafe(format!(
-                "UPDATE deliveries SET state = 'done', attempts = $3, last_error = NULL,
-                 updated_at = $4, claimed_by = NULL, lease_until = NULL WHERE {MINE}"
+                "UPDATE deliveries SET state = 'done', attempts = $4, last_error = NULL,
+                 updated_at = faceio_relay_now_ms(), claimed_by = NULL, lease_until = NULL
+                 WHERE {MINE}"
             )))
-            .bind(delivery_id)
+            .bind(delivery.id)
             .bind(&self.instance)
-            .bind(*attempts as i32)
-            .bind(now),
+            .bind(seq)
+            .bind(*attempts as i32),
+            // The retry's delay is added by the database, to its own clock.
             Outcome::Retry {
                 attempts,
                 next_attempt_at_ms,
                 error,
             } => sqlx::query(AssertSqlSafe(format!(
-                "UPDATE deliveries SET attempts = $3, next_attempt_at = $4, last_error = $5,
-                 updated_at = $6, claimed_by = NULL, lease_until = NULL WHERE {MINE}"
+                "UPDATE deliveries SET attempts = $4, next_attempt_at = faceio_relay_now_ms() + $5,
+                 last_error = $6, updated_at = faceio_relay_now_ms(), claimed_by = NULL,
+                 lease_until = NULL WHERE {MINE}"
             )))
-            .bind(delivery_id)
+            .bind(delivery.id)
             .bind(&self.instance)
+            .bind(seq)
             .bind(*attempts as i32)
-            .bind(*next_attempt_at_ms)
-            .bind(error.clone())
-            .bind(now),
+            .bind(offset_from_now(*next_attempt_at_ms))
+            .bind(error.clone()),
             Outcome::Dead { attempts, error } => sqlx::query(AssertSqlSafe(format!(
-                "UPDATE deliveries SET state = 'dead', attempts = $3, last_error = $4,
-                 updated_at = $5, claimed_by = NULL, lease_until = NULL WHERE {MINE}"
+                "UPDATE deliveries SET state = 'dead', attempts = $4, last_error = $5,
+                 updated_at = faceio_relay_now_ms(), claimed_by = NULL, lease_until = NULL
+                 WHERE {MINE}"
             )))
-            .bind(delivery_id)
+            .bind(delivery.id)
             .bind(&self.instance)
+            .bind(seq)
             .bind(*attempts as i32)
-            .bind(error.clone())
-            .bind(now),
+            .bind(error.clone()),
         };
-        q.execute(&self.pool).await.map_err(unavailable)?;
+        let mut c = self.conn().await?;
+        let r = q.execute(c.get()).await;
+        if c.finish(r)?.rows_affected() == 0 {
+            tracing::debug!(
+                delivery = delivery.id,
+                "outcome dropped: the delivery was claimed again or is no longer pending"
+            );
+        }
         Ok(())
     }
 
@@ -658,16 +1008,17 @@ impl Store for PostgresStore {
         destination: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
+        let mut c = self.conn().await?;
+        let r = sqlx::query(AssertSqlSafe(format!(
             "SELECT {DEAD_LETTER_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id
              WHERE d.state = 'dead' AND ($1::text IS NULL OR d.destination = $1)
              ORDER BY d.updated_at DESC, d.id DESC LIMIT $2"
         )))
         .bind(destination)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .fetch_all(c.get())
+        .await;
+        let rows = c.finish(r)?;
         rows.iter()
             .map(dead_letter_row)
             .collect::<Result<_, _>>()
@@ -675,14 +1026,15 @@ impl Store for PostgresStore {
     }
 
     async fn dead_letter(&self, id: i64) -> Result<Option<(DeadLetter, Bytes)>, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(format!(
+        let mut c = self.conn().await?;
+        let r = sqlx::query(AssertSqlSafe(format!(
             "SELECT {DEAD_LETTER_COLUMNS}, e.payload FROM deliveries d
              JOIN events e ON e.id = d.event_id WHERE d.state = 'dead' AND d.id = $1"
         )))
         .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .fetch_optional(c.get())
+        .await;
+        let row = c.finish(r)?;
         row.map(|r| {
             Ok::<_, sqlx::Error>((
                 dead_letter_row(&r)?,
@@ -694,67 +1046,86 @@ impl Store for PostgresStore {
     }
 
     async fn replay(&self, selection: &Selection) -> Result<u64, StoreError> {
-        let now = now_ms();
-        let sql = format!(
-            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = {now},
-             updated_at = {now}, claimed_by = NULL, lease_until = NULL WHERE {{filter}}"
+        let q = selection_query(
+            "UPDATE deliveries SET state = 'pending', attempts = 0,
+             next_attempt_at = faceio_relay_now_ms(), updated_at = faceio_relay_now_ms(),
+             claimed_by = NULL, lease_until = NULL WHERE {filter}",
+            selection,
         );
-        let done = selection_query(&sql, selection)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(done.rows_affected())
+        let mut c = self.conn().await?;
+        let r = q.execute(c.get()).await;
+        Ok(c.finish(r)?.rows_affected())
     }
 
     async fn purge(&self, selection: &Selection) -> Result<u64, StoreError> {
-        let done = selection_query("DELETE FROM deliveries WHERE {filter}", selection)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(done.rows_affected())
+        let q = selection_query("DELETE FROM deliveries WHERE {filter}", selection);
+        let mut c = self.conn().await?;
+        let r = q.execute(c.get()).await;
+        Ok(c.finish(r)?.rows_affected())
     }
 
     async fn dead_letter_orphans(&self, known: &[&str]) -> Result<u64, StoreError> {
-        // Another relay may run a newer config with a destination this one lacks: its
-        // deliveries are not orphans while some relay owns that destination (holds its
-        // advisory lock in this database).
+        // Another relay may run a config with a destination this one lacks (a rolling
+        // config change): its deliveries are not orphans while a relay other than this
+        // one has announced it and the announcement has not expired, or while some
+        // session holds its advisory lock (a relay of version 1, which does not
+        // announce). The destinations with pending deliveries are found by skipping
+        // through the index, one probe per destination, so the sweep stays cheap with a
+        // large backlog.
         let known: Vec<String> = known.iter().map(|k| k.to_string()).collect();
-        let done = sqlx::query(
-            "WITH owned AS (
+        let mut c = self.conn().await?;
+        let r = sqlx::query(
+            "WITH RECURSIVE pending AS (
+                 (SELECT destination FROM deliveries WHERE state = 'pending'
+                  ORDER BY destination LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT d.destination FROM deliveries d
+                         WHERE d.state = 'pending' AND d.destination > p.destination
+                         ORDER BY d.destination LIMIT 1)
+                 FROM pending p WHERE p.destination IS NOT NULL
+             ), owned AS (
                  SELECT (classid::bigint << 32) | objid::bigint AS key FROM pg_locks
                  WHERE locktype = 'advisory' AND objsubid = 1 AND granted
                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+             ), orphans AS (
+                 SELECT p.destination FROM pending p
+                 WHERE p.destination IS NOT NULL AND p.destination <> ALL($1)
+                   AND NOT EXISTS (
+                       SELECT 1 FROM relay_destinations r
+                       WHERE r.destination = p.destination AND r.instance <> $2
+                         AND r.alive_until > faceio_relay_now_ms())
+                   AND faceio_relay_destination_key(p.destination) NOT IN (SELECT key FROM owned)
              )
-             UPDATE deliveries SET state = 'dead', updated_at = $2, claimed_by = NULL,
-                 lease_until = NULL,
+             UPDATE deliveries SET state = 'dead', updated_at = faceio_relay_now_ms(),
+                 claimed_by = NULL, lease_until = NULL,
                  last_error = 'destination ' || destination || ' is no longer in the config'
-             WHERE state = 'pending' AND destination <> ALL($1)
-               AND faceio_relay_destination_key(destination) NOT IN (SELECT key FROM owned)",
+             WHERE state = 'pending' AND destination IN (SELECT destination FROM orphans)",
         )
         .bind(&known)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(done.rows_affected())
+        .bind(&self.instance)
+        .execute(c.get())
+        .await;
+        Ok(c.finish(r)?.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query(
+        let mut c = self.conn().await?;
+        let r = sqlx::query(
             "INSERT INTO meta (key, value) VALUES ('heartbeat', $1)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
         .bind(now_ms().to_string())
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .execute(c.get())
+        .await;
+        c.finish(r)?;
         Ok(())
     }
 
     async fn destination_stats(&self) -> Result<Vec<DestinationStats>, StoreError> {
         // Both scans ride the partial indexes; the oldest pending delivery is the one with
         // the smallest id, whose event is then looked up once.
-        let rows = sqlx::query(
+        let mut c = self.conn().await?;
+        let r = sqlx::query(
             "WITH p AS (
                  SELECT destination, COUNT(*) AS n, MIN(id) AS oldest FROM deliveries
                  WHERE state = 'pending' GROUP BY destination
@@ -769,9 +1140,9 @@ impl Store for PostgresStore {
              LEFT JOIN events e ON e.id = od.event_id
              ORDER BY 1",
         )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .fetch_all(c.get())
+        .await;
+        let rows = c.finish(r)?;
         rows.iter()
             .map(|r| {
                 Ok(DestinationStats {
@@ -790,17 +1161,18 @@ impl Store for PostgresStore {
         // or delays the other relays' writes for long.
         let mut total = 0;
         loop {
-            let deliveries = sqlx::query(
+            let mut c = self.conn().await?;
+            let r = sqlx::query(
                 "DELETE FROM deliveries WHERE id IN (
                      SELECT id FROM deliveries WHERE state = 'done' AND updated_at < $1 LIMIT $2)",
             )
             .bind(cutoff_ms)
             .bind(PRUNE_CHUNK)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-            let events = sqlx::query(
+            .execute(c.get())
+            .await;
+            let deliveries = c.finish(r)?.rows_affected();
+            let mut c = self.conn().await?;
+            let r = sqlx::query(
                 "DELETE FROM events WHERE id IN (
                      SELECT id FROM events WHERE received_at < $1
                      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)
@@ -808,10 +1180,9 @@ impl Store for PostgresStore {
             )
             .bind(cutoff_ms)
             .bind(PRUNE_CHUNK)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
+            .execute(c.get())
+            .await;
+            let events = c.finish(r)?.rows_affected();
             total += deliveries + events;
             if deliveries + events == 0 {
                 return Ok(total);
@@ -821,6 +1192,38 @@ impl Store for PostgresStore {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn announce(&self, destinations: &[&str], alive_for: Duration) -> Result<(), StoreError> {
+        // This relay's rows are replaced (the destinations it no longer has go); rows of
+        // relays gone long ago are deleted by whoever gets to them first.
+        let destinations: Vec<String> = destinations.iter().map(|d| d.to_string()).collect();
+        let mut c = self.conn().await?;
+        let r = sqlx::query(
+            "WITH gone AS (
+                 DELETE FROM relay_destinations WHERE instance = $1 AND destination <> ALL($2)
+             ), stale AS (
+                 DELETE FROM relay_destinations WHERE (destination, instance) IN (
+                     SELECT destination, instance FROM relay_destinations
+                     WHERE instance <> $1 AND alive_until < faceio_relay_now_ms() - $4
+                     FOR UPDATE SKIP LOCKED)
+             )
+             INSERT INTO relay_destinations (destination, instance, alive_until)
+             SELECT DISTINCT dest, $1, faceio_relay_now_ms() + $3 FROM unnest($2::text[]) AS dest
+             ON CONFLICT (destination, instance) DO UPDATE SET alive_until = excluded.alive_until",
+        )
+        .bind(&self.instance)
+        .bind(&destinations)
+        .bind(millis(alive_for))
+        .bind(millis(ANNOUNCEMENT_RETENTION))
+        .execute(c.get())
+        .await;
+        c.finish(r)?;
+        Ok(())
     }
 
     async fn own(&self, destination: &str) -> Result<Option<Ownership>, StoreError> {
@@ -833,12 +1236,11 @@ impl Store for PostgresStore {
             return Some(tx.subscribe());
         }
         let (tx, rx) = broadcast::channel(WAKE_BUFFER);
-        // Its own one-connection pool: the listener keeps that connection for good.
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(CONNECT_TIMEOUT)
-            .connect_lazy_with(self.options.clone());
-        tokio::spawn(listen(pool, tx.clone(), self.stop.child_token()));
+        tokio::spawn(listen(
+            self.options.clone(),
+            tx.clone(),
+            self.stop.child_token(),
+        ));
         *wakes = Some(tx);
         Some(rx)
     }

@@ -148,8 +148,6 @@ pub struct SqliteStore {
     slow_reader: Arc<Mutex<Connection>>,
     /// Held for the daemon's lifetime: an exclusive lock on `<db>.lock`.
     _lock: Option<File>,
-    /// Dropping it stops the checkpoint thread.
-    _checkpoint_stop: std::sync::mpsc::Sender<()>,
 }
 
 impl SqliteStore {
@@ -197,7 +195,7 @@ impl SqliteStore {
     }
 
     fn start(path: &Path, lock: Option<File>) -> Result<Self, StoreError> {
-        let conn = open_writer_connection(path)?;
+        let conn = open_connection(path)?;
         migrate(&conn).map_err(|e| open_err(path, e))?;
         let reader = open_connection(path)?;
         let slow_reader = open_connection(path)?;
@@ -209,14 +207,7 @@ impl SqliteStore {
             .name("store-writer".into())
             .spawn(move || writer_loop(path_buf, Some(conn), rx, &writer_stats))
             .map_err(|e| open_err(path, e))?;
-        let (checkpoint_stop, checkpoint_rx) = std::sync::mpsc::channel();
-        let checkpoint_conn = open_connection(path)?;
-        std::thread::Builder::new()
-            .name("store-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpoint_conn, checkpoint_rx))
-            .map_err(|e| open_err(path, e))?;
         Ok(Self {
-            _checkpoint_stop: checkpoint_stop,
             stats,
             writer: tx,
             reader: Arc::new(Mutex::new(reader)),
@@ -297,37 +288,6 @@ fn unavailable(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// How often WAL frames are copied into the database file, off the commit path.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
-
-/// The writer's connection: like any other, but it never checkpoints itself. An
-/// automatic checkpoint would run inside a commit and add its fsyncs to the latency of
-/// every event in that batch; the checkpoint thread does that work beside the writer.
-fn open_writer_connection(path: &Path) -> Result<Connection, StoreError> {
-    let conn = open_connection(path)?;
-    conn.pragma_update(None, "wal_autocheckpoint", 0)
-        .map_err(|e| open_err(path, e))?;
-    Ok(conn)
-}
-
-/// Copies committed WAL frames into the database file (PASSIVE: never blocks the
-/// writer or readers), so the WAL stays small. Ends when the store is dropped.
-fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
-    let mut warned = false;
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-        stop.recv_timeout(CHECKPOINT_INTERVAL)
-    {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            if !warned {
-                tracing::warn!(error = %e, "WAL checkpoint failed; will keep trying");
-                warned = true;
-            }
-        } else {
-            warned = false;
-        }
-    }
-}
-
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(|e| open_err(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
@@ -369,7 +329,7 @@ fn writer_loop(
         }
         stats.taken.fetch_add(batch.len() as u64, Ordering::Relaxed);
         if conn.is_none() {
-            match open_writer_connection(&path) {
+            match open_connection(&path) {
                 Ok(c) => {
                     conn = Some(c);
                     synchronous_full = true;
@@ -484,13 +444,12 @@ fn in_savepoint<T>(
     tx: &Transaction<'_>,
     f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
 ) -> Result<T, String> {
-    tx.execute_batch("SAVEPOINT cmd")
-        .map_err(|e| e.to_string())?;
+    // Cached statements: `execute_batch` would parse and compile these for every command
+    // (measured at ~14% of the relay's CPU under load).
+    let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([]));
+    run("SAVEPOINT cmd").map_err(|e| e.to_string())?;
     match f(tx) {
-        Ok(v) => tx
-            .execute_batch("RELEASE cmd")
-            .map(|()| v)
-            .map_err(|e| e.to_string()),
+        Ok(v) => run("RELEASE cmd").map(|_| v).map_err(|e| e.to_string()),
         Err(e) => {
             let _ = tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd");
             Err(e.to_string())
@@ -652,9 +611,11 @@ impl Store for SqliteStore {
                  FROM deliveries d JOIN events e ON e.id = d.event_id
                  WHERE d.destination = ?1 AND d.state = 'pending' AND d.next_attempt_at <= ?2
                  ORDER BY d.next_attempt_at, d.id
-                 LIMIT ?3",
+                 LIMIT 100000",
             )?;
-            let rows = stmt.query_map(params![destination, now_ms, limit as i64], |row| {
+            // A bound `LIMIT ?` makes SQLite re-plan the statement on every call; rows come
+            // in index order and are stepped lazily, so taking `limit` of them reads no more.
+            let rows = stmt.query_map(params![destination, now_ms], |row| {
                 Ok(Delivery {
                     id: row.get(0)?,
                     event_id: row.get(1)?,
@@ -662,9 +623,10 @@ impl Store for SqliteStore {
                     attempts: row.get(2)?,
                     received_at_ms: row.get(3)?,
                     body: Bytes::from(row.get::<_, String>(4)?),
+                    claim: None,
                 })
             })?;
-            rows.collect()
+            rows.take(limit).collect()
         })
         .await
     }
@@ -685,11 +647,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn record(&self, delivery_id: i64, outcome: Outcome) -> Result<(), StoreError> {
+    async fn record(&self, delivery: &Delivery, outcome: Outcome) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(Command::Record {
-                delivery_id,
+                delivery_id: delivery.id,
                 outcome,
                 reply,
             })
@@ -931,7 +893,7 @@ mod tests {
         let later = now_ms() + 60_000;
         store
             .record(
-                a.id,
+                &a,
                 Outcome::Retry {
                     attempts: 1,
                     next_attempt_at_ms: later,
@@ -952,7 +914,7 @@ mod tests {
         let again = store.due("a", later, 10).await.unwrap();
         assert_eq!(again[0].attempts, 1);
         store
-            .record(a.id, Outcome::Done { attempts: 2 })
+            .record(&a, Outcome::Done { attempts: 2 })
             .await
             .unwrap();
         assert_eq!(store.next_due_after("a", 0).await.unwrap(), None);
@@ -960,7 +922,7 @@ mod tests {
         let b = store.due("b", now_ms(), 10).await.unwrap().remove(0);
         store
             .record(
-                b.id,
+                &b,
                 Outcome::Dead {
                     attempts: 1,
                     error: "HTTP 404: channel_not_found".into(),
@@ -988,7 +950,7 @@ mod tests {
         assert_eq!(replayed[0].attempts, 0, "attempts start over");
         store
             .record(
-                b.id,
+                &b,
                 Outcome::Dead {
                     attempts: 1,
                     error: "again".into(),
@@ -1059,7 +1021,7 @@ mod tests {
 
         let kept = store.due("kept", now_ms(), 10).await.unwrap().remove(0);
         store
-            .record(kept.id, Outcome::Done { attempts: 1 })
+            .record(&kept, Outcome::Done { attempts: 1 })
             .await
             .unwrap();
         // The dead letter keeps its event; the done delivery goes.
