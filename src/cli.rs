@@ -169,19 +169,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(config) = load_or_report(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
-            let logs = crate::telemetry::init(config.log_format, config.log_level.as_deref());
+            let (logs, _flush) =
+                crate::telemetry::init(config.log_format, config.log_level.as_deref());
             crate::service::run(&cli.config, config, logs).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => {
-            crate::telemetry::init(LogFormat::Text, None);
+            let (_, _flush) = crate::telemetry::init(LogFormat::Text, None);
             let Some(config) = load_or_report(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
             simulate(&config, &args).await
         }
         Command::DeadLetters(cmd) => {
-            crate::telemetry::init(LogFormat::Text, None);
+            let (_, _flush) = crate::telemetry::init(LogFormat::Text, None);
             let Some(config) = load_for_admin(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
