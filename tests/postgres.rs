@@ -223,6 +223,28 @@ async fn store_contract_holds_on_postgres() {
     store.close().await;
 }
 
+/// Events are written in groups; an event PostgreSQL refuses (here: an ID already
+/// stored) fails alone, never the events that shared its group.
+#[tokio::test]
+async fn a_refused_event_fails_alone_not_its_group() {
+    let db = TestDb::create().await;
+    let store = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let twice = verified("AUTH");
+    store.insert_event(&twice, &["d"]).await.unwrap();
+    let others: Vec<VerifiedEvent> = (0..40).map(|_| verified("ENROLL")).collect();
+    // All at once, so they queue together and are written in as few groups as possible.
+    let (again, results) = tokio::join!(
+        store.insert_event(&twice, &["d"]),
+        futures_util::future::join_all(others.iter().map(|e| store.insert_event(e, &["d"]))),
+    );
+    assert!(again.is_err(), "the same event ID twice is refused");
+    for r in results {
+        r.expect("an event grouped with a refused one is still written");
+    }
+    assert_eq!(db.count("pending").await, 41);
+    store.close().await;
+}
+
 #[tokio::test]
 async fn claims_leases_and_ownership_keep_processes_apart() {
     let db = TestDb::create().await;

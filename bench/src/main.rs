@@ -5,6 +5,8 @@
 //! 3. the same FACEIO POSTs at the baseline, then at the release build of the relay
 //!    (SQLite on disk, durable before 200, one HTTP destination → the sink): closed loop
 //!    at concurrency 64 and 256, open loop at 1k and 5k req/s;
+//!    and the same again with the PostgreSQL store (`relay-pg` rows: a fresh database on
+//!    the local server, `--postgres URL` / `--skip-postgres`);
 //! 4. a backlog run (sink down, N events pushed, sink up, drain measured) and
 //!    start-to-ready times;
 //! 5. one table on stdout and the same as JSON (`bench/results/latest.json`).
@@ -27,7 +29,7 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use relay::RelayProc;
+use relay::{RelayProc, ScratchDb, StoreKind};
 use servers::{Sink, Track};
 
 /// One monotonic clock for the whole process, in nanoseconds, so send times (senders)
@@ -102,7 +104,12 @@ struct Args {
     rates: Option<Vec<f64>>,
     starts: Option<usize>,
     skip_baseline: bool,
+    /// A database URL of the PostgreSQL server for the `relay-pg` rows; `None`: skipped.
+    postgres: Option<String>,
 }
+
+/// Where the `relay-pg` rows' databases are created (as in the tests' `FACEIO_TEST_PG`).
+const DEFAULT_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 fn list<T: std::str::FromStr>(v: Option<String>, what: &str) -> anyhow::Result<Vec<T>> {
     v.with_context(|| format!("{what} needs a comma-separated list"))?
@@ -128,6 +135,9 @@ fn parse_args() -> anyhow::Result<Args> {
         rates: None,
         starts: None,
         skip_baseline: false,
+        postgres: Some(
+            std::env::var("FACEIO_BENCH_PG").unwrap_or_else(|_| DEFAULT_POSTGRES.to_string()),
+        ),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -162,6 +172,10 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.starts = Some(it.next().context("--starts needs a number")?.parse()?)
             }
             "--skip-baseline" => args.skip_baseline = true,
+            "--postgres" => {
+                args.postgres = Some(it.next().context("--postgres needs a URL")?);
+            }
+            "--skip-postgres" => args.postgres = None,
             "--relay-log" => {
                 let level = it.next().context("--relay-log needs a level")?;
                 let _ = relay::RELAY_LOG.set(level);
@@ -171,6 +185,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     "loadgen [--quick] [--backlog N | --skip-backlog] [--out FILE] [--relay-bin PATH]\n\
                      \x20       [--closed-count N] [--open-secs S] [--concurrencies 64,256] [--rates 1000,5000]\n\
                      \x20       [--starts N] [--skip-baseline] [--relay-log RUST_LOG]\n\
+                     \x20       [--postgres URL | --skip-postgres]\n\
                      Full run (default): 100k requests per closed-loop scenario, 20 s per open-loop rate,\n\
                      a 1,000,000-event backlog; --quick: small counts, under a minute."
                 );
@@ -537,32 +552,54 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
         .prefix("loadgen-")
         .tempdir_in(std::env::temp_dir())?;
     let machine = machine(dir.path());
-    let config = relay::write_config(dir.path(), sink.addr, "10s")?;
-    let (relay, ready) = RelayProc::start(&bin, &config)?;
-    eprintln!(
-        "relay pid {} ready in {ready:?} on {}",
-        relay.pid(),
-        relay.addr
-    );
-    let mut load_peak_kb = 0;
-    for (i, &shape) in shapes.iter().enumerate() {
-        let mut row = run
-            .scenario("relay", relay.addr, shape, &plan, Some(&relay))
-            .await;
-        row.ratio = (!args.skip_baseline).then(|| row.req_s / rows[i].req_s);
-        load_peak_kb = load_peak_kb.max(relay.peak_rss_kb());
-        if !row.failures.is_empty() {
-            eprintln!(
-                "relay: {} failed; its last log lines:\n{}",
-                row.scenario,
-                relay.log_tail()
-            );
-        }
-        rows.push(row);
-    }
-    let log_lines = relay.log_lines.load(Ordering::Relaxed);
-    relay.stop()?;
+    let baseline_rows: Vec<f64> = rows.iter().map(|r| r.req_s).collect();
+    let sqlite = relay_scenarios(
+        &mut run,
+        "relay",
+        &bin,
+        dir.path(),
+        &StoreKind::Sqlite,
+        &shapes,
+        &plan,
+        &baseline_rows,
+    )
+    .await?;
+    rows.extend(sqlite.rows);
+    let (load_peak_kb, log_lines) = (sqlite.peak_kb, sqlite.log_lines);
     drop(dir);
+
+    // The same scenarios with the shared PostgreSQL store, in a fresh database.
+    let mut postgres = json!({"skipped": "--skip-postgres"});
+    if let Some(admin) = &args.postgres {
+        match ScratchDb::create(admin) {
+            Ok(db) => {
+                let dir = tempfile::Builder::new()
+                    .prefix("loadgen-pg-")
+                    .tempdir_in(std::env::temp_dir())?;
+                let pg = relay_scenarios(
+                    &mut run,
+                    "relay-pg",
+                    &bin,
+                    dir.path(),
+                    &StoreKind::Postgres(db.url.clone()),
+                    &shapes,
+                    &plan,
+                    &baseline_rows,
+                )
+                .await?;
+                postgres = json!({
+                    "server_version": postgres_version(admin),
+                    "peak_rss_load_mb": round1(pg.peak_kb as f64 / 1024.0),
+                    "database_bytes_after": db.size_bytes(),
+                });
+                rows.extend(pg.rows);
+            }
+            Err(e) => {
+                eprintln!("relay-pg rows skipped: {e:#}");
+                postgres = json!({"skipped": format!("{e:#}")});
+            }
+        }
+    }
 
     let backlog = if plan.backlog > 0 {
         Some(backlog_run(&mut run, &bin, plan.backlog).await?)
@@ -619,6 +656,7 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
         "relay": {"binary": bin.display().to_string(), "config": "SQLite on disk (synchronous=FULL WAL, group commit), one http destination (concurrency 64) -> sink, admin_listen off",
                   "rust_log": relay::RELAY_LOG.get().cloned().unwrap_or_else(|| "unset (info)".into()),
                   "log_lines_during_load": log_lines, "peak_rss_load_mb": round1(load_peak_kb as f64 / 1024.0)},
+        "postgres": postgres,
         "sink_strays": sink.strays.load(Ordering::Relaxed),
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "backlog": backlog,
@@ -637,6 +675,71 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What one relay's scenarios measured.
+struct RelayRows {
+    rows: Vec<Row>,
+    /// Peak RSS over all of them.
+    peak_kb: u64,
+    /// Lines the relay logged.
+    log_lines: u64,
+}
+
+/// Starts a relay on `store` and runs every scenario against it; `baseline` holds the
+/// baseline's req/s per scenario (empty when it was skipped).
+#[allow(clippy::too_many_arguments)]
+async fn relay_scenarios(
+    run: &mut Run,
+    target: &'static str,
+    bin: &Path,
+    dir: &Path,
+    store: &StoreKind,
+    shapes: &[Shape],
+    plan: &Plan,
+    baseline: &[f64],
+) -> anyhow::Result<RelayRows> {
+    let config = relay::write_config(dir, store, run.sink.addr, "10s")?;
+    let (relay, ready) = RelayProc::start(bin, &config)?;
+    eprintln!(
+        "{target} pid {} ready in {ready:?} on {}",
+        relay.pid(),
+        relay.addr
+    );
+    let mut out = RelayRows {
+        rows: Vec::new(),
+        peak_kb: 0,
+        log_lines: 0,
+    };
+    for (i, &shape) in shapes.iter().enumerate() {
+        let mut row = run
+            .scenario(target, relay.addr, shape, plan, Some(&relay))
+            .await;
+        row.ratio = baseline.get(i).map(|b| row.req_s / b);
+        out.peak_kb = out.peak_kb.max(relay.peak_rss_kb());
+        if !row.failures.is_empty() {
+            eprintln!(
+                "{target}: {} failed; its last log lines:\n{}",
+                row.scenario,
+                relay.log_tail()
+            );
+        }
+        out.rows.push(row);
+    }
+    out.log_lines = relay.log_lines.load(Ordering::Relaxed);
+    relay.stop()?;
+    Ok(out)
+}
+
+/// `SHOW server_version` through psql, for the JSON.
+fn postgres_version(url: &str) -> String {
+    Command::new("psql")
+        .args([url, "-X", "-q", "-t", "-A", "-c", "SHOW server_version"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// Sink down, `n` events pushed at concurrency 256, sink up, drain timed.
 async fn backlog_run(run: &mut Run, bin: &Path, n: usize) -> anyhow::Result<Value> {
     let dir = tempfile::Builder::new()
@@ -646,7 +749,7 @@ async fn backlog_run(run: &mut Run, bin: &Path, n: usize) -> anyhow::Result<Valu
     // `concurrency` attempts stuck and the rest of the backlog waits in the store untried.
     // (A refusing sink would measure the retry backoff's schedule on sink start, not the
     // relay's drain throughput.)
-    let config = relay::write_config(dir.path(), run.sink.addr, "1h")?;
+    let config = relay::write_config(dir.path(), &StoreKind::Sqlite, run.sink.addr, "1h")?;
     run.sink.set_up(false);
     let (relay, _) = RelayProc::start(bin, &config)?;
     run.next_sid += 1;
@@ -718,7 +821,7 @@ fn start_times(bin: &Path, sink: SocketAddr, n: usize) -> anyhow::Result<Value> 
         let dir = tempfile::Builder::new()
             .prefix("loadgen-start-")
             .tempdir_in(std::env::temp_dir())?;
-        let config = relay::write_config(dir.path(), sink, "10s")?;
+        let config = relay::write_config(dir.path(), &StoreKind::Sqlite, sink, "10s")?;
         let (relay, ready) = RelayProc::start(bin, &config)?;
         times.push(ready.as_secs_f64() * 1000.0);
         relay.stop()?;
@@ -771,6 +874,7 @@ fn goals(rows: &[Row], backlog: Option<&Value>, starts: &Value, load_peak_kb: u6
     );
     let best_delivered = rows
         .iter()
+        .filter(|r| r.target == "relay")
         .filter_map(|r| r.delivered_s)
         .fold(0.0, f64::max);
     let drain = backlog

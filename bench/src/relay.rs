@@ -20,18 +20,35 @@ pub static RELAY_LOG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// How long a relay may take to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The relay's config for a run: SQLite on disk, one HTTP destination (the sink).
-pub fn write_config(dir: &Path, sink: SocketAddr, dest_timeout: &str) -> anyhow::Result<PathBuf> {
+/// Where the relay under test keeps its queue.
+#[derive(Debug, Clone)]
+pub enum StoreKind {
+    /// `relay.db` in the run's temp dir (on disk).
+    Sqlite,
+    /// A database of the local PostgreSQL server (the URL names it).
+    Postgres(String),
+}
+
+/// The relay's config for a run: the store, one HTTP destination (the sink).
+pub fn write_config(
+    dir: &Path,
+    store: &StoreKind,
+    sink: SocketAddr,
+    dest_timeout: &str,
+) -> anyhow::Result<PathBuf> {
+    let store = match store {
+        StoreKind::Sqlite => format!("store:\n  path: {}\n", dir.join("relay.db").display()),
+        StoreKind::Postgres(url) => format!("store:\n  backend: postgres\n  url: {url}\n"),
+    };
     let yaml = format!(
         "# Written by loadgen (BENCHMARKS.md).\n\
          listen: 127.0.0.1:0\n\
          admin_listen: off\n\
-         store:\n  path: {db}\n\
+         {store}\
          applications:\n  - app_id: {APP_ID}\n    token: {TOKEN}\n\
          destinations:\n  sink:\n    type: http\n    url: http://{sink}/sink\n\
          \x20   concurrency: 64\n    timeout: {dest_timeout}\n\
          routes:\n  - to: [sink]\n",
-        db = dir.join("relay.db").display(),
     );
     let path = dir.join("relay.yaml");
     std::fs::write(&path, yaml)?;
@@ -213,4 +230,72 @@ pub fn filesystem_of(path: &Path) -> String {
         }
     }
     best.map(|(_, s)| s).unwrap_or_else(|| "unknown".into())
+}
+
+/// A database of its own on the PostgreSQL server for one relay run (created with
+/// `psql`, dropped when this is dropped), so runs never see each other's rows.
+pub struct ScratchDb {
+    admin_url: String,
+    name: String,
+    /// The URL the relay's config names.
+    pub url: String,
+}
+
+impl ScratchDb {
+    /// Creates `faceio_bench_<pid>_<n>` through `admin_url` (any database of the server).
+    pub fn create(admin_url: &str) -> anyhow::Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "faceio_bench_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        psql(admin_url, &format!("CREATE DATABASE {name}"))?;
+        let server = admin_url
+            .rfind('/')
+            .filter(|&i| i > "postgres://".len())
+            .map(|i| &admin_url[..i])
+            .context("the PostgreSQL URL names no database (postgres://user@host:port/db)")?;
+        Ok(Self {
+            admin_url: admin_url.to_string(),
+            url: format!("{server}/{name}"),
+            name,
+        })
+    }
+
+    /// `pg_database_size` of this database, in bytes (0 when psql cannot tell).
+    pub fn size_bytes(&self) -> u64 {
+        Command::new("psql")
+            .args([&self.admin_url, "-X", "-q", "-t", "-A", "-c"])
+            .arg(format!("SELECT pg_database_size('{}')", self.name))
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        if let Err(e) = psql(&self.admin_url, &sql) {
+            eprintln!("cannot drop the benchmark database {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// Runs one SQL statement with `psql` (Debian's postgresql-client).
+fn psql(url: &str, sql: &str) -> anyhow::Result<()> {
+    let out = Command::new("psql")
+        .args([url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .context("cannot run psql (install postgresql-client, or pass --skip-postgres)")?;
+    if !out.status.success() {
+        bail!(
+            "psql: {sql}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }

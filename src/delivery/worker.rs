@@ -186,7 +186,8 @@ impl Dispatcher {
         // clock: that relay may have owned the destination until now and still be
         // finishing attempts whose lease looks over on the database's clock.
         let owned_at = Instant::now();
-        let mut queue: VecDeque<Delivery> = VecDeque::new();
+        // Claimed deliveries not yet started, each with the moment its claim was asked for.
+        let mut queue: VecDeque<(Delivery, Instant)> = VecDeque::new();
         loop {
             if ownership.is_lost() {
                 break;
@@ -219,7 +220,7 @@ impl Dispatcher {
             if cancel.is_cancelled() || ownership.is_lost() {
                 break;
             }
-            let Some(delivery) = queue.pop_front() else {
+            let Some((delivery, claimed_at)) = queue.pop_front() else {
                 drop(permit);
                 let wait = self.idle_wait().await;
                 tokio::select! {
@@ -233,6 +234,7 @@ impl Dispatcher {
             self.tracker.spawn(attempt(
                 Arc::clone(shared),
                 delivery,
+                claimed_at,
                 permit,
                 ownership.lost_token(),
             ));
@@ -241,7 +243,7 @@ impl Dispatcher {
         // then here (they stay pending). In this order another dispatcher of this
         // process (a reload) cannot claim them here while the store still has them
         // claimed for this one.
-        let unstarted: Vec<Delivery> = queue.into_iter().collect();
+        let unstarted: Vec<Delivery> = queue.into_iter().map(|(d, _)| d).collect();
         unclaim(shared, &unstarted).await;
         let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         for d in &unstarted {
@@ -252,10 +254,13 @@ impl Dispatcher {
     /// Claims due deliveries not already in flight into `queue`, marking them in flight.
     async fn fill(
         &self,
-        queue: &mut VecDeque<Delivery>,
+        queue: &mut VecDeque<(Delivery, Instant)>,
         take_over: bool,
     ) -> Result<(), StoreError> {
         let shared = &self.shared;
+        // Before the claim is asked for: its lease is stamped later, so on this clock it
+        // lasts at least until `asked + lease`.
+        let asked = Instant::now();
         let (in_flight, read) = {
             let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             (claims.ids(), claims.read_started())
@@ -285,7 +290,7 @@ impl Dispatcher {
             };
             for d in due {
                 if queue.len() < self.prefetch && claims.claim(d.id, read) {
-                    queue.push_back(d);
+                    queue.push_back((d, asked));
                 } else {
                     // Claimed in the store but not taken here: give that claim back at
                     // once (its token names this claim only, never an attempt's).
@@ -398,12 +403,13 @@ async fn wait_turn(shared: &Shared, delivery: &Delivery, lost: &CancellationToke
     Waited::Ready
 }
 
-/// One attempt: wait for the rate limit and any `Retry-After` pause, renew the claim,
-/// deliver within the claim's lease, record. Every way out before the delivery gives
-/// the claim back (store first, then in process).
+/// One attempt: wait for the rate limit and any `Retry-After` pause, renew the claim
+/// unless it is fresh, deliver within the claim's lease, record. Every way out before the
+/// delivery gives the claim back (store first, then in process).
 async fn attempt(
     shared: Arc<Shared>,
     delivery: Delivery,
+    claimed_at: Instant,
     permit: OwnedSemaphorePermit,
     lost: CancellationToken,
 ) {
@@ -429,7 +435,14 @@ async fn attempt(
     // A shared store's claim may have run out while this delivery waited (another relay
     // then owns the destination and may have taken the row): check and extend it. The
     // lease was stamped on the database's clock at some point after `sent`; on this
-    // clock it therefore lasts at least until `sent + lease`.
+    // clock it therefore lasts at least until `sent + lease`. A claim asked for within
+    // the margin needs no renewal: its own lease covers the attempt by the same argument,
+    // with `sent` = when it was asked for (no one else can take a row under a live lease).
+    // That saves a round trip and a synced commit per delivery while a destination keeps
+    // up; deliveries that waited (a rate limit, a pause) are renewed.
+    if claimed_at.elapsed() <= FRESH_CLAIM {
+        return deliver_and_record(shared, delivery, claimed_at, permit, lost).await;
+    }
     let sent = Instant::now();
     let renewed = tokio::time::timeout(STORE_TIMEOUT, shared.store.renew(&delivery, shared.lease))
         .await
@@ -447,6 +460,23 @@ async fn attempt(
             return give_back().await;
         }
     }
+    deliver_and_record(shared, delivery, sent, permit, lost).await;
+}
+
+/// A claim asked for this recently is not renewed before its attempt: the attempt still
+/// starts within [`LEASE_MARGIN`] - [`LEASE_SAFETY`] of it, as after a renewal.
+const FRESH_CLAIM: Duration = Duration::from_secs(1);
+
+/// The attempt proper, under a claim whose lease lasts at least until `sent + lease` on
+/// this clock: deliver (cut off before the lease ends), decide, record.
+async fn deliver_and_record(
+    shared: Arc<Shared>,
+    delivery: Delivery,
+    sent: Instant,
+    permit: OwnedSemaphorePermit,
+    lost: CancellationToken,
+) {
+    let give_back = || unclaim(&shared, std::slice::from_ref(&delivery));
     if lost.is_cancelled() {
         return give_back().await;
     }

@@ -17,11 +17,20 @@
 //! nothing. `received_at` is the accepting relay's clock, as in SQLite.
 //!
 //! # Durability
-//! An event and its deliveries are written by one statement (one round trip, its own
-//! transaction); it returns once PostgreSQL has committed it with `synchronous_commit`
-//! set for the session on connect (`on`, or the `remote_*` level the database asks for),
-//! so the 200 follows a WAL flush. Group commit is PostgreSQL's own: concurrent commits
-//! share WAL flushes. The wake-up notification is *not* part of that transaction (a
+//! Events are written in groups: [`Store::insert_event`] hands the event to one of a few
+//! inserter tasks and waits; an inserter takes every event waiting (up to
+//! [`MAX_INSERT_BATCH`]) and writes them with their deliveries in one statement (one round
+//! trip, one transaction, one WAL flush), so under load one commit carries many events
+//! instead of each event waiting its turn for a pool connection and a flush of its own.
+//! `insert_event` returns once PostgreSQL has committed its group with
+//! `synchronous_commit` set for the session on connect (`on`, or the `remote_*` level
+//! the database asks for), so the 200 follows a WAL flush. A group that fails is written
+//! again one event at a time, so one bad event never fails the others.
+//!
+//! Outcomes ([`Store::record`]) are committed without waiting for the WAL flush, as in
+//! SQLite: if PostgreSQL itself crashes, the last outcomes may be lost, and those
+//! deliveries are sent again (at least once, never lost). Claims and renewals do wait for
+//! the flush: a claim lost that way could let a second relay attempt a delivery under way. The wake-up notification is *not* part of that transaction (a
 //! `NOTIFY` serializes every notifying commit in the cluster on one lock, across its WAL
 //! flush): a background task sends it after the commit, coalesced per destination, as
 //! its own asynchronously committed statement. Losing one costs a poll, not an event.
@@ -166,6 +175,16 @@ const WAKE_BUFFER: usize = 1024;
 /// wake-up may take.
 const NOTIFY_COALESCE: Duration = Duration::from_millis(2);
 
+/// Most events written by one insert statement.
+pub const MAX_INSERT_BATCH: usize = 256;
+
+/// Events waiting for an inserter before `insert_event` waits for room.
+const INSERT_QUEUE: usize = 4096;
+
+/// Longest one group insert may take before its connection is dropped and its events
+/// answered with an error (ingress has answered 503 long before).
+const INSERT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Announcements (`relay_destinations`) this long expired belong to relays long gone and
 /// are deleted.
 const ANNOUNCEMENT_RETENTION: Duration = Duration::from_secs(86_400);
@@ -181,8 +200,9 @@ pub struct PostgresStore {
     /// New-delivery notifications from the listening connection; started on the first
     /// [`Store::subscribe`].
     wakes: std::sync::Mutex<Option<broadcast::Sender<Wake>>>,
-    /// Destinations with committed deliveries whose notification is not sent yet.
-    notices: Arc<Notices>,
+    /// Events for the inserter tasks (which pass committed destinations on to the
+    /// notification task).
+    inserts: tokio::sync::mpsc::Sender<PendingInsert>,
     /// The connection options, for the dedicated connections.
     options: PgConnectOptions,
     /// Stops the background tasks (lock check, listener, notifications).
@@ -210,6 +230,19 @@ struct LockState {
     generation: u64,
     /// Whether the check task runs.
     checking: bool,
+}
+
+/// One event waiting to be written, and who waits for it.
+struct PendingInsert {
+    id: String,
+    received_at: i64,
+    app_id: String,
+    event_name: String,
+    facial_id: String,
+    client_ip: String,
+    payload: String,
+    destinations: Vec<String>,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// Destinations waiting for their notification, and the task's wake-up.
@@ -362,6 +395,18 @@ impl PostgresStore {
             Arc::clone(&notices),
             stop.child_token(),
         ));
+        // Half the pool writes events (at least one connection is left for claims and
+        // outcomes); each inserter holds a connection only while it writes.
+        let (inserts, queue) = tokio::sync::mpsc::channel(INSERT_QUEUE);
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..(config.pool_size / 2).clamp(1, 4) {
+            tokio::spawn(insert_events(
+                pool.clone(),
+                Arc::clone(&queue),
+                Arc::clone(&notices),
+                stop.child_token(),
+            ));
+        }
         Ok(Self {
             pool,
             instance: uuid::Uuid::now_v7().simple().to_string(),
@@ -377,7 +422,7 @@ impl PostgresStore {
                 stop: stop.child_token(),
             }),
             wakes: std::sync::Mutex::new(None),
-            notices,
+            inserts,
             options,
             stop,
         })
@@ -597,6 +642,143 @@ async fn send_notices(pool: PgPool, notices: Arc<Notices>, stop: CancellationTok
     }
 }
 
+/// An inserter: takes every event waiting (up to [`MAX_INSERT_BATCH`]) and writes them in
+/// one statement, until `stop` (events still queued then are answered with an error: the
+/// relay is closing the store, ingress no longer answers 200).
+async fn insert_events(
+    pool: PgPool,
+    queue: Arc<Mutex<tokio::sync::mpsc::Receiver<PendingInsert>>>,
+    notices: Arc<Notices>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_INSERT_BATCH);
+    loop {
+        {
+            // One inserter gathers at a time; the others write meanwhile.
+            let mut queue = tokio::select! {
+                q = queue.lock() => q,
+                () = stop.cancelled() => return,
+            };
+            let got = tokio::select! {
+                n = queue.recv_many(&mut batch, MAX_INSERT_BATCH) => n,
+                () = stop.cancelled() => return,
+            };
+            if got == 0 {
+                return; // the store is gone
+            }
+        }
+        let written: Vec<Result<(), StoreError>> = match write_group(&pool, &batch).await {
+            Ok(()) => batch.iter().map(|_| Ok(())).collect(),
+            // PostgreSQL refused the statement (not the connection): find the event it
+            // refused by writing them one by one.
+            Err(Refused::Statement(_)) if batch.len() > 1 => {
+                let mut each = Vec::with_capacity(batch.len());
+                for one in &batch {
+                    each.push(
+                        write_group(&pool, std::slice::from_ref(one))
+                            .await
+                            .map_err(Refused::into_error),
+                    );
+                }
+                each
+            }
+            // The database is unreachable or slow: every event of the group fails alike.
+            Err(e) => {
+                let e = e.into_error().to_string();
+                batch.iter().map(|_| Err(unavailable(&e))).collect()
+            }
+        };
+        let mut committed: HashSet<String> = HashSet::new();
+        for (pending, result) in batch.drain(..).zip(written) {
+            if result.is_ok() {
+                committed.extend(pending.destinations.iter().cloned());
+            }
+            // The caller may have given up waiting (its answer was a 503); the event is
+            // stored all the same, and delivered: at least once.
+            let _ = pending.done.send(result);
+        }
+        // Committed: now tell the other relays (in the background, see `send_notices`).
+        if !committed.is_empty() {
+            notices
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(committed);
+            notices.ready.notify_one();
+        }
+    }
+}
+
+/// Why a group of events was not written.
+enum Refused {
+    /// PostgreSQL ran the statement and refused it (a constraint, a value): another
+    /// group without the offending event can succeed.
+    Statement(StoreError),
+    /// No connection, a broken one, or no answer in time: any statement would fail.
+    Unreachable(StoreError),
+}
+
+impl Refused {
+    fn into_error(self) -> StoreError {
+        match self {
+            Refused::Statement(e) | Refused::Unreachable(e) => e,
+        }
+    }
+}
+
+/// Writes `events` and their deliveries, due now on the database's clock, in one
+/// statement (its own transaction).
+async fn write_group(pool: &PgPool, events: &[PendingInsert]) -> Result<(), Refused> {
+    let col = |f: fn(&PendingInsert) -> &str| -> Vec<&str> { events.iter().map(f).collect() };
+    let received: Vec<i64> = events.iter().map(|e| e.received_at).collect();
+    let (mut event_ids, mut destinations) = (Vec::new(), Vec::new());
+    for e in events {
+        for d in &e.destinations {
+            event_ids.push(e.id.as_str());
+            destinations.push(d.as_str());
+        }
+    }
+    let write = async {
+        let mut c = conn(pool).await.map_err(Refused::Unreachable)?;
+        let r = sqlx::query(
+            "WITH e AS (
+                 INSERT INTO events (id, received_at, app_id, event_name, facial_id, client_ip, payload)
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[],
+                                      $5::text[], $6::text[], $7::text[])
+             )
+             INSERT INTO deliveries (event_id, destination, state, attempts, next_attempt_at, updated_at)
+             SELECT ev, dest, 'pending', 0, clock.now, clock.now
+             FROM unnest($8::text[], $9::text[]) WITH ORDINALITY AS d(ev, dest, n),
+                  (SELECT faceio_relay_now_ms() AS now) AS clock
+             ORDER BY d.n",
+        )
+        .bind(col(|e| &e.id))
+        .bind(&received)
+        .bind(col(|e| &e.app_id))
+        .bind(col(|e| &e.event_name))
+        .bind(col(|e| &e.facial_id))
+        .bind(col(|e| &e.client_ip))
+        .bind(col(|e| &e.payload))
+        .bind(&event_ids)
+        .bind(&destinations)
+        .execute(c.get())
+        .await;
+        let refused_statement = matches!(r, Err(sqlx::Error::Database(_)));
+        match c.finish(r) {
+            Ok(_) => Ok(()),
+            Err(e) if refused_statement => Err(Refused::Statement(e)),
+            Err(e) => Err(Refused::Unreachable(e)),
+        }
+    };
+    tokio::time::timeout(INSERT_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refused::Unreachable(unavailable(
+                "writing events timed out",
+            )))
+        })
+}
+
 /// Why [`listen_until_lost`] returned.
 enum Ended {
     Stopped,
@@ -772,40 +954,21 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         let p = event.payload();
         let payload = std::str::from_utf8(event.body()).map_err(unavailable)?;
-        let destinations: Vec<String> = destinations.iter().map(|d| d.to_string()).collect();
-        // One statement, one round trip, one transaction: the event and its deliveries,
-        // due now on the database's clock.
-        let mut c = self.conn().await?;
-        let r = sqlx::query(
-            "WITH e AS (
-                 INSERT INTO events (id, received_at, app_id, event_name, facial_id, client_ip, payload)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-             )
-             INSERT INTO deliveries (event_id, destination, state, attempts, next_attempt_at, updated_at)
-             SELECT $1, dest, 'pending', 0, clock.now, clock.now
-             FROM unnest($8::text[]) AS dest, (SELECT faceio_relay_now_ms() AS now) AS clock",
-        )
-        .bind(event.id())
-        .bind(event.received_at_ms())
-        .bind(&p.app_id)
-        .bind(&p.event_name)
-        .bind(&p.facial_id)
-        .bind(&p.client_ip)
-        .bind(payload)
-        .bind(&destinations)
-        .execute(c.get())
-        .await;
-        c.finish(r)?;
-        // Committed: now tell the other relays (in the background, see `send_notices`).
-        if !destinations.is_empty() {
-            self.notices
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(destinations);
-            self.notices.ready.notify_one();
-        }
-        Ok(())
+        let (done, written) = tokio::sync::oneshot::channel();
+        let pending = PendingInsert {
+            id: event.id().to_string(),
+            received_at: event.received_at_ms(),
+            app_id: p.app_id.clone(),
+            event_name: p.event_name.clone(),
+            facial_id: p.facial_id.clone(),
+            client_ip: p.client_ip.clone(),
+            payload: payload.to_string(),
+            destinations: destinations.iter().map(|d| d.to_string()).collect(),
+            done,
+        };
+        let closed = || unavailable("the store is closing");
+        self.inserts.send(pending).await.map_err(|_| closed())?;
+        written.await.map_err(|_| closed())?
     }
 
     async fn due(
@@ -955,11 +1118,15 @@ impl Store for PostgresStore {
             return Ok(());
         };
         const MINE: &str = "id = $1 AND state = 'pending' AND claimed_by = $2 AND claim_seq = $3";
+        // Committed without waiting for the WAL flush, as outcomes are in SQLite: the
+        // statement's own transaction turns `synchronous_commit` off for itself.
+        const ASYNC: &str =
+            "FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit";
         let q = match &outcome {
             Outcome::Done { attempts } => sqlx::query(AssertSqlSafe(format!(
                 "UPDATE deliveries SET state = 'done', attempts = $4, last_error = NULL,
                  updated_at = faceio_relay_now_ms(), claimed_by = NULL, lease_until = NULL
-                 WHERE {MINE}"
+                 {ASYNC} WHERE {MINE}"
             )))
             .bind(delivery.id)
             .bind(&self.instance)
@@ -973,7 +1140,7 @@ impl Store for PostgresStore {
             } => sqlx::query(AssertSqlSafe(format!(
                 "UPDATE deliveries SET attempts = $4, next_attempt_at = faceio_relay_now_ms() + $5,
                  last_error = $6, updated_at = faceio_relay_now_ms(), claimed_by = NULL,
-                 lease_until = NULL WHERE {MINE}"
+                 lease_until = NULL {ASYNC} WHERE {MINE}"
             )))
             .bind(delivery.id)
             .bind(&self.instance)
@@ -984,7 +1151,7 @@ impl Store for PostgresStore {
             Outcome::Dead { attempts, error } => sqlx::query(AssertSqlSafe(format!(
                 "UPDATE deliveries SET state = 'dead', attempts = $4, last_error = $5,
                  updated_at = faceio_relay_now_ms(), claimed_by = NULL, lease_until = NULL
-                 WHERE {MINE}"
+                 {ASYNC} WHERE {MINE}"
             )))
             .bind(delivery.id)
             .bind(&self.instance)
