@@ -15,7 +15,7 @@ use faceio_relay::config::{Application, PostgresConfig, Secret, StoreBackend};
 use faceio_relay::ingress::VerifiedEvent;
 use faceio_relay::ingress::verify::{authenticate, now_ms, verify};
 use faceio_relay::store::postgres::PostgresStore;
-use faceio_relay::store::{ClaimRequest, Outcome, Selection, Store, Wake};
+use faceio_relay::store::{ClaimRequest, Delivery, Outcome, Selection, Store, Wake};
 
 use common::proc::{Relayd, cli, dead_letters_json};
 use common::{APP, Receiver, Reply, TOKEN, TestRelay, event};
@@ -372,6 +372,313 @@ async fn every_process_hears_about_new_deliveries() {
     two.close().await;
 }
 
+/// Claims a due delivery of `destination` for `store` as soon as one is free (a lease on
+/// it ran out), polling.
+async fn claim_once_free(store: &PostgresStore, destination: &str, lease: Duration) -> Delivery {
+    let got = std::sync::Mutex::new(None);
+    within(Duration::from_secs(10), "a lease to run out", || async {
+        let claimed = store.claim(request(destination, lease)).await.unwrap();
+        let any = !claimed.is_empty();
+        if let Some(d) = claimed.into_iter().next() {
+            *got.lock().unwrap() = Some(d);
+        }
+        any
+    })
+    .await;
+    got.into_inner().unwrap().unwrap()
+}
+
+/// `SELECT <expr> FROM deliveries WHERE destination = $1` (one row).
+async fn row_value(db: &TestDb, expr: &str, destination: &str) -> i64 {
+    let mut c = db.connect().await;
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {expr} FROM deliveries WHERE destination = $1"
+    )))
+    .bind(destination)
+    .fetch_one(&mut c)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_stale_claim_never_touches_a_newer_claim_of_the_same_row() {
+    let db = TestDb::create().await;
+    let one = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let short = Duration::from_millis(300);
+    one.insert_event(&verified("AUTH"), &["s"]).await.unwrap();
+    // One's attempt stalls past its lease; two claims the row, stalls past its lease in
+    // turn; then one claims the row again. The same process holds the row as before:
+    // only the claim token tells the stale claim from the newer one.
+    let stale = one.claim(request("s", short)).await.unwrap().remove(0);
+    let theirs = claim_once_free(&two, "s", short).await;
+    let newer = claim_once_free(&one, "s", LONG).await;
+    assert_eq!((theirs.id, newer.id), (stale.id, stale.id));
+
+    // The stale attempts come back late: they neither extend, nor give back, nor finish
+    // the newer claim.
+    assert!(
+        !one.renew(&stale, LONG).await.unwrap(),
+        "a stale claim renewed the newer one"
+    );
+    assert!(!two.renew(&theirs, LONG).await.unwrap());
+    one.unclaim(std::slice::from_ref(&stale)).await.unwrap();
+    two.unclaim(std::slice::from_ref(&theirs)).await.unwrap();
+    assert!(
+        two.claim(request("s", LONG)).await.unwrap().is_empty(),
+        "a stale unclaim released the newer claim: the delivery could go out twice at once"
+    );
+    let far = now_ms() + 3_600_000;
+    for outcome in [
+        Outcome::Done { attempts: 1 },
+        Outcome::Dead {
+            attempts: 1,
+            error: "stale".into(),
+        },
+        Outcome::Retry {
+            attempts: 1,
+            next_attempt_at_ms: far,
+            error: "stale".into(),
+        },
+    ] {
+        one.record(&stale, outcome.clone()).await.unwrap();
+        two.record(&theirs, outcome).await.unwrap();
+    }
+    assert_eq!(
+        db.count("pending").await,
+        1,
+        "a stale outcome finished the row"
+    );
+    assert_eq!(
+        row_value(&db, "attempts::bigint", "s").await,
+        0,
+        "a stale retry was recorded"
+    );
+
+    // The newer claim is intact: it renews, and its outcome is the one recorded.
+    assert!(one.renew(&newer, LONG).await.unwrap());
+    one.record(&newer, Outcome::Done { attempts: 1 })
+        .await
+        .unwrap();
+    assert_eq!(db.count("done").await, 1);
+    one.close().await;
+    two.close().await;
+}
+
+#[tokio::test]
+async fn due_times_and_leases_are_on_the_databases_clock_not_the_relays() {
+    let db = TestDb::create().await;
+    let store = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let mut c = db.connect().await;
+    let minute: i64 = 60_000;
+    let hour: i64 = 3_600_000;
+    // The database's clock (which every relay compares against) is an hour ahead of this
+    // relay's, then an hour behind: this relay's clock is wrong.
+    for (skew, dest) in [(hour, "relay_behind"), (-hour, "relay_ahead")] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE OR REPLACE FUNCTION faceio_relay_now_ms() RETURNS BIGINT LANGUAGE sql VOLATILE
+             AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT + ({skew}) $$"
+        )))
+        .execute(&mut c)
+        .await
+        .unwrap();
+
+        // A delivery accepted here is due at once, on the database's clock.
+        store
+            .insert_event(&verified("AUTH"), &[dest])
+            .await
+            .unwrap();
+        let claimed = store.claim(request(dest, LONG)).await.unwrap();
+        assert_eq!(
+            claimed.len(),
+            1,
+            "{dest}: a new delivery is not due at once"
+        );
+        let lease = row_value(&db, "lease_until - faceio_relay_now_ms()", dest).await;
+        assert!(
+            (minute - 10_000..=minute + 1).contains(&lease),
+            "{dest}: a 60 s lease runs out in {lease} ms on the database's clock"
+        );
+
+        // A retry in a minute is a minute away on the database's clock: no other relay
+        // retries it early (or an hour late).
+        store
+            .record(
+                &claimed[0],
+                Outcome::Retry {
+                    attempts: 1,
+                    next_attempt_at_ms: now_ms() + minute,
+                    error: "HTTP 500".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let due_in = row_value(&db, "next_attempt_at - faceio_relay_now_ms()", dest).await;
+        assert!(
+            (minute - 10_000..=minute + 1).contains(&due_in),
+            "{dest}: a retry in 60 s is due in {due_in} ms on the database's clock"
+        );
+        // Nor does this relay: due and claim ask the database's clock.
+        assert!(
+            store.due(dest, now_ms(), 10).await.unwrap().is_empty(),
+            "{dest}: retried early"
+        );
+        assert!(
+            store.claim(request(dest, LONG)).await.unwrap().is_empty(),
+            "{dest}: retried early"
+        );
+        let next = store.next_due_after(dest, now_ms()).await.unwrap();
+        let wait = next.map(|at| at - now_ms());
+        assert!(
+            wait.is_some_and(|w| (minute - 10_000..=minute + 1_000).contains(&w)),
+            "{dest}: next due in {wait:?} ms by this relay's clock, not about 60000"
+        );
+        // A minute on, it is due.
+        let later = ClaimRequest {
+            now_ms: now_ms() + minute + 1_000,
+            ..request(dest, LONG)
+        };
+        assert_eq!(store.claim(later).await.unwrap().len(), 1, "{dest}");
+    }
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_wake_up_never_arrives_before_its_delivery_can_be_read() {
+    let db = TestDb::create().await;
+    let one = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let mut wakes = one.subscribe().expect("postgres notifies");
+    let first = tokio::time::timeout(Duration::from_secs(10), wakes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, Wake::All);
+    // Inserts of deliveries commit slowly here (a deferred trigger waits just before the
+    // commit), so a wake-up sent before the commit would reach one while the delivery
+    // cannot be read yet: one would look, find nothing, and wait for its next poll.
+    let mut c = db.connect().await;
+    for sql in [
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql
+         AS $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$",
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON deliveries
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    ] {
+        sqlx::query(sql).execute(&mut c).await.unwrap();
+    }
+    for i in 0..3 {
+        let dest = format!("w{i}");
+        let ev = verified("AUTH");
+        let woken = async {
+            loop {
+                let wake = tokio::time::timeout(Duration::from_secs(10), wakes.recv())
+                    .await
+                    .expect("woken for the new delivery")
+                    .unwrap();
+                if wake == Wake::Destination(dest.clone()) {
+                    break;
+                }
+            }
+            one.due(&dest, now_ms(), 10).await.unwrap()
+        };
+        let dests = [dest.as_str()];
+        let (inserted, seen) = tokio::join!(two.insert_event(&ev, &dests), woken);
+        inserted.unwrap();
+        assert_eq!(
+            seen.len(),
+            1,
+            "woken for {dest} before its delivery was committed"
+        );
+        assert_eq!(seen[0].event_id, ev.id());
+    }
+    one.close().await;
+    two.close().await;
+}
+
+#[tokio::test]
+async fn the_orphan_sweep_spares_destinations_another_live_relay_announced() {
+    let db = TestDb::create().await;
+    // `one` runs a config with destination `a` only; `two` one with `b1` and `b2` (a
+    // rolling config change), whose dispatchers own neither yet.
+    let one = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    one.insert_event(&verified("AUTH"), &["a", "b1", "b2"])
+        .await
+        .unwrap();
+    two.announce(&["b1", "b2"], LONG).await.unwrap();
+    assert_eq!(
+        one.dead_letter_orphans(&["a"]).await.unwrap(),
+        0,
+        "dead-lettered deliveries of destinations a live relay has"
+    );
+    assert_eq!(db.count("pending").await, 3);
+
+    // Two's config drops b1: its deliveries are orphans at once.
+    two.announce(&["b2"], LONG).await.unwrap();
+    assert_eq!(
+        one.dead_letter_orphans(&["a"]).await.unwrap(),
+        1,
+        "b1 (withdrawn) goes, b2 (announced) stays"
+    );
+    assert_eq!(
+        one.dead_letters(None, 10).await.unwrap()[0].destination,
+        "b1"
+    );
+
+    // Two falls silent: once its announcement runs out, b2's deliveries are orphans too.
+    two.announce(&["b2"], Duration::from_millis(300))
+        .await
+        .unwrap();
+    within(
+        Duration::from_secs(10),
+        "two's announcement to run out",
+        || async { one.dead_letter_orphans(&["a"]).await.unwrap() == 1 },
+    )
+    .await;
+    assert_eq!(db.count("dead").await, 2);
+    assert_eq!(db.count("pending").await, 1, "a is still pending");
+    one.close().await;
+    two.close().await;
+}
+
+#[tokio::test]
+async fn a_hung_lock_session_is_ended_so_its_destinations_move_on() {
+    let db = TestDb::create().await;
+    // One reaches PostgreSQL through a proxy whose open connections can be made to hang.
+    let proxy = pg::FreezingProxy::start().await;
+    let one = PostgresStore::open(&PostgresConfig {
+        url: Secret::new(proxy.url(&db)),
+        pool_size: 2,
+    })
+    .await
+    .unwrap();
+    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let owned = one.own("x").await.unwrap().expect("free");
+    assert!(two.own("x").await.unwrap().is_none());
+
+    // The network path to one's sessions hangs: one's lock connection stops answering,
+    // but PostgreSQL keeps its session (the proxy's end acknowledges everything), and with
+    // it the lock on x.
+    proxy.freeze();
+    tokio::time::timeout(Duration::from_secs(20), owned.lost())
+        .await
+        .expect("the hung lock connection is reported lost");
+    assert!(
+        two.own("x").await.unwrap().is_none(),
+        "the hung session still holds x"
+    );
+    // One's next lock connection (a new one passes) ends the hung session: x is free
+    // for another relay, not only when TCP keepalives would give up (never, here).
+    let _w = one.own("w").await.unwrap().expect("free");
+    within(
+        Duration::from_secs(10),
+        "x to be free for another relay",
+        || async { two.own("x").await.unwrap().is_some() },
+    )
+    .await;
+    two.close().await;
+}
+
 /// Destinations and routes for relays sending every event to `url` over HTTP.
 fn http_destination(url: &str, extra: &str) -> String {
     format!(
@@ -636,6 +943,110 @@ async fn ownership_moving_away_from_a_live_relay_never_overlaps_attempts() {
     for r in relays {
         r.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn attempts_waiting_when_ownership_is_lost_give_their_deliveries_back() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tracker = Tracker::start(Duration::ZERO).await;
+    // One delivery every 10 s: after the first, four attempts (four slots) wait for the
+    // rate limit, their deliveries claimed for a lease of 35 s (timeout + 5 s); the sixth
+    // waits, read ahead (claimed too) or not yet read.
+    let body = format!(
+        "destinations:\n  api:\n    type: http\n    url: {}\n    timeout: 30s\n    concurrency: 4\n    \
+         rate_limit: {{ per_second: 0.1, burst: 1 }}\nroutes:\n  - to: api\n",
+        tracker.url()
+    );
+    let config = pg::write_config(dir.path(), &db, "200ms", &body);
+    let (cfg, _) = faceio_relay::config::load(&config).unwrap();
+    let relay = TestRelay::start(cfg).await;
+    for i in 0..6 {
+        let (status, body) = relay.send(&event("AUTH", &format!("r{i}"))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut c = db.connect().await;
+    let claimed =
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'pending' AND claimed_by IS NOT NULL";
+    within(
+        Duration::from_secs(10),
+        "one delivered, the next four claimed",
+        || async {
+            let mut c = db.connect().await;
+            let n: i64 = sqlx::query_scalar(claimed).fetch_one(&mut c).await.unwrap();
+            tracker.arrivals().len() == 1 && db.count("done").await == 1 && n >= 4
+        },
+    )
+    .await;
+
+    // Another process takes the destination over: it queues for the lock, and the
+    // relay's lock session ends (the relay lives on).
+    let key = "(faceio_relay_destination_key('api') & 4294967295)::oid";
+    let mut holder = db.connect().await;
+    let taken = tokio::spawn(async move {
+        sqlx::query("SELECT pg_advisory_lock(faceio_relay_destination_key('api'))")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        holder
+    });
+    within(
+        Duration::from_secs(10),
+        "the lock to be asked for",
+        || async {
+            let mut c = db.connect().await;
+            let waiting: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND objid = {key}"
+            )))
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            waiting == 1
+        },
+    )
+    .await;
+    let ended: Vec<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks
+         WHERE locktype = 'advisory' AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND objid = {key}"
+    )))
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(ended, vec![true], "one owner");
+    let holder = tokio::time::timeout(Duration::from_secs(10), taken)
+        .await
+        .expect("the new owner gets the lock")
+        .unwrap();
+
+    // The relay notices within a second; its waiting attempts stop and give their claims
+    // back, so the new owner has all five at once rather than after the 35 s lease (or
+    // after the old owner sent them past the new owner's rate limit).
+    let new_owner = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let got = std::sync::Mutex::new(Vec::new());
+    within(
+        Duration::from_secs(10),
+        "the five deliveries given back",
+        || async {
+            let claimed = new_owner.claim(request("api", LONG)).await.unwrap();
+            let mut got = got.lock().unwrap();
+            got.extend(claimed);
+            got.len() == 5
+        },
+    )
+    .await;
+    assert_eq!(
+        tracker.arrivals().len(),
+        1,
+        "the old owner sent a delivery after losing the destination"
+    );
+    assert_eq!(db.count("pending").await, 5, "nothing lost");
+    relay.shutdown().await;
+    new_owner.close().await;
+    drop(holder);
 }
 
 #[test]

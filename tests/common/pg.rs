@@ -268,3 +268,83 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `host:port` of the PostgreSQL server in [`admin_url`].
+fn server_addr() -> String {
+    let base = admin_url();
+    let after_scheme = &base[base.find("://").map_or(0, |i| i + 3)..];
+    let authority = after_scheme.split('/').next().unwrap_or(after_scheme);
+    authority
+        .rsplit('@')
+        .next()
+        .unwrap_or(authority)
+        .to_string()
+}
+
+/// A TCP proxy in front of the PostgreSQL server whose connections can be made to hang:
+/// after [`FreezingProxy::freeze`], nothing more passes through the connections open
+/// then, but both of their ends stay open (a network path that stops answering without
+/// failing: PostgreSQL keeps those sessions, and their locks). Connections opened later
+/// pass as usual.
+pub struct FreezingProxy {
+    pub port: u16,
+    /// Cancelled by `freeze`; each connection watches the token current when it opened.
+    freeze: Arc<Mutex<tokio_util::sync::CancellationToken>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl FreezingProxy {
+    pub async fn start() -> Self {
+        use tokio_util::sync::CancellationToken;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let freeze = Arc::new(Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let upstream = server_addr();
+        let (freezes, stops) = (Arc::clone(&freeze), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut client = tokio::select! {
+                    accepted = listener.accept() => accepted.unwrap().0,
+                    () = stops.cancelled() => return,
+                };
+                let frozen = freezes.lock().unwrap().clone();
+                let stop = stops.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        () = frozen.cancelled() => {}
+                        () = stop.cancelled() => return,
+                    }
+                    // Frozen: both ends stay open, nothing passes.
+                    stop.cancelled().await;
+                    drop((client, server));
+                });
+            }
+        });
+        Self { port, freeze, stop }
+    }
+
+    /// `db`'s URL through this proxy.
+    pub fn url(&self, db: &TestDb) -> String {
+        db.url
+            .replacen(&server_addr(), &format!("127.0.0.1:{}", self.port), 1)
+    }
+
+    /// Every connection open now hangs from here on.
+    pub fn freeze(&self) {
+        let mut current = self.freeze.lock().unwrap();
+        current.cancel();
+        *current = tokio_util::sync::CancellationToken::new();
+    }
+}
+
+impl Drop for FreezingProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
