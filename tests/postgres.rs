@@ -350,11 +350,16 @@ async fn claims_leases_and_ownership_keep_processes_apart() {
     two.close().await;
 }
 
-#[tokio::test]
-async fn every_process_hears_about_new_deliveries() {
-    let db = TestDb::create().await;
-    let one = PostgresStore::open(&pg_config(&db)).await.unwrap();
-    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
+/// Two stores on `db`; the first listens for wake-ups and is ready to hear them.
+async fn listening_pair(
+    db: &TestDb,
+) -> (
+    PostgresStore,
+    PostgresStore,
+    tokio::sync::broadcast::Receiver<Wake>,
+) {
+    let one = PostgresStore::open(&pg_config(db)).await.unwrap();
+    let two = PostgresStore::open(&pg_config(db)).await.unwrap();
     let mut wakes = one.subscribe().expect("postgres notifies");
     // Listening starts in the background; it announces itself with `All`.
     let first = tokio::time::timeout(Duration::from_secs(10), wakes.recv())
@@ -362,6 +367,13 @@ async fn every_process_hears_about_new_deliveries() {
         .unwrap()
         .unwrap();
     assert_eq!(first, Wake::All);
+    (one, two, wakes)
+}
+
+#[tokio::test]
+async fn every_process_hears_about_new_deliveries() {
+    let db = TestDb::create().await;
+    let (one, two, mut wakes) = listening_pair(&db).await;
     two.insert_event(&verified("AUTH"), &["n"]).await.unwrap();
     let heard = tokio::time::timeout(Duration::from_secs(10), wakes.recv())
         .await
@@ -546,14 +558,7 @@ async fn due_times_and_leases_are_on_the_databases_clock_not_the_relays() {
 #[tokio::test]
 async fn a_wake_up_never_arrives_before_its_delivery_can_be_read() {
     let db = TestDb::create().await;
-    let one = PostgresStore::open(&pg_config(&db)).await.unwrap();
-    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
-    let mut wakes = one.subscribe().expect("postgres notifies");
-    let first = tokio::time::timeout(Duration::from_secs(10), wakes.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(first, Wake::All);
+    let (one, two, mut wakes) = listening_pair(&db).await;
     // Inserts of deliveries commit slowly here (a deferred trigger waits just before the
     // commit), so a wake-up sent before the commit would reach one while the delivery
     // cannot be read yet: one would look, find nothing, and wait for its next poll.

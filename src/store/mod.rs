@@ -43,6 +43,36 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{StoreBackend, StoreConfig};
 use crate::ingress::VerifiedEvent;
 
+/// The columns of one event insert and its destinations, owned so the insert can cross
+/// threads (SQLite's writer) and tasks (PostgreSQL's inserters).
+pub(crate) struct EventRow {
+    pub id: String,
+    pub received_at: i64,
+    pub app_id: String,
+    pub event_name: String,
+    pub facial_id: String,
+    pub client_ip: String,
+    /// The body exactly as FACEIO sent it (valid UTF-8: `verify` checked).
+    pub body: Bytes,
+    pub destinations: Vec<String>,
+}
+
+impl EventRow {
+    pub fn new(event: &VerifiedEvent, destinations: &[&str]) -> Self {
+        let p = event.payload();
+        Self {
+            id: event.id().to_string(),
+            received_at: event.received_at_ms(),
+            app_id: p.app_id.clone(),
+            event_name: p.event_name.clone(),
+            facial_id: p.facial_id.clone(),
+            client_ip: p.client_ip.clone(),
+            body: event.body().clone(),
+            destinations: destinations.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+}
+
 /// What can go wrong talking to the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -88,8 +88,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ClaimRequest, DeadLetter, Delivery, DestinationStats, Outcome, Ownership, Selection, Store,
-    StoreError, Wake,
+    ClaimRequest, DeadLetter, Delivery, DestinationStats, EventRow, Outcome, Ownership, Selection,
+    Store, StoreError, Wake,
 };
 use crate::config::PostgresConfig;
 use crate::ingress::VerifiedEvent;
@@ -234,14 +234,7 @@ struct LockState {
 
 /// One event waiting to be written, and who waits for it.
 struct PendingInsert {
-    id: String,
-    received_at: i64,
-    app_id: String,
-    event_name: String,
-    facial_id: String,
-    client_ip: String,
-    payload: String,
-    destinations: Vec<String>,
+    row: EventRow,
     done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -691,7 +684,7 @@ async fn insert_events(
         let mut committed: HashSet<String> = HashSet::new();
         for (pending, result) in batch.drain(..).zip(written) {
             if result.is_ok() {
-                committed.extend(pending.destinations.iter().cloned());
+                committed.extend(pending.row.destinations.iter().cloned());
             }
             // The caller may have given up waiting (its answer was a 503); the event is
             // stored all the same, and delivered: at least once.
@@ -729,10 +722,15 @@ impl Refused {
 /// Writes `events` and their deliveries, due now on the database's clock, in one
 /// statement (its own transaction).
 async fn write_group(pool: &PgPool, events: &[PendingInsert]) -> Result<(), Refused> {
-    let col = |f: fn(&PendingInsert) -> &str| -> Vec<&str> { events.iter().map(f).collect() };
-    let received: Vec<i64> = events.iter().map(|e| e.received_at).collect();
+    let rows = || events.iter().map(|e| &e.row);
+    let col = |f: fn(&EventRow) -> &str| -> Vec<&str> { rows().map(f).collect() };
+    let received: Vec<i64> = rows().map(|e| e.received_at).collect();
+    let payloads = rows()
+        .map(|e| std::str::from_utf8(&e.body))
+        .collect::<Result<Vec<&str>, _>>()
+        .map_err(|e| Refused::Statement(unavailable(e)))?;
     let (mut event_ids, mut destinations) = (Vec::new(), Vec::new());
-    for e in events {
+    for e in rows() {
         for d in &e.destinations {
             event_ids.push(e.id.as_str());
             destinations.push(d.as_str());
@@ -758,7 +756,7 @@ async fn write_group(pool: &PgPool, events: &[PendingInsert]) -> Result<(), Refu
         .bind(col(|e| &e.event_name))
         .bind(col(|e| &e.facial_id))
         .bind(col(|e| &e.client_ip))
-        .bind(col(|e| &e.payload))
+        .bind(&payloads)
         .bind(&event_ids)
         .bind(&destinations)
         .execute(c.get())
@@ -952,18 +950,9 @@ impl Store for PostgresStore {
         event: &VerifiedEvent,
         destinations: &[&str],
     ) -> Result<(), StoreError> {
-        let p = event.payload();
-        let payload = std::str::from_utf8(event.body()).map_err(unavailable)?;
         let (done, written) = tokio::sync::oneshot::channel();
         let pending = PendingInsert {
-            id: event.id().to_string(),
-            received_at: event.received_at_ms(),
-            app_id: p.app_id.clone(),
-            event_name: p.event_name.clone(),
-            facial_id: p.facial_id.clone(),
-            client_ip: p.client_ip.clone(),
-            payload: payload.to_string(),
-            destinations: destinations.iter().map(|d| d.to_string()).collect(),
+            row: EventRow::new(event, destinations),
             done,
         };
         let closed = || unavailable("the store is closing");

@@ -33,7 +33,9 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{DeadLetter, Delivery, DestinationStats, Outcome, Selection, Store, StoreError};
+use super::{
+    DeadLetter, Delivery, DestinationStats, EventRow, Outcome, Selection, Store, StoreError,
+};
 use crate::ingress::VerifiedEvent;
 use crate::ingress::verify::now_ms;
 
@@ -92,7 +94,7 @@ type AdminFn = Box<dyn FnOnce(&Transaction<'_>) -> rusqlite::Result<u64> + Send>
 /// Work for the writer thread.
 enum Command {
     Insert {
-        event: InsertEvent,
+        event: EventRow,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Record {
@@ -104,18 +106,6 @@ enum Command {
         run: AdminFn,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
-}
-
-/// The columns of one event insert, owned so the command can cross threads.
-struct InsertEvent {
-    id: String,
-    received_at: i64,
-    app_id: String,
-    event_name: String,
-    facial_id: String,
-    client_ip: String,
-    body: Bytes,
-    destinations: Vec<String>,
 }
 
 impl Command {
@@ -477,7 +467,7 @@ fn fail_all(batch: Vec<Command>, msg: &str) {
     }
 }
 
-fn insert(tx: &Transaction<'_>, e: &InsertEvent, now: i64) -> rusqlite::Result<()> {
+fn insert(tx: &Transaction<'_>, e: &EventRow, now: i64) -> rusqlite::Result<()> {
     let payload = std::str::from_utf8(&e.body).map_err(rusqlite::Error::Utf8Error)?;
     tx.prepare_cached(
         "INSERT INTO events (id, received_at, app_id, event_name, facial_id, client_ip, payload)
@@ -576,19 +566,9 @@ impl Store for SqliteStore {
         event: &VerifiedEvent,
         destinations: &[&str],
     ) -> Result<(), StoreError> {
-        let p = event.payload();
         let (reply, rx) = oneshot::channel();
         let cmd = Command::Insert {
-            event: InsertEvent {
-                id: event.id().to_string(),
-                received_at: event.received_at_ms(),
-                app_id: p.app_id.clone(),
-                event_name: p.event_name.clone(),
-                facial_id: p.facial_id.clone(),
-                client_ip: p.client_ip.clone(),
-                body: event.body().clone(),
-                destinations: destinations.iter().map(|d| d.to_string()).collect(),
-            },
+            event: EventRow::new(event, destinations),
             reply,
         };
         self.writer
