@@ -245,6 +245,78 @@ async fn a_refused_event_fails_alone_not_its_group() {
     store.close().await;
 }
 
+/// Outcomes are written in groups too: a group of mixed outcomes, recorded at once,
+/// applies each one to its own row (done, retried later with its error, dead-lettered).
+#[tokio::test]
+async fn outcomes_recorded_together_each_land_on_their_own_row() {
+    let db = TestDb::create().await;
+    let store = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    for _ in 0..30 {
+        store.insert_event(&verified("AUTH"), &["m"]).await.unwrap();
+    }
+    let claimed = store
+        .claim(ClaimRequest {
+            want: 30,
+            ..request("m", LONG)
+        })
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 30);
+    let minute = 60_000;
+    let outcome = |i: usize| match i % 3 {
+        0 => Outcome::Done { attempts: 1 },
+        1 => Outcome::Retry {
+            attempts: 1,
+            next_attempt_at_ms: now_ms() + minute,
+            error: format!("retry {i}"),
+        },
+        _ => Outcome::Dead {
+            attempts: 1,
+            error: format!("dead {i}"),
+        },
+    };
+    let recorded = futures_util::future::join_all(
+        claimed
+            .iter()
+            .enumerate()
+            .map(|(i, d)| store.record(d, outcome(i))),
+    )
+    .await;
+    assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
+    assert_eq!(db.count("done").await, 10);
+    assert_eq!(db.count("dead").await, 10);
+    assert_eq!(db.count("pending").await, 10);
+    // The retried ones are not due now, are due in a minute, and carry their own error.
+    assert!(store.due("m", now_ms(), 100).await.unwrap().is_empty());
+    let later = store
+        .due("m", now_ms() + minute + 1_000, 100)
+        .await
+        .unwrap();
+    assert_eq!(later.len(), 10);
+    let mut conn = db.connect().await;
+    let rows: Vec<(i64, String, i32, Option<String>)> =
+        sqlx::query_as("SELECT id, state, attempts, last_error FROM deliveries ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    for (i, d) in claimed.iter().enumerate() {
+        let (_, state, attempts, error) = rows.iter().find(|r| r.0 == d.id).unwrap();
+        assert_eq!(*attempts, 1);
+        match i % 3 {
+            0 => assert_eq!((state.as_str(), error.as_deref()), ("done", None)),
+            1 => assert_eq!(
+                (state.as_str(), error.as_deref()),
+                ("pending", Some(format!("retry {i}").as_str()))
+            ),
+            _ => assert_eq!(
+                (state.as_str(), error.as_deref()),
+                ("dead", Some(format!("dead {i}").as_str()))
+            ),
+        }
+    }
+    store.close().await;
+}
+
 #[tokio::test]
 async fn claims_leases_and_ownership_keep_processes_apart() {
     let db = TestDb::create().await;

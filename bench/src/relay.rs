@@ -20,6 +20,9 @@ pub static RELAY_LOG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// How long a relay may take to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The relay's `concurrency` for the sink (and the forwarder's).
+pub const DESTINATION_CONCURRENCY: usize = 64;
+
 /// Where the relay under test keeps its queue.
 #[derive(Debug, Clone)]
 pub enum StoreKind {
@@ -47,7 +50,7 @@ pub fn write_config(
          {store}\
          applications:\n  - app_id: {APP_ID}\n    token: {TOKEN}\n\
          destinations:\n  sink:\n    type: http\n    url: http://{sink}/sink\n\
-         \x20   concurrency: 64\n    timeout: {dest_timeout}\n\
+         \x20   concurrency: {DESTINATION_CONCURRENCY}\n    timeout: {dest_timeout}\n\
          routes:\n  - to: [sink]\n",
     );
     let path = dir.join("relay.yaml");

@@ -1,6 +1,8 @@
-//! The two local servers of a run: the baseline (answers 200 and does nothing else) and
-//! the sink (the relay's HTTP destination: answers 200 and records when each event
-//! arrived, matched to its send time by the Facial ID it carries).
+//! The local servers of a run: the baseline (answers 200 and does nothing else), the
+//! forwarder (sends each body on to the sink, then answers 200: the HTTP work any relay
+//! that delivers by HTTP must do, and nothing else) and the sink (the relay's HTTP
+//! destination: answers 200 and records when each event arrived, matched to its send
+//! time by the Facial ID it carries).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -114,12 +116,7 @@ impl Sink {
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = read_body(req).await;
         let mut up = self.up.subscribe();
         if !*up.borrow_and_update() {
             // Held until the sink is up; the relay's timeout may give up first.
@@ -149,6 +146,15 @@ impl Sink {
     }
 }
 
+/// The whole body of `req` (empty if it broke off).
+async fn read_body(req: Request<Incoming>) -> Bytes {
+    req.into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default()
+}
+
 /// The baseline: a bare hyper server that reads the body and answers 200, nothing more.
 pub async fn start_baseline() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -165,6 +171,59 @@ pub async fn start_baseline() -> anyhow::Result<SocketAddr> {
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
                         br#"{"id":"baseline"}"#,
                     ))))
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// The forwarder: a bare hyper server that POSTs each body to the sink (at most
+/// `concurrency` at once, over kept-alive connections, like the relay's destination) and
+/// answers 200 once the sink did. No parsing, no store, no log line: the ceiling of any
+/// relay on this machine that delivers each event with one HTTP request.
+pub async fn start_forwarder(sink: SocketAddr, concurrency: usize) -> anyhow::Result<SocketAddr> {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let uri: hyper::Uri = format!("http://{sink}/sink").parse()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let (client, slots, uri) = (client.clone(), Arc::clone(&slots), uri.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let (client, slots, uri) = (client.clone(), Arc::clone(&slots), uri.clone());
+                    async move {
+                        let body = read_body(req).await;
+                        let _slot = slots.acquire().await;
+                        let forward = Request::post(uri)
+                            .header("content-type", "application/json")
+                            .body(Full::new(body))
+                            .expect("request");
+                        let status = match client.request(forward).await {
+                            Ok(r) => {
+                                let ok = r.status().is_success();
+                                let _ = r.into_body().collect().await;
+                                if ok { 200 } else { 502 }
+                            }
+                            Err(_) => 502,
+                        };
+                        let mut answer =
+                            Response::new(Full::new(Bytes::from_static(br#"{"id":"forwarded"}"#)));
+                        *answer.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+                        Ok::<_, Infallible>(answer)
+                    }
                 });
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)

@@ -178,8 +178,12 @@ const NOTIFY_COALESCE: Duration = Duration::from_millis(2);
 /// Most events written by one insert statement.
 pub const MAX_INSERT_BATCH: usize = 256;
 
-/// Events waiting for an inserter before `insert_event` waits for room.
+/// Events waiting for an inserter before `insert_event` waits for room (and outcomes
+/// waiting for a recorder before `record` does).
 const INSERT_QUEUE: usize = 4096;
+
+/// Most outcomes written by one statement.
+const MAX_OUTCOME_BATCH: usize = 256;
 
 /// Longest one group insert may take before its connection is dropped and its events
 /// answered with an error (ingress has answered 503 long before).
@@ -203,6 +207,8 @@ pub struct PostgresStore {
     /// Events for the inserter tasks (which pass committed destinations on to the
     /// notification task).
     inserts: tokio::sync::mpsc::Sender<PendingInsert>,
+    /// Outcomes for the recorder task.
+    outcomes: tokio::sync::mpsc::Sender<PendingOutcome>,
     /// The connection options, for the dedicated connections.
     options: PgConnectOptions,
     /// Stops the background tasks (lock check, listener, notifications).
@@ -236,6 +242,41 @@ struct LockState {
 struct PendingInsert {
     row: EventRow,
     done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// One outcome waiting to be written, and who waits for it.
+struct PendingOutcome {
+    id: i64,
+    /// The claim the outcome is for (`claim_seq`).
+    seq: i64,
+    /// The new state: `done`, `dead`, or `pending` for a retry.
+    state: &'static str,
+    attempts: i32,
+    /// A retry's delay from now (ms); the database adds it to its own clock.
+    delay_ms: i64,
+    error: Option<String>,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// A queue several tasks take groups from.
+type SharedQueue<T> = Arc<Mutex<tokio::sync::mpsc::Receiver<T>>>;
+
+/// Takes every item waiting in `queue` (at least one, at most `max`) into `batch`, one
+/// task at a time; `false` when `stop` fired or the store is gone.
+async fn next_group<T>(
+    queue: &SharedQueue<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+    stop: &CancellationToken,
+) -> bool {
+    let mut queue = tokio::select! {
+        q = queue.lock() => q,
+        () = stop.cancelled() => return false,
+    };
+    tokio::select! {
+        n = queue.recv_many(batch, max) => n > 0,
+        () = stop.cancelled() => false,
+    }
 }
 
 /// Destinations waiting for their notification, and the task's wake-up.
@@ -400,9 +441,18 @@ impl PostgresStore {
                 stop.child_token(),
             ));
         }
+        // Outcomes: one recorder, one connection at a time (they are small and unsynced).
+        let (outcomes, queue) = tokio::sync::mpsc::channel(INSERT_QUEUE);
+        let instance = uuid::Uuid::now_v7().simple().to_string();
+        tokio::spawn(record_outcomes(
+            pool.clone(),
+            instance.clone(),
+            Arc::new(Mutex::new(queue)),
+            stop.child_token(),
+        ));
         Ok(Self {
             pool,
-            instance: uuid::Uuid::now_v7().simple().to_string(),
+            instance,
             locks: Arc::new(Locks {
                 options: options.clone(),
                 state: Mutex::new(LockState {
@@ -416,6 +466,7 @@ impl PostgresStore {
             }),
             wakes: std::sync::Mutex::new(None),
             inserts,
+            outcomes,
             options,
             stop,
         })
@@ -640,26 +691,13 @@ async fn send_notices(pool: PgPool, notices: Arc<Notices>, stop: CancellationTok
 /// relay is closing the store, ingress no longer answers 200).
 async fn insert_events(
     pool: PgPool,
-    queue: Arc<Mutex<tokio::sync::mpsc::Receiver<PendingInsert>>>,
+    queue: SharedQueue<PendingInsert>,
     notices: Arc<Notices>,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_INSERT_BATCH);
-    loop {
-        {
-            // One inserter gathers at a time; the others write meanwhile.
-            let mut queue = tokio::select! {
-                q = queue.lock() => q,
-                () = stop.cancelled() => return,
-            };
-            let got = tokio::select! {
-                n = queue.recv_many(&mut batch, MAX_INSERT_BATCH) => n,
-                () = stop.cancelled() => return,
-            };
-            if got == 0 {
-                return; // the store is gone
-            }
-        }
+    // One inserter gathers at a time; the others write meanwhile.
+    while next_group(&queue, &mut batch, MAX_INSERT_BATCH, &stop).await {
         let written: Vec<Result<(), StoreError>> = match write_group(&pool, &batch).await {
             Ok(()) => batch.iter().map(|_| Ok(())).collect(),
             // PostgreSQL refused the statement (not the connection): find the event it
@@ -717,6 +755,86 @@ impl Refused {
             Refused::Statement(e) | Refused::Unreachable(e) => e,
         }
     }
+}
+
+/// The recorder: writes every outcome waiting (up to [`MAX_OUTCOME_BATCH`]) with one
+/// statement, committed without waiting for the WAL flush (see the module docs). A
+/// failed group fails every outcome in it; their attempts retry them.
+async fn record_outcomes(
+    pool: PgPool,
+    instance: String,
+    queue: SharedQueue<PendingOutcome>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_OUTCOME_BATCH);
+    while next_group(&queue, &mut batch, MAX_OUTCOME_BATCH, &stop).await {
+        let written =
+            tokio::time::timeout(INSERT_TIMEOUT, write_outcomes(&pool, &instance, &batch))
+                .await
+                .unwrap_or_else(|_| Err(unavailable("recording outcomes timed out")));
+        match written {
+            Ok(applied) => {
+                for pending in batch.drain(..) {
+                    if !applied.contains(&pending.id) {
+                        tracing::debug!(
+                            delivery = pending.id,
+                            "outcome dropped: the delivery was claimed again or is no longer pending"
+                        );
+                    }
+                    let _ = pending.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                for pending in batch.drain(..) {
+                    let _ = pending.done.send(Err(StoreError::Unavailable(e.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Writes a group of outcomes in one statement; returns the IDs it applied to (an
+/// outcome whose claim is no longer on its row applies to nothing).
+async fn write_outcomes(
+    pool: &PgPool,
+    instance: &str,
+    outcomes: &[PendingOutcome],
+) -> Result<HashSet<i64>, StoreError> {
+    let ids: Vec<i64> = outcomes.iter().map(|o| o.id).collect();
+    let seqs: Vec<i64> = outcomes.iter().map(|o| o.seq).collect();
+    let states: Vec<&str> = outcomes.iter().map(|o| o.state).collect();
+    let attempts: Vec<i32> = outcomes.iter().map(|o| o.attempts).collect();
+    let delays: Vec<i64> = outcomes.iter().map(|o| o.delay_ms).collect();
+    let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.error.as_deref()).collect();
+    let mut c = conn(pool).await?;
+    // Committed without waiting for the WAL flush, as outcomes are in SQLite: the
+    // statement's own transaction turns `synchronous_commit` off for itself.
+    let r = sqlx::query_scalar::<_, i64>(
+        "UPDATE deliveries AS d SET
+             state = u.state,
+             attempts = u.attempts,
+             next_attempt_at = CASE WHEN u.state = 'pending'
+                                    THEN faceio_relay_now_ms() + u.delay
+                                    ELSE d.next_attempt_at END,
+             last_error = u.error,
+             updated_at = faceio_relay_now_ms(), claimed_by = NULL, lease_until = NULL
+         FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::int[], $6::bigint[], $7::text[])
+                  AS u(id, seq, state, attempts, delay, error),
+              (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+         WHERE d.id = u.id AND d.state = 'pending' AND d.claimed_by = $1 AND d.claim_seq = u.seq
+         RETURNING d.id",
+    )
+    .bind(instance)
+    .bind(&ids)
+    .bind(&seqs)
+    .bind(&states)
+    .bind(&attempts)
+    .bind(&delays)
+    .bind(&errors)
+    .fetch_all(c.get())
+    .await;
+    Ok(c.finish(r)?.into_iter().collect())
 }
 
 /// Writes `events` and their deliveries, due now on the database's clock, in one
@@ -1098,7 +1216,7 @@ impl Store for PostgresStore {
         // Applies only while the row still carries this claim: a relay whose lease ran out
         // and whose row was claimed again (here or elsewhere) cannot overwrite that
         // claim's result, not even after it was recorded. `state = 'pending'` guards
-        // against an operator's purge, as in SQLite.
+        // against an operator's purge, as in SQLite. Written in groups, as events are.
         let Some(seq) = delivery.claim else {
             tracing::debug!(
                 delivery = delivery.id,
@@ -1106,57 +1224,34 @@ impl Store for PostgresStore {
             );
             return Ok(());
         };
-        const MINE: &str = "id = $1 AND state = 'pending' AND claimed_by = $2 AND claim_seq = $3";
-        // Committed without waiting for the WAL flush, as outcomes are in SQLite: the
-        // statement's own transaction turns `synchronous_commit` off for itself.
-        const ASYNC: &str =
-            "FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit";
-        let q = match &outcome {
-            Outcome::Done { attempts } => sqlx::query(AssertSqlSafe(format!(
-                "UPDATE deliveries SET state = 'done', attempts = $4, last_error = NULL,
-                 updated_at = faceio_relay_now_ms(), claimed_by = NULL, lease_until = NULL
-                 {ASYNC} WHERE {MINE}"
-            )))
-            .bind(delivery.id)
-            .bind(&self.instance)
-            .bind(seq)
-            .bind(*attempts as i32),
+        let (state, attempts, delay_ms, error) = match outcome {
+            Outcome::Done { attempts } => ("done", attempts, 0, None),
             // The retry's delay is added by the database, to its own clock.
             Outcome::Retry {
                 attempts,
                 next_attempt_at_ms,
                 error,
-            } => sqlx::query(AssertSqlSafe(format!(
-                "UPDATE deliveries SET attempts = $4, next_attempt_at = faceio_relay_now_ms() + $5,
-                 last_error = $6, updated_at = faceio_relay_now_ms(), claimed_by = NULL,
-                 lease_until = NULL {ASYNC} WHERE {MINE}"
-            )))
-            .bind(delivery.id)
-            .bind(&self.instance)
-            .bind(seq)
-            .bind(*attempts as i32)
-            .bind(offset_from_now(*next_attempt_at_ms))
-            .bind(error.clone()),
-            Outcome::Dead { attempts, error } => sqlx::query(AssertSqlSafe(format!(
-                "UPDATE deliveries SET state = 'dead', attempts = $4, last_error = $5,
-                 updated_at = faceio_relay_now_ms(), claimed_by = NULL, lease_until = NULL
-                 {ASYNC} WHERE {MINE}"
-            )))
-            .bind(delivery.id)
-            .bind(&self.instance)
-            .bind(seq)
-            .bind(*attempts as i32)
-            .bind(error.clone()),
+            } => (
+                "pending",
+                attempts,
+                offset_from_now(next_attempt_at_ms),
+                Some(error),
+            ),
+            Outcome::Dead { attempts, error } => ("dead", attempts, 0, Some(error)),
         };
-        let mut c = self.conn().await?;
-        let r = q.execute(c.get()).await;
-        if c.finish(r)?.rows_affected() == 0 {
-            tracing::debug!(
-                delivery = delivery.id,
-                "outcome dropped: the delivery was claimed again or is no longer pending"
-            );
-        }
-        Ok(())
+        let (done, recorded) = tokio::sync::oneshot::channel();
+        let pending = PendingOutcome {
+            id: delivery.id,
+            seq,
+            state,
+            attempts: attempts as i32,
+            delay_ms,
+            error,
+            done,
+        };
+        let closed = || unavailable("the store is closing");
+        self.outcomes.send(pending).await.map_err(|_| closed())?;
+        recorded.await.map_err(|_| closed())?
     }
 
     async fn dead_letters(
