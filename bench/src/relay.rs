@@ -185,7 +185,10 @@ impl RelayProc {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                bail!("relay did not stop within 20 s after SIGTERM");
+                bail!(
+                    "relay did not stop within 20 s after SIGTERM; its last log lines:\n{}",
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
