@@ -595,13 +595,22 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
                     &plan,
                     &baseline_rows,
                 )
-                .await?;
-                postgres = json!({
-                    "server_version": postgres_version(admin),
-                    "peak_rss_load_mb": round1(pg.peak_kb as f64 / 1024.0),
-                    "database_bytes_after": db.size_bytes(),
-                });
-                rows.extend(pg.rows);
+                .await;
+                // A failed PostgreSQL run is reported, not allowed to lose the rest.
+                match pg {
+                    Ok(pg) => {
+                        postgres = json!({
+                            "server_version": postgres_version(admin),
+                            "peak_rss_load_mb": round1(pg.peak_kb as f64 / 1024.0),
+                            "database_bytes_after": db.size_bytes(),
+                        });
+                        rows.extend(pg.rows);
+                    }
+                    Err(e) => {
+                        eprintln!("relay-pg run failed: {e:#}");
+                        postgres = json!({"failed": format!("{e:#}")});
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("relay-pg rows skipped: {e:#}");

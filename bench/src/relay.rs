@@ -256,12 +256,12 @@ impl ScratchDb {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        psql(admin_url, &format!("CREATE DATABASE {name}"))?;
         let server = admin_url
             .rfind('/')
-            .filter(|&i| i > "postgres://".len())
+            .filter(|&i| i > "postgres://".len() && !admin_url.contains('?'))
             .map(|i| &admin_url[..i])
-            .context("the PostgreSQL URL names no database (postgres://user@host:port/db)")?;
+            .context("--postgres takes postgres://user@host:port/database (no query string)")?;
+        psql(admin_url, &format!("CREATE DATABASE {name}"))?;
         Ok(Self {
             admin_url: admin_url.to_string(),
             url: format!("{server}/{name}"),

@@ -23,8 +23,10 @@
 //!   the cluster.
 //! - **A delivery is attempted by at most one live process.** Besides ownership, shared
 //!   backends claim rows under a lease ([`Store::claim`]) and the dispatcher re-checks
-//!   its claim just before each attempt ([`Store::renew`]), so even while ownership moves
-//!   from one relay to another no row is attempted by two relays at once.
+//!   its claim ([`Store::renew`]) before any attempt that starts more than a second after
+//!   the claim was asked for (the lease of a younger claim still covers the attempt), so
+//!   even while ownership moves from one relay to another no row is attempted by two
+//!   relays at once.
 //!
 //! Backends implement [`Store`]; [`sqlite`] is the default, [`postgres`] the shared one.
 

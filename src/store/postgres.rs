@@ -24,16 +24,23 @@
 //! instead of each event waiting its turn for a pool connection and a flush of its own.
 //! `insert_event` returns once PostgreSQL has committed its group with
 //! `synchronous_commit` set for the session on connect (`on`, or the `remote_*` level
-//! the database asks for), so the 200 follows a WAL flush. A group that fails is written
-//! again one event at a time, so one bad event never fails the others.
+//! the database asks for), so the 200 follows a WAL flush. A group PostgreSQL refuses
+//! for its data (SQLSTATE classes 22 and 23) is written again one event at a time, so one
+//! bad event never fails the others; any other failure (connection, timeout, shutdown)
+//! fails the whole group at once (503s), without a statement per event. An event whose
+//! caller stopped waiting (its answer was a 503) is still written: the sender does not
+//! retry, so it is delivered rather than lost.
 //!
-//! Outcomes ([`Store::record`]) are committed without waiting for the WAL flush, as in
-//! SQLite: if PostgreSQL itself crashes, the last outcomes may be lost, and those
-//! deliveries are sent again (at least once, never lost). Claims and renewals do wait for
-//! the flush: a claim lost that way could let a second relay attempt a delivery under way. The wake-up notification is *not* part of that transaction (a
-//! `NOTIFY` serializes every notifying commit in the cluster on one lock, across its WAL
-//! flush): a background task sends it after the commit, coalesced per destination, as
-//! its own asynchronously committed statement. Losing one costs a poll, not an event.
+//! The wake-up notification is *not* part of the insert's transaction (a `NOTIFY`
+//! serializes every notifying commit in the cluster on one lock, across its WAL flush): a
+//! background task sends it after the commit, coalesced per destination, as its own
+//! asynchronously committed statement. Losing one costs a poll, not an event.
+//!
+//! Outcomes ([`Store::record`]) are written in groups too, by one recorder task, and
+//! committed without waiting for the WAL flush, as in SQLite: if PostgreSQL itself
+//! crashes, the last outcomes may be lost, and those deliveries are sent again (at least
+//! once, never lost). Claims and renewals do wait for the flush: a claim lost that way
+//! could let a second relay attempt a delivery under way.
 //!
 //! # One dispatcher per destination in the cluster
 //! [`Store::own`] takes a session-level advisory lock,
@@ -54,7 +61,9 @@
 //! died, but the process did not). So rows are also claimed: [`Store::claim`] takes due
 //! rows that nobody holds (or whose lease ran out) with `FOR UPDATE SKIP LOCKED`, stamps
 //! them with this process's ID, a lease and a new `claim_seq`; [`Store::renew`] re-checks
-//! and extends the claim just before each attempt; [`Store::renew`], [`Store::unclaim`]
+//! and extends the claim before an attempt that starts more than a second after its
+//! claim was asked for (a younger claim's own lease still covers the attempt, by the same
+//! argument: see `delivery::worker`); [`Store::renew`], [`Store::unclaim`]
 //! and [`Store::record`] apply only while the row still carries that claim (instance and
 //! `claim_seq`). The dispatcher adds two rules on its own monotonic clock (see
 //! `delivery::worker`): a new owner leaves rows claimed by other relays alone for one full
@@ -188,8 +197,9 @@ const NOTIFY_COALESCE: Duration = Duration::from_millis(2);
 pub const MAX_INSERT_BATCH: usize = 256;
 
 /// Events waiting for an inserter before `insert_event` waits for room (and outcomes
-/// waiting for a recorder before `record` does).
-const INSERT_QUEUE: usize = 4096;
+/// waiting for a recorder before `record` does). Four groups' worth: bodies are at most
+/// `max_body` each, so this also bounds the memory a slow database can pin.
+const INSERT_QUEUE: usize = 1024;
 
 /// Most outcomes written by one statement.
 const MAX_OUTCOME_BATCH: usize = 256;
@@ -220,7 +230,8 @@ pub struct PostgresStore {
     outcomes: tokio::sync::mpsc::Sender<PendingOutcome>,
     /// The connection options, for the dedicated connections.
     options: PgConnectOptions,
-    /// Stops the background tasks (lock check, listener, notifications).
+    /// Stops the background tasks (lock check, listener, notifications, inserters,
+    /// recorder).
     stop: CancellationToken,
 }
 
@@ -438,8 +449,9 @@ impl PostgresStore {
             Arc::clone(&notices),
             stop.child_token(),
         ));
-        // Half the pool writes events (at least one connection is left for claims and
-        // outcomes); each inserter holds a connection only while it writes.
+        // Up to half the pool writes events (with `pool_size` below 4, claims and renewals
+        // may wait for a connection while inserts run); each inserter holds a connection
+        // only while it writes.
         let (inserts, queue) = tokio::sync::mpsc::channel(INSERT_QUEUE);
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..(config.pool_size / 2).clamp(1, 4) {
@@ -713,19 +725,31 @@ async fn insert_events(
             // refused by writing them one by one.
             Err(Refused::Statement(_)) if batch.len() > 1 => {
                 let mut each = Vec::with_capacity(batch.len());
+                let mut unreachable = None;
                 for one in &batch {
-                    each.push(
-                        write_group(&pool, std::slice::from_ref(one))
-                            .await
-                            .map_err(Refused::into_error),
-                    );
+                    // Once the database stops answering, the rest fail without a try.
+                    if let Some(e) = &unreachable {
+                        each.push(Err(StoreError::Unavailable(reason(e))));
+                        continue;
+                    }
+                    match write_group(&pool, std::slice::from_ref(one)).await {
+                        Ok(()) => each.push(Ok(())),
+                        Err(Refused::Statement(e)) => each.push(Err(e)),
+                        Err(Refused::Unreachable(e)) => {
+                            each.push(Err(StoreError::Unavailable(reason(&e))));
+                            unreachable = Some(e);
+                        }
+                    }
                 }
                 each
             }
             // The database is unreachable or slow: every event of the group fails alike.
             Err(e) => {
-                let e = e.into_error().to_string();
-                batch.iter().map(|_| Err(unavailable(&e))).collect()
+                let e = reason(&e.into_error());
+                batch
+                    .iter()
+                    .map(|_| Err(StoreError::Unavailable(e.clone())))
+                    .collect()
             }
         };
         let mut committed: HashSet<String> = HashSet::new();
@@ -746,6 +770,15 @@ async fn insert_events(
                 .extend(committed);
             notices.ready.notify_one();
         }
+    }
+}
+
+/// The text of a store error without its "store unavailable: " prefix, to build another
+/// `Unavailable` from it.
+fn reason(e: &StoreError) -> String {
+    match e {
+        StoreError::Unavailable(m) => m.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -794,7 +827,7 @@ async fn record_outcomes(
                 }
             }
             Err(e) => {
-                let e = e.to_string();
+                let e = reason(&e);
                 for pending in batch.drain(..) {
                     let _ = pending.done.send(Err(StoreError::Unavailable(e.clone())));
                 }
@@ -888,7 +921,11 @@ async fn write_group(pool: &PgPool, events: &[PendingInsert]) -> Result<(), Refu
         .bind(&destinations)
         .execute(c.get())
         .await;
-        let refused_statement = matches!(r, Err(sqlx::Error::Database(_)));
+        // Refused for its data (class 22) or a constraint (class 23): another group
+        // without the offending event can succeed. Anything else (shutdown, a timeout,
+        // serialization, resources) would fail every statement alike.
+        let refused_statement = matches!(&r, Err(sqlx::Error::Database(db))
+            if db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")));
         match c.finish(r) {
             Ok(_) => Ok(()),
             Err(e) if refused_statement => Err(Refused::Statement(e)),

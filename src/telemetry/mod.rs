@@ -13,8 +13,10 @@
 //! `write(2)` per line cost 12% of the CPU per event at full load: BENCHMARKS.md). Nothing
 //! is dropped: when 64k lines wait unwritten (stderr blocked), loggers wait as they would
 //! on a blocking `write(2)`. The [`LogGuard`] from [`init`] writes what is left when it is
-//! dropped, so `main` holds it to the end; a `kill -9` loses only lines not yet written,
-//! which at low rates is the line of the moment and under load a few milliseconds' worth.
+//! dropped, so `main` holds it to the end (it waits about a second for a stderr that does
+//! not take them; lines still pending then are lost); a `kill -9` loses only lines not yet
+//! written, which at low rates is the line of the moment and under load a few
+//! milliseconds' worth.
 //!
 //! The level comes from `RUST_LOG`, else `log_level:` in the config, else `info`; a
 //! reload applies a changed `log_level` (unless `RUST_LOG` is set). Secrets never reach a
