@@ -247,6 +247,8 @@ async fn a_refused_event_fails_alone_not_its_group() {
 
 /// Outcomes are written in groups too: a group of mixed outcomes, recorded at once,
 /// applies each one to its own row (done, retried later with its error, dead-lettered).
+/// An error text with U+0000 (which PostgreSQL text cannot hold, and which would fail
+/// the whole group at every retry) is stored with U+FFFD in its place.
 #[tokio::test]
 async fn outcomes_recorded_together_each_land_on_their_own_row() {
     let db = TestDb::create().await;
@@ -272,7 +274,7 @@ async fn outcomes_recorded_together_each_land_on_their_own_row() {
         },
         _ => Outcome::Dead {
             attempts: 1,
-            error: format!("dead {i}"),
+            error: format!("dead\0{i}"),
         },
     };
     let recorded = futures_util::future::join_all(
@@ -310,7 +312,7 @@ async fn outcomes_recorded_together_each_land_on_their_own_row() {
             ),
             _ => assert_eq!(
                 (state.as_str(), error.as_deref()),
-                ("dead", Some(format!("dead {i}").as_str()))
+                ("dead", Some(format!("dead\u{FFFD}{i}").as_str()))
             ),
         }
     }

@@ -848,7 +848,17 @@ async fn write_outcomes(
     let states: Vec<&str> = outcomes.iter().map(|o| o.state).collect();
     let attempts: Vec<i32> = outcomes.iter().map(|o| o.attempts).collect();
     let delays: Vec<i64> = outcomes.iter().map(|o| o.delay_ms).collect();
-    let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.error.as_deref()).collect();
+    // PostgreSQL text cannot hold U+0000 (it would refuse the whole group, again at every
+    // retry); a destination's error text may carry one.
+    let errors: Vec<Option<Cow<'_, str>>> = outcomes
+        .iter()
+        .map(|o| {
+            o.error.as_deref().map(|e| match e.contains('\0') {
+                true => Cow::Owned(e.replace('\0', "\u{FFFD}")),
+                false => Cow::Borrowed(e),
+            })
+        })
+        .collect();
     let mut c = conn(pool).await?;
     // Committed without waiting for the WAL flush, as outcomes are in SQLite: the
     // statement's own transaction turns `synchronous_commit` off for itself.
