@@ -118,6 +118,15 @@ async fn until_accepted(
     unreachable!()
 }
 
+/// Sends 20 events (`prefix-0`…) that must each be answered 200, into the ledger.
+async fn accept(client: &reqwest::Client, url: &str, prefix: &str, ledger: &mut BTreeSet<String>) {
+    for n in 0..20 {
+        let face = format!("{prefix}-{n}");
+        assert_eq!(post(client, url, &face).await.0, 200, "{face}");
+        ledger.insert(face);
+    }
+}
+
 fn integrity(db: &Path) -> String {
     rusqlite::Connection::open(db)
         .unwrap()
@@ -148,11 +157,7 @@ async fn a_full_disk_answers_503_never_200_and_recovers_by_itself() {
     let client = reqwest::Client::new();
     let url = daemon.url();
     let mut ledger = BTreeSet::new();
-    for n in 0..20 {
-        let face = format!("before-{n}");
-        assert_eq!(post(&client, &url, &face).await.0, 200);
-        ledger.insert(face);
-    }
+    accept(&client, &url, "before", &mut ledger).await;
 
     let filler = fill(&mount);
     let mut answers = BTreeMap::new();
@@ -174,11 +179,7 @@ async fn a_full_disk_answers_503_never_200_and_recovers_by_itself() {
     std::fs::remove_file(&filler).unwrap();
     let refused = until_accepted(&client, &url, "after", &mut ledger).await;
     println!("space back: accepted again after {refused} more refusals");
-    for n in 0..20 {
-        let face = format!("later-{n}");
-        assert_eq!(post(&client, &url, &face).await.0, 200);
-        ledger.insert(face);
-    }
+    accept(&client, &url, "later", &mut ledger).await;
     await_ledger(&mut receiver, &db, &ledger, 3 * WAIT).await;
     let exited = daemon.terminate(WAIT).await;
     assert!(exited.status.success(), "{}", exited.text());
@@ -258,11 +259,7 @@ async fn failing_fsyncs_answer_5xx_never_200_and_the_store_recovers_by_itself() 
     let client = reqwest::Client::new();
     let url = daemon.url();
     let mut ledger = BTreeSet::new();
-    for n in 0..20 {
-        let face = format!("before-{n}");
-        assert_eq!(post(&client, &url, &face).await.0, 200);
-        ledger.insert(face);
-    }
+    accept(&client, &url, "before", &mut ledger).await;
 
     let strace = FailingFsync::attach(daemon.pid());
     // Every thread is attached shortly after the first; until the writer's is, a 200 is
@@ -299,11 +296,7 @@ async fn failing_fsyncs_answer_5xx_never_200_and_the_store_recovers_by_itself() 
     strace.detach();
     let refused = until_accepted(&client, &url, "after", &mut ledger).await;
     println!("fsync works again: accepted after {refused} more refusals");
-    for n in 0..20 {
-        let face = format!("later-{n}");
-        assert_eq!(post(&client, &url, &face).await.0, 200);
-        ledger.insert(face);
-    }
+    accept(&client, &url, "later", &mut ledger).await;
     await_ledger(&mut receiver, &db, &ledger, 3 * WAIT).await;
     let exited = daemon.terminate(WAIT).await;
     assert!(exited.status.success(), "{}", exited.text());

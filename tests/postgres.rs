@@ -54,6 +54,26 @@ fn request(destination: &str, lease: Duration) -> ClaimRequest<'_> {
     }
 }
 
+/// Claims the first due delivery of `destination` and records it dead with `error`.
+async fn claim_and_dead_letter(store: &PostgresStore, destination: &str, error: &str) -> Delivery {
+    let d = store
+        .claim(request(destination, LONG))
+        .await
+        .unwrap()
+        .remove(0);
+    store
+        .record(
+            &d,
+            Outcome::Dead {
+                attempts: 1,
+                error: error.into(),
+            },
+        )
+        .await
+        .unwrap();
+    d
+}
+
 #[tokio::test]
 async fn store_contract_holds_on_postgres() {
     let db = TestDb::create().await;
@@ -125,17 +145,7 @@ async fn store_contract_holds_on_postgres() {
     assert_eq!(store.next_due_after("a", 0).await.unwrap(), None);
 
     // dead letters: list, show, replay, purge
-    let b = store.claim(request("b", LONG)).await.unwrap().remove(0);
-    store
-        .record(
-            &b,
-            Outcome::Dead {
-                attempts: 1,
-                error: "HTTP 404: channel_not_found".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let b = claim_and_dead_letter(&store, "b", "HTTP 404: channel_not_found").await;
     let dead = store.dead_letters(None, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].id, b.id);
@@ -169,29 +179,9 @@ async fn store_contract_holds_on_postgres() {
         .await
         .unwrap();
     assert_eq!(db.count("pending").await, 1);
-    let b = store.claim(request("b", LONG)).await.unwrap().remove(0);
-    store
-        .record(
-            &b,
-            Outcome::Dead {
-                attempts: 1,
-                error: "again".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let b = claim_and_dead_letter(&store, "b", "again").await;
     assert_eq!(store.replay(&Selection::Ids(vec![b.id])).await.unwrap(), 1);
-    let b = store.claim(request("b", LONG)).await.unwrap().remove(0);
-    store
-        .record(
-            &b,
-            Outcome::Dead {
-                attempts: 1,
-                error: "again".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let b = claim_and_dead_letter(&store, "b", "again").await;
     assert_eq!(store.purge(&Selection::Ids(vec![b.id])).await.unwrap(), 1);
     assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
 

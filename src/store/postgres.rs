@@ -278,6 +278,17 @@ struct PendingOutcome {
     done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
 }
 
+/// Queues `item` for its writer task and waits for the writer's answer.
+async fn hand_over<T>(
+    queue: &tokio::sync::mpsc::Sender<T>,
+    item: T,
+    answer: tokio::sync::oneshot::Receiver<Result<(), StoreError>>,
+) -> Result<(), StoreError> {
+    let closed = || unavailable("the store is closing");
+    queue.send(item).await.map_err(|_| closed())?;
+    answer.await.map_err(|_| closed())?
+}
+
 /// A queue several tasks take groups from.
 type SharedQueue<T> = Arc<Mutex<tokio::sync::mpsc::Receiver<T>>>;
 
@@ -1129,9 +1140,7 @@ impl Store for PostgresStore {
             row: EventRow::new(event, destinations),
             done,
         };
-        let closed = || unavailable("the store is closing");
-        self.inserts.send(pending).await.map_err(|_| closed())?;
-        written.await.map_err(|_| closed())?
+        hand_over(&self.inserts, pending, written).await
     }
 
     async fn due(
@@ -1310,9 +1319,7 @@ impl Store for PostgresStore {
             error,
             done,
         };
-        let closed = || unavailable("the store is closing");
-        self.outcomes.send(pending).await.map_err(|_| closed())?;
-        recorded.await.map_err(|_| closed())?
+        hand_over(&self.outcomes, pending, recorded).await
     }
 
     async fn dead_letters(
