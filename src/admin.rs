@@ -83,7 +83,7 @@ async fn refresh_store_gauges(state: &AdminState) {
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     if !state.ingress_up.load(Ordering::Acquire) {
-        return not_ready("ingress is not accepting");
+        return not_ready("not accepting webhooks: shutting down");
     }
     match tokio::time::timeout(STORE_PROBE_TIMEOUT, state.store.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, Json(json!({ "ready": true }))).into_response(),

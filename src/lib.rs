@@ -21,11 +21,12 @@
 //! metrics, observable events).
 //!
 //! # Shutdown
-//! [`Relay::shutdown`] stops in this order: ingress stops accepting and finishes the
-//! requests under way (each still gets its durable 200 or a 503); dispatchers stop
-//! starting attempts; attempts under way get `delivery.shutdown_grace`, then are
-//! abandoned (still pending, resumed on the next start); the store's writer drains its
-//! queue. Nothing pending is lost at any step.
+//! [`Relay::shutdown`] stops in this order: `/readyz` turns 503 (load balancers stop
+//! sending) while ingress stops accepting and finishes the requests under way (each
+//! still gets its durable 200 or a 503); dispatchers stop starting attempts; attempts
+//! under way get `delivery.shutdown_grace`, then are abandoned (still pending, resumed on
+//! the next start); the admin endpoint closes; the store's writer drains its queue.
+//! Nothing pending is lost at any step.
 
 pub mod admin;
 pub mod cli;

@@ -55,8 +55,13 @@ pub struct Relay {
     local_addr: SocketAddr,
     /// The admin endpoint's address, when enabled.
     admin_addr: Option<SocketAddr>,
-    /// Cancels ingress and the admin endpoint.
+    /// Cancels ingress.
     stop_ingress: CancellationToken,
+    /// False from the start of shutdown (or if ingress ends on its own): `/readyz` says 503.
+    ingress_up: Arc<AtomicBool>,
+    /// Cancels the admin endpoint (last, so `/readyz` answers 503 during the drain) and
+    /// its task.
+    admin: Option<(CancellationToken, JoinHandle<()>)>,
     /// The ingress task; finishes once in-flight requests are answered.
     ingress: JoinHandle<()>,
     /// The ingress certificate, when `tls:` is set; reloaded on SIGHUP.
@@ -148,28 +153,33 @@ impl Relay {
         }
         let stop_ingress = CancellationToken::new();
         let ingress_up = Arc::new(AtomicBool::new(true));
-        if let Some(listener) = admin_listener {
+        let admin = admin_listener.map(|listener| {
             let app = admin::router(Arc::new(AdminState {
                 metrics: Arc::clone(&metrics),
                 store: Arc::clone(&store),
                 ingress_up: Arc::clone(&ingress_up),
             }));
-            let stop = stop_ingress.clone();
-            tokio::spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "admin endpoint failed");
+            let stop = CancellationToken::new();
+            let task = tokio::spawn({
+                let stop = stop.clone();
+                async move {
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "admin endpoint failed");
+                    }
                 }
             });
-        }
+            (stop, task)
+        });
         let app = ingress::router(Arc::clone(&ingress_state));
         let limits = config.ingress.clone();
         let drain = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
         let ingress = tokio::spawn({
             let stop = stop_ingress.clone();
             let acceptor = tls.as_ref().map(TlsHandle::acceptor);
+            let ingress_up = Arc::clone(&ingress_up);
             async move {
                 ingress::serve(listener, app, &limits, stop, drain, acceptor).await;
                 ingress_up.store(false, Ordering::Release);
@@ -188,6 +198,8 @@ impl Relay {
             local_addr,
             admin_addr,
             stop_ingress,
+            ingress_up,
+            admin,
             ingress,
             tls,
             delivery,
@@ -218,7 +230,7 @@ impl Relay {
 
     /// Applies a new, validated config: tokens, routes, ingress limits and destinations
     /// change at once; settings that need a restart (listen addresses, store path,
-    /// connection cap, header timeout, log format, TLS paths) are kept and named in a
+    /// retention, connection cap, header timeout, log format, TLS paths) are kept and named in a
     /// warning. On error nothing changes.
     pub async fn reload(&self, new: Config) -> anyhow::Result<String> {
         let old = Arc::clone(&self.current.lock().unwrap_or_else(|p| p.into_inner()));
@@ -237,6 +249,9 @@ impl Relay {
         }
         if new.store.backend != old.store.backend {
             kept.push("store.backend/url/pool_size");
+        }
+        if new.store.retention != old.store.retention {
+            kept.push("store.retention");
         }
         if new.ingress.max_connections != old.ingress.max_connections {
             kept.push("ingress.max_connections");
@@ -261,6 +276,7 @@ impl Relay {
         new.webhook_path = old.webhook_path.clone();
         new.store.path = old.store.path.clone();
         new.store.backend = old.store.backend.clone();
+        new.store.retention = old.store.retention;
         new.ingress.max_connections = old.ingress.max_connections;
         new.ingress.header_timeout = old.ingress.header_timeout;
         new.log_format = old.log_format;
@@ -289,7 +305,14 @@ impl Relay {
         // Ingress uses the new routes from here on; requests that read the old ones may
         // still be storing deliveries for a removed destination, so sweep again once
         // they have certainly ended.
-        applied.dead_lettered = self.deliveries.dead_letter_orphans(&new).await?;
+        // Removed destinations with attempts still under way are swept once those have
+        // recorded their outcome (a delivery that arrived must not become a dead letter).
+        let sweep = self.deliveries.dead_letter_orphans(&new).await?;
+        applied.dead_lettered = sweep.moved;
+        for name in &sweep.waiting {
+            tracing::info!(destination = %name,
+                "removed destination still has attempts under way; its pending deliveries move to dead letters once they end");
+        }
         if !applied.stopped.is_empty() {
             let deliveries = Arc::clone(&self.deliveries);
             let limits = &new.ingress;
@@ -297,14 +320,21 @@ impl Relay {
             let stop = self.delivery.soft.clone();
             let current = Arc::clone(&self.current);
             self.tracker.spawn(async move {
-                tokio::select! {
-                    () = tokio::time::sleep(later) => {}
-                    () = stop.cancelled() => return,
-                }
-                // The config in force then: a later reload may have brought one back.
-                let config = Arc::clone(&current.lock().unwrap_or_else(|p| p.into_inner()));
-                if let Err(e) = deliveries.dead_letter_orphans(&config).await {
-                    tracing::warn!(error = %e, "cannot sweep deliveries of removed destinations");
+                let mut wait = later;
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    // The config in force now: a later reload may have brought one back.
+                    let config = Arc::clone(&current.lock().unwrap_or_else(|p| p.into_inner()));
+                    match deliveries.dead_letter_orphans(&config).await {
+                        Ok(sweep) if sweep.waiting.is_empty() => return,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e,
+                            "cannot sweep deliveries of removed destinations; trying again"),
+                    }
+                    wait = config.delivery.poll_interval;
                 }
             });
         }
@@ -322,6 +352,7 @@ impl Relay {
     /// Graceful shutdown; see the crate docs for the order.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         tracing::info!("shutting down: no longer accepting webhooks");
+        self.ingress_up.store(false, Ordering::Release);
         self.stop_ingress.cancel();
         if let Err(e) = self.ingress.await {
             tracing::error!(error = %e, "ingress task failed");
@@ -344,6 +375,10 @@ impl Relay {
             );
             self.delivery.hard.cancel();
             self.tracker.wait().await;
+        }
+        if let Some((stop, task)) = self.admin {
+            stop.cancel();
+            let _ = task.await;
         }
         self.store.close().await;
         tracing::info!("shutdown complete");

@@ -1,11 +1,7 @@
 //! Dead letters: what ends up there, and the `dead-letters` commands run against the
-//! store of a running daemon.
-//!
-//! Known bug (see `each_delivery_is_attempted_once_under_load`): a delivery can be sent a
-//! second time, a few milliseconds after its outcome was recorded. The other tests here
-//! count attempts the way the relay numbers them (the `attempts` column, the
-//! `X-Faceio-Relay-Attempt` header) and [`drain`] such extra copies, so they test their
-//! own subject and do not flake on that bug.
+//! store of a running daemon. (`each_delivery_is_attempted_once_under_load` checks that
+//! no delivery is sent twice; the other tests count attempts the way the relay numbers
+//! them: the `attempts` column and the `X-Faceio-Relay-Attempt` header.)
 
 mod common;
 

@@ -175,3 +175,75 @@ async fn a_permanent_400_dead_letters_at_once_and_is_never_retried() {
     }
     daemon.terminate(WAIT).await;
 }
+
+/// A delivery to `destination` answered by a 302: dead at its first attempt (a redirect is
+/// the endpoint's answer), and the redirect target never reached.
+async fn assert_302_not_followed(setup: &Setup, destination: &str, target: &mut Receiver) {
+    let dead = || {
+        setup
+            .db()
+            .query_row(
+                "SELECT attempts, last_error FROM deliveries WHERE destination = ?1 AND state = 'dead'",
+                [destination],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+            )
+            .ok()
+    };
+    eventually("the delivery dead-lettered", || dead().is_some()).await;
+    let (attempts, error) = dead().unwrap();
+    assert_eq!(attempts, 1, "a redirect is permanent: {error}");
+    assert!(error.contains("302"), "{error}");
+    assert!(
+        target
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the 302 was followed"
+    );
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed_unless_configured() {
+    let mut target = Receiver::ok().await;
+    let mut moved = Receiver::start(Reply::status(302).header("Location", &target.url())).await;
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(&format!(
+        "destinations:\n  api:\n    type: http\n    url: {}\nroutes:\n  - to: [api]\n",
+        moved.url()
+    )))
+    .await;
+    relay.send(&event("AUTH", "moved")).await;
+    moved.next().await;
+    assert_302_not_followed(&setup, "api", &mut target).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_follow_redirects_a_307_is_followed_with_the_body_and_a_302_is_not() {
+    let mut target = Receiver::ok().await;
+    let temporary = Receiver::start(Reply::status(307).header("Location", &target.url())).await;
+    let found = Receiver::start(Reply::status(302).header("Location", &target.url())).await;
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(&format!(
+        "destinations:\n\
+         \x20 temporary:\n    type: http\n    url: {}\n    follow_redirects: true\n\
+         \x20 found:\n    type: http\n    url: {}\n    follow_redirects: true\n\
+         routes:\n  - match: {{ eventName: AUTH }}\n    to: [temporary]\n\
+         \x20 - match: {{ eventName: ENROLL }}\n    to: [found]\n",
+        temporary.url(),
+        found.url()
+    )))
+    .await;
+
+    // 307: the same POST, byte for byte, reaches the target.
+    let sent = event("AUTH", "via-307");
+    relay.send(&sent).await;
+    let arrived = target.next().await;
+    assert_eq!(arrived.json(), sent);
+    eventually("the 307 delivery done", || count(&setup, "done") == 1).await;
+
+    // 302 would become a GET without the event: not followed, a permanent failure.
+    relay.send(&event("ENROLL", "via-302")).await;
+    assert_302_not_followed(&setup, "found", &mut target).await;
+    relay.shutdown().await;
+}

@@ -191,7 +191,10 @@ async fn store_contract_holds_on_postgres() {
         .insert_event(&ev2, &["kept", "removed"])
         .await
         .unwrap();
-    assert_eq!(store.dead_letter_orphans(&["kept", "a"]).await.unwrap(), 1);
+    assert_eq!(
+        store.dead_letter_orphans(&["kept", "a"]).await.unwrap(),
+        [("removed".to_string(), 1)]
+    );
     let dead = store.dead_letters(None, 10).await.unwrap();
     assert_eq!(dead[0].destination, "removed");
     assert!(dead[0].last_error.contains("no longer in the config"));
@@ -376,7 +379,10 @@ async fn claims_leases_and_ownership_keep_processes_apart() {
     one.insert_event(&verified("AUTH"), &["y", "gone"])
         .await
         .unwrap();
-    assert_eq!(one.dead_letter_orphans(&["c", "d", "x"]).await.unwrap(), 1);
+    assert_eq!(
+        one.dead_letter_orphans(&["c", "d", "x"]).await.unwrap(),
+        [("gone".to_string(), 1)]
+    );
     assert_eq!(
         one.dead_letters(None, 10).await.unwrap()[0].destination,
         "gone"
@@ -677,7 +683,7 @@ async fn the_orphan_sweep_spares_destinations_another_live_relay_announced() {
     two.announce(&["b1", "b2"], LONG).await.unwrap();
     assert_eq!(
         one.dead_letter_orphans(&["a"]).await.unwrap(),
-        0,
+        [],
         "dead-lettered deliveries of destinations a live relay has"
     );
     assert_eq!(db.count("pending").await, 3);
@@ -686,7 +692,7 @@ async fn the_orphan_sweep_spares_destinations_another_live_relay_announced() {
     two.announce(&["b2"], LONG).await.unwrap();
     assert_eq!(
         one.dead_letter_orphans(&["a"]).await.unwrap(),
-        1,
+        [("b1".to_string(), 1)],
         "b1 (withdrawn) goes, b2 (announced) stays"
     );
     assert_eq!(
@@ -701,7 +707,7 @@ async fn the_orphan_sweep_spares_destinations_another_live_relay_announced() {
     within(
         Duration::from_secs(10),
         "two's announcement to run out",
-        || async { one.dead_letter_orphans(&["a"]).await.unwrap() == 1 },
+        || async { one.dead_letter_orphans(&["a"]).await.unwrap() == [("b2".to_string(), 1)] },
     )
     .await;
     assert_eq!(db.count("dead").await, 2);

@@ -264,6 +264,15 @@ struct Loader {
     app_ids: Vec<String>,
 }
 
+/// Whether two listen addresses would take the same port: equal ports (0 picks a free
+/// one, so never), and the same IP or either the wildcard address (which takes the port
+/// on every address).
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn top(key: &str) -> KeyPath {
     KeyPath::root().key(key)
 }
@@ -482,6 +491,15 @@ impl Loader {
         let default = DEFAULT_ADMIN_LISTEN.parse().ok();
         let path = top("admin_listen");
         let Some(text) = self.de::<String>(&path) else {
+            if let Some(admin) = default.filter(|a| same_socket(*a, ingress)) {
+                self.error(
+                    &top("listen"),
+                    format!(
+                        "port {} is also the default `admin_listen` ({admin}): set `admin_listen` to another port, or `off`",
+                        admin.port()
+                    ),
+                );
+            }
             return default;
         };
         let text = text.trim();
@@ -489,10 +507,10 @@ impl Loader {
             return None;
         }
         match text.parse::<SocketAddr>() {
-            Ok(addr) if addr == ingress && addr.port() != 0 => {
+            Ok(addr) if same_socket(addr, ingress) => {
                 self.error(
                     &path,
-                    "must differ from `listen`: metrics and health endpoints never share the webhook port",
+                    "must use another port than `listen`: metrics and health endpoints never share the webhook port",
                 );
                 default
             }

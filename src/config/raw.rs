@@ -146,7 +146,7 @@ macro_rules! destination {
             pub _type: de::IgnoredAny,
             /// Per-request timeout (default `10s`, > 0).
             pub timeout: Option<Dur>,
-            /// Deliveries in flight at once, 1 to 1024 (default 4; `file`: 1).
+            /// Deliveries in flight at once, 1 to 1024 (default 4; `file`: 16, one sync each batch).
             pub concurrency: Option<u64>,
             /// Retry schedule (defaults: 20 attempts, `1s` initial delay, `10m` cap).
             pub retry: Option<RawRetry>,

@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, DestinationConfig};
 use crate::destinations::{self, Destination};
 use crate::store::{Store, StoreError};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, OutcomeLabels};
 
 pub use worker::Dispatcher;
 
@@ -102,6 +102,15 @@ pub struct Applied {
     pub stopped: Vec<String>,
     /// Pending deliveries of stopped destinations moved to the dead-letter store.
     pub dead_lettered: u64,
+}
+
+/// What one sweep of removed destinations did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Sweep {
+    /// Pending deliveries moved to the dead-letter store.
+    pub moved: u64,
+    /// Removed destinations skipped because attempts of theirs are still under way.
+    pub waiting: Vec<String>,
 }
 
 /// All dispatchers, replaced destination by destination on reload.
@@ -277,19 +286,49 @@ impl Deliveries {
     /// Moves pending deliveries for destinations not in `config` to the dead letters.
     /// Call it once ingress uses `config` (so no new delivery for a removed destination
     /// can be written after it), and again after requests that started before have ended.
-    pub async fn dead_letter_orphans(&self, config: &Config) -> Result<u64, StoreError> {
-        let known: Vec<&str> = config
+    ///
+    /// A removed destination with attempts still under way is left alone (and named in
+    /// [`Sweep::waiting`]): its attempts finish and record their outcome, so a delivery
+    /// that arrives is never also a dead letter. Sweep again once they have ended.
+    pub async fn dead_letter_orphans(&self, config: &Config) -> Result<Sweep, StoreError> {
+        let mut known: Vec<&str> = config
             .destinations
             .iter()
             .map(|d| d.name.as_str())
             .collect();
-        let n = self.store.dead_letter_orphans(&known).await?;
-        if n > 0 {
+        let waiting: Vec<String> = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(name, claims)| {
+                !known.contains(&name.as_str())
+                    && !claims.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        known.extend(waiting.iter().map(String::as_str));
+        let mut moved = 0;
+        for (destination, count) in self.store.dead_letter_orphans(&known).await? {
             tracing::warn!(
-                count = n,
-                "pending deliveries for destinations no longer in the config were moved to dead letters"
+                destination = %destination,
+                count,
+                status = "dead",
+                "pending deliveries of a destination no longer in the config were moved to dead letters"
             );
+            self.metrics
+                .deliveries
+                .get_or_create(&OutcomeLabels {
+                    destination,
+                    outcome: "dead",
+                })
+                .inc_by(count);
+            self.metrics
+                .totals
+                .dead
+                .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+            moved += count;
         }
-        Ok(n)
+        Ok(Sweep { moved, waiting })
     }
 }

@@ -1,7 +1,8 @@
 //! `type: file`: append one JSON object per line (`{"id","received_at","event"}`).
 //!
 //! # Invariants
-//! - A delivery counts as done only after its line is written *and* `fdatasync`ed.
+//! - A delivery counts as done only after its line is written *and* `fdatasync`ed (and,
+//!   for a file the relay created, after its directory entry is synced too).
 //! - Readers never see a torn line: a write that fails half way is cut back to the last
 //!   complete line, and on open a tail left without its newline by a crash is cut off
 //!   (that line's delivery was never marked done, so it is written again whole).
@@ -129,16 +130,28 @@ fn flush(
 }
 
 fn open_repaired(path: &Path) -> anyhow::Result<File> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let new_dir = !dir.exists();
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let new_file = !path.exists();
     let mut file = OpenOptions::new()
         .create(true)
         .read(true)
         .append(true)
         .open(path)
         .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    // A new file's name (and a new directory's) must be durable too, or its first
+    // synced lines could vanish with it in a power cut.
+    if new_file {
+        sync_dir(dir)?;
+    }
+    if new_dir && let Some(up) = dir.parent().filter(|d| !d.as_os_str().is_empty()) {
+        sync_dir(up)?;
+    }
     let keep = complete_length(&mut file)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let len = file.metadata()?.len();
@@ -148,6 +161,12 @@ fn open_repaired(path: &Path) -> anyhow::Result<File> {
         file.sync_data()?;
     }
     Ok(file)
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| anyhow::anyhow!("cannot sync directory {}: {e}", dir.display()))
 }
 
 /// Length of the file up to and including its last newline.

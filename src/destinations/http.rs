@@ -147,8 +147,9 @@ impl Destination for HttpDestination {
             drain(response).await;
             Ok(())
         } else {
-            // Redirects are not followed unless configured, so a 3xx is the endpoint's
-            // answer and trying again will not change it.
+            // Redirects are not followed unless configured (and then only 307 and 308,
+            // which keep the POST and its body), so a 3xx here is the endpoint's answer
+            // and trying again will not change it.
             Err(status_error(response, &self.redactor).await)
         }
     }

@@ -83,13 +83,30 @@ pub fn build(config: &DestinationConfig) -> anyhow::Result<Arc<dyn Destination>>
     })
 }
 
+/// Redirects followed in a row, when `follow_redirects` is on.
+const MAX_REDIRECTS: usize = 5;
+
 /// The HTTP client settings every HTTP-speaking destination shares.
 fn http_client(
     config: &DestinationConfig,
     follow_redirects: bool,
 ) -> reqwest::Result<reqwest::Client> {
     let redirects = if follow_redirects {
-        reqwest::redirect::Policy::limited(5)
+        // Only 307 and 308 repeat the POST with its body; on 301, 302 and 303 an HTTP
+        // client sends a GET without the event, which would then count as delivered. Those
+        // are answered as they are (a permanent failure naming the status).
+        reqwest::redirect::Policy::custom(|attempt| {
+            let status = attempt.status();
+            if status != reqwest::StatusCode::TEMPORARY_REDIRECT
+                && status != reqwest::StatusCode::PERMANENT_REDIRECT
+            {
+                attempt.stop()
+            } else if attempt.previous().len() > MAX_REDIRECTS {
+                attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+            } else {
+                attempt.follow()
+            }
+        })
     } else {
         reqwest::redirect::Policy::none()
     };

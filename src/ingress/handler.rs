@@ -114,18 +114,37 @@ fn source_key(ip: IpAddr) -> IpAddr {
 pub fn router(state: Arc<IngressState>) -> axum::Router {
     let path = state.live.load().config.webhook_path.clone();
     axum::Router::new()
-        .route(
-            &path,
-            post(webhook).fallback(|| async {
-                error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    "use POST",
-                )
-            }),
-        )
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .route(&path, post(webhook).fallback(method_not_allowed))
+        .fallback(not_found)
         .with_state(state)
+}
+
+/// Any method but POST on the webhook path (logged and counted like every refusal).
+async fn method_not_allowed(
+    State(state): State<Arc<IngressState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    Refusal {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        message: "use POST",
+        detail: "not a POST",
+    }
+    .answer(&state, peer.ip().to_canonical())
+}
+
+/// Any other path (the path is not logged: a mistyped URL may carry a secret).
+async fn not_found(
+    State(state): State<Arc<IngressState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    Refusal {
+        status: StatusCode::NOT_FOUND,
+        code: "not_found",
+        message: "no such endpoint",
+        detail: "not the webhook path",
+    }
+    .answer(&state, peer.ip().to_canonical())
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {

@@ -299,10 +299,10 @@ pub trait Store: Send + Sync + 'static {
     async fn purge(&self, selection: &Selection) -> Result<u64, StoreError>;
 
     /// Moves every pending delivery for a destination that no longer exists to the
-    /// dead-letter store, so nothing waits forever for a worker. Returns how many. A
-    /// shared store leaves alone destinations another live process has announced
-    /// ([`Store::announce`]) or dispatches.
-    async fn dead_letter_orphans(&self, known: &[&str]) -> Result<u64, StoreError>;
+    /// dead-letter store, so nothing waits forever for a worker. Returns how many, per
+    /// destination (only those with any). A shared store leaves alone destinations
+    /// another live process has announced ([`Store::announce`]) or dispatches.
+    async fn dead_letter_orphans(&self, known: &[&str]) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// Proves the store takes durable writes now (a synced write of a heartbeat row).
     async fn ping(&self) -> Result<(), StoreError>;

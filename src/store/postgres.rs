@@ -1383,7 +1383,7 @@ impl Store for PostgresStore {
         Ok(c.finish(r)?.rows_affected())
     }
 
-    async fn dead_letter_orphans(&self, known: &[&str]) -> Result<u64, StoreError> {
+    async fn dead_letter_orphans(&self, known: &[&str]) -> Result<Vec<(String, u64)>, StoreError> {
         // Another relay may run a config with a destination this one lacks (a rolling
         // config change): its deliveries are not orphans while a relay other than this
         // one has announced it and the announcement has not expired, or while some
@@ -1414,17 +1414,23 @@ impl Store for PostgresStore {
                        WHERE r.destination = p.destination AND r.instance <> $2
                          AND r.alive_until > faceio_relay_now_ms())
                    AND faceio_relay_destination_key(p.destination) NOT IN (SELECT key FROM owned)
+             ), moved AS (
+                 UPDATE deliveries SET state = 'dead', updated_at = faceio_relay_now_ms(),
+                     claimed_by = NULL, lease_until = NULL,
+                     last_error = 'destination ' || destination || ' is no longer in the config'
+                 WHERE state = 'pending' AND destination IN (SELECT destination FROM orphans)
+                 RETURNING destination
              )
-             UPDATE deliveries SET state = 'dead', updated_at = faceio_relay_now_ms(),
-                 claimed_by = NULL, lease_until = NULL,
-                 last_error = 'destination ' || destination || ' is no longer in the config'
-             WHERE state = 'pending' AND destination IN (SELECT destination FROM orphans)",
+             SELECT destination, count(*) FROM moved GROUP BY destination",
         )
         .bind(&known)
         .bind(&self.instance)
-        .execute(c.get())
+        .fetch_all(c.get())
         .await;
-        Ok(c.finish(r)?.rows_affected())
+        Ok(c.finish(r)?
+            .iter()
+            .map(|row| (row.get::<String, _>(0), row.get::<i64, _>(1) as u64))
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -699,11 +699,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn dead_letter_orphans(&self, known: &[&str]) -> Result<u64, StoreError> {
+    async fn dead_letter_orphans(&self, known: &[&str]) -> Result<Vec<(String, u64)>, StoreError> {
         let known: Vec<rusqlite::types::Value> = known
             .iter()
             .map(|k| rusqlite::types::Value::Text(k.to_string()))
             .collect();
+        // The counts are read in the same transaction as the update, so they are exact.
+        let counts = Arc::new(Mutex::new(Vec::new()));
+        let found = Arc::clone(&counts);
         self.admin(move |tx| {
             let marks = vec!["?"; known.len()].join(", ");
             let not_in = if known.is_empty() {
@@ -711,18 +714,31 @@ impl Store for SqliteStore {
             } else {
                 format!("AND destination NOT IN ({marks})")
             };
+            let per_destination = tx
+                .prepare(&format!(
+                    "SELECT destination, count(*) FROM deliveries
+                     WHERE state = 'pending' {not_in} GROUP BY destination"
+                ))?
+                .query_map(rusqlite::params_from_iter(&known), |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             let now = now_ms();
-            tx.execute(
+            let n = tx.execute(
                 &format!(
                     "UPDATE deliveries SET state = 'dead', updated_at = {now},
                      last_error = 'destination ' || destination || ' is no longer in the config'
                      WHERE state = 'pending' {not_in}"
                 ),
-                rusqlite::params_from_iter(known),
-            )
-            .map(|n| n as u64)
+                rusqlite::params_from_iter(&known),
+            )?;
+            *found.lock().unwrap_or_else(|p| p.into_inner()) = per_destination;
+            Ok(n as u64)
         })
-        .await
+        .await?;
+        Ok(std::mem::take(
+            &mut *counts.lock().unwrap_or_else(|p| p.into_inner()),
+        ))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -994,7 +1010,10 @@ mod tests {
             .insert_event(&event("AUTH"), &["kept", "removed"])
             .await
             .unwrap();
-        assert_eq!(store.dead_letter_orphans(&["kept"]).await.unwrap(), 1);
+        assert_eq!(
+            store.dead_letter_orphans(&["kept"]).await.unwrap(),
+            [("removed".to_string(), 1)]
+        );
         let dead = store.dead_letters(None, 10).await.unwrap();
         assert_eq!(dead[0].destination, "removed");
         assert!(dead[0].last_error.contains("no longer in the config"));

@@ -121,7 +121,7 @@ impl Metrics {
         );
         registry.register(
             "deliveries",
-            "Delivery attempts by destination and outcome (delivered, retry, dead)",
+            "Delivery outcomes by destination (delivered, retry, dead; dead includes the pending deliveries of a destination removed by a reload)",
             m.deliveries.clone(),
         );
         registry.register(

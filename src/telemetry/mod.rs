@@ -2,7 +2,7 @@
 //!
 //! One line per accepted or rejected event and per delivery outcome, with the event ID,
 //! destination, attempt, status and latency as fields. Where the lines go:
-//! - under systemd (`JOURNAL_STREAM` is set) straight to journald, with every field as a
+//! - under systemd (`JOURNAL_STREAM` names stderr) straight to journald, with every field as a
 //!   journal field (`EVENT_ID`, `DESTINATION`, `STATUS`, …), so
 //!   `journalctl -u faceio-relay EVENT_ID=…` tells one event's story;
 //! - otherwise to stderr, as text (`log_format: text`, colours only on a terminal) or one
@@ -69,9 +69,26 @@ fn filter(level: Option<&str>) -> EnvFilter {
         .unwrap_or_else(|| EnvFilter::new(DEFAULT_LEVEL))
 }
 
-/// Where log lines go, decided once at start.
+/// Where log lines go, decided once at start: to journald when stderr is the journal
+/// stream systemd set up, that is when `JOURNAL_STREAM` (`DEVICE:INODE`) names stderr's
+/// own device and inode (systemd.exec(5)). The variable alone is not enough: a shell in a
+/// systemd-started session inherits it while its stderr is a terminal.
 pub fn under_journald() -> bool {
-    std::env::var_os("JOURNAL_STREAM").is_some()
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(stderr) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(stderr).metadata() else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
 }
 
 /// Lines that may wait for the writer thread before loggers wait for it.
