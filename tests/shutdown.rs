@@ -236,3 +236,50 @@ async fn a_request_under_way_at_sigterm_is_still_answered() {
         .unwrap();
     assert_eq!(stored, "slow-upload");
 }
+
+/// While the relay drains, `/readyz` says 503 (so a load balancer stops sending) instead
+/// of vanishing with the listener; the admin endpoint closes only at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_503_while_shutdown_drains() {
+    let receiver = Receiver::ok().await;
+    let gate = Gate::start(receiver.addr, GateMode::Hang).await;
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(&format!(
+        "destinations:\n  api:\n    type: http\n    url: {}\n    timeout: 30s\nroutes:\n  - to: [api]\n",
+        gate.url("/ingest")
+    )))
+    .await;
+    let readyz = format!("http://{}/readyz", relay.relay.admin_addr().unwrap());
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(&readyz).send().await.unwrap().status(), 200);
+    relay.send(&event("AUTH", "hung")).await;
+    eventually("the attempt under way", || gate.accepted() >= 1).await;
+
+    // The hung attempt holds shutdown in its grace period.
+    let started = Instant::now();
+    let shutdown = tokio::spawn(relay.shutdown());
+    let reason = loop {
+        let answer = client
+            .get(&readyz)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("/readyz gone while draining: {e}"));
+        if answer.status() == 503 {
+            break answer.json::<serde_json::Value>().await.unwrap()["reason"].clone();
+        }
+        assert!(
+            started.elapsed() < GRACE,
+            "/readyz stayed 200 after shutdown began"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert!(
+        reason.as_str().unwrap().contains("shutting down"),
+        "{reason}"
+    );
+    shutdown.await.unwrap();
+    assert!(
+        client.get(&readyz).send().await.is_err(),
+        "the admin endpoint outlived the relay"
+    );
+}
