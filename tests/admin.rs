@@ -4,13 +4,6 @@ mod common;
 
 use common::*;
 
-fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn metrics_count_events_rejections_deliveries_and_backlog() {
     let mut api = Receiver::ok().await;
@@ -174,5 +167,139 @@ async fn admin_can_be_turned_off() {
     let (config, _) = faceio_relay::config::load(&path).unwrap();
     let relay = TestRelay::start(config).await;
     assert_eq!(relay.relay.admin_addr(), None);
+    relay.shutdown().await;
+}
+
+/// Deliveries of `destination` in `state`.
+fn deliveries(setup: &Setup, destination: &str, state: &str) -> i64 {
+    setup
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM deliveries WHERE destination = ?1 AND state = ?2",
+            [destination, state],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_delivery_that_waits_for_its_rate_limit_is_counted() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(
+        "destinations:
+  limited:
+    type: file
+    path: limited.jsonl
+    rate_limit: { per_second: 1, burst: 1 }
+  free:
+    type: file
+    path: free.jsonl
+routes:
+  - to: [limited, free]
+",
+    ))
+    .await;
+    let admin = relay.relay.admin_addr().expect("admin enabled");
+    // The first delivery takes the only token; the second waits about a second for the next.
+    assert_eq!(relay.send(&event("AUTH", "r1")).await.0, 200);
+    assert_eq!(relay.send(&event("AUTH", "r2")).await.0, 200);
+    eventually("both delivered to both destinations", || {
+        deliveries(&setup, "limited", "done") == 2 && deliveries(&setup, "free", "done") == 2
+    })
+    .await;
+    let text = metrics_text(admin).await;
+    let series =
+        |name: &str, labels: &str| metric(&text, &format!("faceio_relay_{name}{{{labels}}}"));
+    assert_eq!(
+        series("rate_limit_waits_total", "destination=\"limited\""),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        series("rate_limit_waits_total", "destination=\"free\"").unwrap_or(0.0),
+        0.0,
+        "a destination without a rate limit never waits:\n{text}"
+    );
+    // Waiting is not a failure.
+    assert_eq!(
+        series(
+            "deliveries_total",
+            "destination=\"limited\",outcome=\"delivered\""
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        series(
+            "deliveries_total",
+            "destination=\"limited\",outcome=\"retry\""
+        ),
+        None,
+        "{text}"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_permanent_failure_shows_as_a_dead_letter_and_a_dead_outcome() {
+    let mut api = Receiver::start(Reply::status(400).body("invalid")).await;
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(&format!(
+        "destinations:
+  api:
+    type: http
+    url: {}
+    retry: {{ max_attempts: 5, initial_delay: 10ms, max_delay: 20ms }}
+  audit:
+    type: file
+    path: e.jsonl
+routes:
+  - to: [api, audit]
+",
+        api.url()
+    )))
+    .await;
+    let admin = relay.relay.admin_addr().expect("admin enabled");
+    for face in ["d1", "d2"] {
+        assert_eq!(relay.send(&event("AUTH", face)).await.0, 200);
+    }
+    api.next().await;
+    api.next().await;
+    eventually("both api deliveries dead-lettered", || {
+        deliveries(&setup, "api", "dead") == 2
+    })
+    .await;
+    eventually("both audit deliveries done", || {
+        deliveries(&setup, "audit", "done") == 2
+    })
+    .await;
+    let text = metrics_text(admin).await;
+    let series = |s: &str| metric(&text, &format!("faceio_relay_{s}"));
+    assert_eq!(
+        series("dead_letters{destination=\"api\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        series("dead_letters{destination=\"audit\"}").unwrap_or(0.0),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        series("deliveries_total{destination=\"api\",outcome=\"dead\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    // Permanent: dead at the first attempt, never retried.
+    assert_eq!(
+        series("deliveries_total{destination=\"api\",outcome=\"retry\"}"),
+        None,
+        "{text}"
+    );
+    assert_eq!(
+        series("pending_deliveries{destination=\"api\"}").unwrap_or(0.0),
+        0.0,
+        "{text}"
+    );
     relay.shutdown().await;
 }

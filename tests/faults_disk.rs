@@ -56,7 +56,7 @@ fn config(setup: &Setup, store: &Path, url: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "listen: 127.0.0.1:0\nadmin_listen: off\nstore:\n  path: {}\n\
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstore:\n  path: {}\n\
              applications:\n  - app_id: {APP}\n    token: {TOKEN}\n\
              ingress:\n  store_timeout: 1s\n\
              delivery:\n  poll_interval: 200ms\n  shutdown_grace: 2s\n\
@@ -156,8 +156,18 @@ async fn a_full_disk_answers_503_never_200_and_recovers_by_itself() {
     let daemon = Relayd::start(&config(&setup, &db, &receiver.url())).await;
     let client = reqwest::Client::new();
     let url = daemon.url();
+    let admin = daemon.admin.expect("admin endpoint on");
     let mut ledger = BTreeSet::new();
     accept(&client, &url, "before", &mut ledger).await;
+    let text = metrics_text(admin).await;
+    assert_eq!(
+        metric(
+            &text,
+            "faceio_relay_ingress_responses_total{status=\"503\"}"
+        ),
+        None,
+        "{text}"
+    );
 
     let filler = fill(&mount);
     let mut answers = BTreeMap::new();
@@ -175,6 +185,32 @@ async fn a_full_disk_answers_503_never_200_and_recovers_by_itself() {
     }
     println!("disk full: answers {answers:?}");
     assert_eq!(answers.get(&503), Some(&20), "{answers:?}");
+    // Prometheus sees them: the README's "ingress 5xx" alert fires on this series.
+    let text = metrics_text(admin).await;
+    assert_eq!(
+        metric(
+            &text,
+            "faceio_relay_ingress_responses_total{status=\"503\"}"
+        ),
+        Some(20.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "faceio_relay_ingress_rejections_total{reason=\"unavailable\"}"
+        ),
+        Some(20.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "faceio_relay_ingress_responses_total{status=\"200\"}"
+        ),
+        Some(20.0),
+        "only the 20 before the disk filled were answered 200:\n{text}"
+    );
 
     std::fs::remove_file(&filler).unwrap();
     let refused = until_accepted(&client, &url, "after", &mut ledger).await;

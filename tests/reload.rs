@@ -176,3 +176,242 @@ async fn a_changed_destination_does_not_deliver_twice_what_is_under_way() {
     eventually("done once", || count(&setup, "done") == 1).await;
     relay.shutdown().await;
 }
+
+/// A destination that holds every request until the test releases it, then answers 200
+/// for facial IDs starting with `ok` and 500 for the rest.
+struct Held {
+    url: String,
+    arrived: tokio::sync::mpsc::UnboundedReceiver<String>,
+    release: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Held {
+    async fn start() -> Self {
+        use axum::extract::State;
+        type Shared = (
+            tokio::sync::mpsc::UnboundedSender<String>,
+            std::sync::Arc<tokio::sync::Semaphore>,
+        );
+        async fn hold(
+            State((arrived, release)): State<Shared>,
+            body: axum::body::Bytes,
+        ) -> (axum::http::StatusCode, &'static str) {
+            let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let facial_id = event["facialId"].as_str().unwrap().to_string();
+            let ok = facial_id.starts_with("ok");
+            let _ = arrived.send(facial_id);
+            release.acquire().await.unwrap().forget();
+            if ok {
+                (axum::http::StatusCode::OK, "ok")
+            } else {
+                (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down")
+            }
+        }
+        let (tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+        let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .fallback(hold)
+            .with_state((tx, std::sync::Arc::clone(&release)));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            url,
+            arrived,
+            release,
+        }
+    }
+
+    async fn arrived(&mut self) -> String {
+        tokio::time::timeout(WAIT, self.arrived.recv())
+            .await
+            .expect("no request reached the held destination")
+            .unwrap()
+    }
+}
+
+fn state_of(setup: &Setup, facial_id: &str) -> (String, String) {
+    setup
+        .db()
+        .query_row(
+            "SELECT d.state, coalesce(d.last_error, '') FROM deliveries d JOIN events e ON e.id = d.event_id
+             WHERE d.destination = 'slow' AND e.facial_id = ?1",
+            [facial_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+}
+
+#[tokio::test]
+async fn attempts_under_way_when_their_destination_is_removed_finish_before_the_sweep() {
+    let mut held = Held::start().await;
+    let setup = Setup::new();
+    let limits = "ingress:\n  body_timeout: 200ms\n  store_timeout: 200ms\n";
+    let relay = TestRelay::start(setup.config(&format!(
+        "{limits}destinations:\n{}routes:\n  - to: [slow]\n",
+        http("slow", &held.url)
+    )))
+    .await;
+    relay.send(&event("AUTH", "ok-1")).await;
+    relay.send(&event("AUTH", "fails-1")).await;
+    let mut seen = [held.arrived().await, held.arrived().await];
+    seen.sort();
+    assert_eq!(seen, ["fails-1", "ok-1"]);
+
+    // Both attempts are under way when `slow` leaves the config.
+    let summary = relay
+        .relay
+        .reload(setup.config(&format!("{limits}destinations: {{}}\nroutes: []\n")))
+        .await
+        .unwrap();
+    assert!(summary.contains("stopped: slow"), "{summary}");
+    assert!(summary.contains("dead-lettered: 0"), "{summary}");
+    held.release.add_permits(2);
+
+    // The one that arrived is delivered, not a dead letter (replaying it would send it
+    // twice); the one that failed has no destination left to retry it, so the later
+    // sweep moves it to the dead letters.
+    eventually("the arrived delivery recorded as done", || {
+        state_of(&setup, "ok-1").0 == "done"
+    })
+    .await;
+    eventually("the failed delivery dead-lettered", || {
+        state_of(&setup, "fails-1").0 == "dead"
+    })
+    .await;
+    let (_, reason) = state_of(&setup, "fails-1");
+    assert!(reason.contains("no longer in the config"), "{reason}");
+    assert_eq!(state_of(&setup, "ok-1").0, "done");
+    relay.shutdown().await;
+}
+
+// Reload through SIGHUP, as systemd's `ExecReload` does.
+
+/// Rewrites the daemon's config with `edit`, sends SIGHUP and waits for the `n`th
+/// "configuration reloaded".
+async fn sighup_with(
+    daemon: &Daemon,
+    config: &std::path::Path,
+    n: usize,
+    edit: impl Fn(String) -> String,
+) {
+    let text = edit(std::fs::read_to_string(config).unwrap());
+    std::fs::write(config, text).unwrap();
+    daemon.signal("HUP");
+    daemon
+        .log_count_eventually("configuration reloaded", n)
+        .await;
+}
+
+/// A FACEIO event whose JSON body is at least `size` bytes (unknown fields are kept).
+fn event_of_size(face: &str, size: usize) -> serde_json::Value {
+    let mut e = event("AUTH", face);
+    e["padding"] = "x".repeat(size).into();
+    e
+}
+
+const AUDIT: &str =
+    "destinations:\n  audit:\n    type: file\n    path: e.jsonl\nroutes:\n  - to: [audit]\n";
+
+#[tokio::test]
+async fn sighup_applies_new_ingress_limits() {
+    let setup = Setup::new();
+    let config = setup.write_config(&format!("ingress:\n  max_body: 8KiB\n{AUDIT}"));
+    let mut daemon = Daemon::spawn(&config, &[]);
+    daemon.await_ready_line().await;
+    let client = reqwest::Client::new();
+    let url = daemon.url();
+    let post = |e: serde_json::Value| {
+        let (client, url) = (client.clone(), url.clone());
+        async move { send(&client, &url, Some(TOKEN), &e).await.0 }
+    };
+    assert_eq!(post(event_of_size("big-1", 3000)).await, 200);
+
+    // max_body lowered: the same body is now refused unread; small ones still pass.
+    sighup_with(&daemon, &config, 1, |t| {
+        t.replace("max_body: 8KiB", "max_body: 2KiB")
+    })
+    .await;
+    assert_eq!(post(event_of_size("big-2", 3000)).await, 413);
+    assert_eq!(post(event_of_size("small-1", 100)).await, 200);
+
+    // allow_ips set to a network the test is not in: 403 for everything from here.
+    sighup_with(&daemon, &config, 2, |t| {
+        t.replace("ingress:\n", "ingress:\n  allow_ips: [192.0.2.0/24]\n")
+    })
+    .await;
+    assert_eq!(post(event_of_size("small-2", 100)).await, 403);
+
+    // And back in: allowed again.
+    sighup_with(&daemon, &config, 3, |t| {
+        t.replace("192.0.2.0/24", "127.0.0.1")
+    })
+    .await;
+    assert_eq!(post(event_of_size("small-3", 100)).await, 200);
+    assert!(daemon.terminate().success());
+}
+
+#[tokio::test]
+async fn restart_only_settings_are_named_in_a_warning_and_kept() {
+    let setup = Setup::new();
+    let config = setup.write_config(AUDIT);
+    let mut daemon = Daemon::spawn(&config, &[]);
+    daemon.await_ready_line().await;
+    let elsewhere = format!("127.0.0.1:{}", free_port());
+    // Settings that need a restart, and a token rotation that applies at once.
+    sighup_with(&daemon, &config, 1, |t| {
+        t.replace(
+            "listen: 127.0.0.1:0\nadmin",
+            &format!("listen: {elsewhere}\nadmin"),
+        )
+        .replace("  path: relay.db\n", "  path: other.db\n  retention: 1d\n")
+        .replace(TOKEN, "rotated-token")
+    })
+    .await;
+    let log = daemon.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("change only on restart"))
+        .unwrap_or_else(|| panic!("no restart warning:\n{log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    for setting in ["listen", "store.path", "store.retention"] {
+        assert!(
+            warning.split(['=', ',', ' ']).any(|w| w == setting),
+            "the warning does not name {setting}: {warning}"
+        );
+    }
+
+    // The rest of the reload applied: the new token works, the old one does not.
+    let client = reqwest::Client::new();
+    let url = daemon.url();
+    assert_eq!(
+        send(&client, &url, Some(TOKEN), &event("AUTH", "old"))
+            .await
+            .0,
+        401
+    );
+    let (status, answer) = send(&client, &url, Some("rotated-token"), &event("AUTH", "kept")).await;
+    // Still on the old address, storing into the old database.
+    assert_eq!(status, 200, "{answer}");
+    let stored: i64 = setup
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM events WHERE facial_id = 'kept'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        stored, 1,
+        "the event is in the database the relay started with"
+    );
+    assert!(
+        !setup.path("other.db").exists(),
+        "a new database was opened"
+    );
+    assert!(
+        std::net::TcpStream::connect(&elsewhere).is_err(),
+        "the relay listens on the new address as well"
+    );
+    assert!(daemon.terminate().success());
+}

@@ -190,6 +190,140 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A fake API that holds requests open: the first `hold` requests wait until the test
+/// releases them (then get `200 ok`), later ones are answered `200 ok` at once. It counts
+/// the requests open at a time, for tests of a destination's concurrency and timeout.
+pub struct Holder {
+    pub addr: SocketAddr,
+    rx: mpsc::UnboundedReceiver<Received>,
+    state: Arc<HolderState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct HolderState {
+    hold: usize,
+    seen: std::sync::atomic::AtomicUsize,
+    open: std::sync::atomic::AtomicUsize,
+    max_open: std::sync::atomic::AtomicUsize,
+    /// One permit lets one held request go; closed, it lets every one go.
+    gate: tokio::sync::Semaphore,
+    tx: mpsc::UnboundedSender<Received>,
+}
+
+/// Counts a request as open until its handler ends, answered or dropped (client gone).
+/// It ends before the answer is written, so the client cannot act on an answer while
+/// its request still counts as open.
+struct OpenRequest<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for OpenRequest<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn hold_request(
+    State(s): State<Arc<HolderState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    use std::sync::atomic::Ordering::SeqCst;
+    let n = s.seen.fetch_add(1, SeqCst);
+    let open = s.open.fetch_add(1, SeqCst) + 1;
+    let _open = OpenRequest(&s.open);
+    s.max_open.fetch_max(open, SeqCst);
+    // Reported after it counts as open.
+    let _ = s.tx.send(Received {
+        headers,
+        body,
+        at: Instant::now(),
+    });
+    if n < s.hold {
+        // Err: the gate is closed, every request goes.
+        if let Ok(permit) = s.gate.acquire().await {
+            permit.forget();
+        }
+    }
+    (StatusCode::OK, "ok").into_response()
+}
+
+impl Holder {
+    /// Holds the first `hold` requests (`usize::MAX`: all of them).
+    pub async fn start(hold: usize) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Arc::new(HolderState {
+            hold,
+            seen: Default::default(),
+            open: Default::default(),
+            max_open: Default::default(),
+            gate: tokio::sync::Semaphore::new(0),
+            tx,
+        });
+        let app = axum::Router::new()
+            .fallback(hold_request)
+            .with_state(Arc::clone(&state));
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            addr,
+            rx,
+            state,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// The next request to arrive (held or not), or panics after [`WAIT`].
+    pub async fn next(&mut self) -> Received {
+        tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .expect("holder got nothing in time")
+            .expect("holder closed")
+    }
+
+    /// Whether a request arrives within `within` (for asserting that nothing comes).
+    pub async fn next_within(&mut self, within: Duration) -> Option<Received> {
+        tokio::time::timeout(within, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Lets `n` held requests (the longest waiting first) be answered.
+    pub fn release(&self, n: usize) {
+        self.state.gate.add_permits(n);
+    }
+
+    /// Lets every held request, and every later one, be answered.
+    pub fn release_all(&self) {
+        self.state.gate.close();
+    }
+
+    /// Requests open now.
+    pub fn open(&self) -> usize {
+        self.state.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Most requests ever open at once.
+    pub fn max_open(&self) -> usize {
+        self.state
+            .max_open
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.release_all();
+        self.task.abort();
+    }
+}
+
 /// A scratch directory with a relay.yaml and a store.
 pub struct Setup {
     pub dir: tempfile::TempDir,
@@ -215,6 +349,23 @@ impl Setup {
              delivery:\n  poll_interval: 200ms\n  shutdown_grace: 2s\n{body}"
         );
         let path = self.path("relay.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    /// Like [`Setup::write_config`], with more applications (`app_id`, `token`) listed
+    /// after [`APP`] (which stays the first, the one `simulate` picks by default).
+    pub fn write_config_with_apps(&self, apps: &[(&str, &str)], body: &str) -> PathBuf {
+        let path = self.write_config(body);
+        let first = format!("    token: {TOKEN}\n");
+        let more: String = apps
+            .iter()
+            .map(|(id, token)| format!("  - app_id: {id}\n    token: {token}\n"))
+            .collect();
+        let yaml =
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .replacen(&first, &format!("{first}{more}"), 1);
         std::fs::write(&path, yaml).unwrap();
         path
     }
@@ -448,3 +599,104 @@ impl Daemon {
 pub mod faults;
 pub mod pg;
 pub mod proc;
+
+/// A daemon started without waiting for anything, for tests that watch readiness
+/// themselves (the notify socket) or decide its environment (no `RUST_LOG`).
+impl Daemon {
+    /// `faceio-relay run --config <config>` with `env` applied (`None` removes a variable;
+    /// `RUST_LOG` is `info` unless `env` says otherwise); returns at once. `addr` is
+    /// `0.0.0.0:0` until [`Daemon::await_ready_line`] reads it from the ready line.
+    pub fn spawn(config: &Path, env: &[(&str, Option<&str>)]) -> Self {
+        let mut cmd = Command::new(binary());
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let mut child = cmd.spawn().expect("binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        Self {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            log,
+        }
+    }
+
+    /// Waits (bounded, without blocking the runtime) for the text ready line and takes
+    /// the ingress address from it.
+    pub async fn await_ready_line(&mut self) {
+        self.log_eventually("faceio-relay ready").await;
+        let log = self.log_text();
+        let ready = log
+            .lines()
+            .find(|l| l.contains("faceio-relay ready"))
+            .unwrap();
+        self.addr = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .expect("ready line names addr")
+            .parse()
+            .unwrap();
+    }
+
+    /// How many stderr lines so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits (bounded, without blocking the runtime) until a stderr line contains `needle`.
+    pub async fn log_eventually(&self, needle: &str) {
+        self.log_count_eventually(needle, 1).await;
+    }
+
+    /// Waits (bounded, without blocking the runtime) until `n` stderr lines contain `needle`.
+    pub async fn log_count_eventually(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        while self.log_count(needle) < n {
+            assert!(
+                Instant::now() < deadline,
+                "log never said {needle:?} {n} time(s):\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The admin endpoint's `/metrics` text.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    let answer = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("admin endpoint answers");
+    assert_eq!(answer.status(), 200);
+    answer.text().await.unwrap()
+}
+
+/// The value of one series (`name{labels}` exactly as exported) in a `/metrics` text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split(' ').next())
+        .and_then(|v| v.parse().ok())
+}
