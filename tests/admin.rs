@@ -26,10 +26,7 @@ routes:
         api.url()
     );
     let relay = TestRelay::start(setup.config(&cfg)).await;
-    let admin = format!(
-        "http://{}",
-        relay.relay.admin_addr().expect("admin enabled")
-    );
+    let admin = relay.relay.admin_addr().expect("admin enabled");
     relay.send(&event("ENROLL", "f1")).await;
     relay.send(&event("AUTH", "f2")).await;
     send(
@@ -39,6 +36,16 @@ routes:
         &event("AUTH", "f3"),
     )
     .await;
+    // Not the webhook: refused, and counted and logged like every refusal.
+    let wrong_method = relay.client.get(&relay.url).send().await.unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    let no_such_path = relay
+        .client
+        .post(relay.url.replace("/webhook", "/elsewhere"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_such_path.status(), 404);
     api.next().await;
     api.next().await;
     api.next().await;
@@ -54,12 +61,7 @@ routes:
             == 2
     })
     .await;
-    let text = reqwest::get(format!("{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(admin).await;
     let get = |k: &str| metric(&text, k).unwrap_or_else(|| panic!("{k} missing:\n{text}"));
     assert_eq!(
         get("faceio_relay_events_received_total{app_id=\"fioa-test\",event_name=\"ENROLL\"}"),
@@ -77,6 +79,20 @@ routes:
         get("faceio_relay_ingress_responses_total{status=\"401\"}"),
         1.0
     );
+    for (reason, status) in [("method_not_allowed", 405), ("not_found", 404)] {
+        assert_eq!(
+            get(&format!(
+                "faceio_relay_ingress_rejections_total{{reason=\"{reason}\"}}"
+            )),
+            1.0
+        );
+        assert_eq!(
+            get(&format!(
+                "faceio_relay_ingress_responses_total{{status=\"{status}\"}}"
+            )),
+            1.0
+        );
+    }
     assert_eq!(
         get("faceio_relay_deliveries_total{destination=\"api\",outcome=\"delivered\"}"),
         2.0
@@ -107,12 +123,7 @@ routes:
             == 2
     })
     .await;
-    let text = reqwest::get(format!("{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(admin).await;
     assert_eq!(
         metric(
             &text,
