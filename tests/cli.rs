@@ -24,6 +24,25 @@ fn full_config(setup: &Setup) -> std::path::PathBuf {
     ))
 }
 
+/// The line the file destination `events.jsonl` got for the event `simulate` printed
+/// the answer of (its last stdout line, `{"id": …}`).
+async fn simulated_line(stdout: &str, setup: &Setup) -> serde_json::Value {
+    let answer: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("last line is not the JSON answer ({e}):\n{stdout}"));
+    let id = answer["id"].as_str().expect("answer has id").to_string();
+    let file = setup.path("events.jsonl");
+    eventually("the event is in the file destination", || {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&id))
+    })
+    .await;
+    std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["id"] == id.as_str())
+        .unwrap()
+}
+
 #[tokio::test]
 async fn check_summarises_a_valid_config_without_secrets() {
     let setup = Setup::new();
@@ -170,21 +189,7 @@ async fn simulate_enroll_reaches_the_running_daemon_and_its_file() {
     .await;
     assert!(out.ok(), "simulate failed:\n{}", out.all());
     assert!(out.stdout.contains("HTTP 200"), "{}", out.stdout);
-    let answer: serde_json::Value = serde_json::from_str(out.stdout.lines().last().unwrap())
-        .unwrap_or_else(|e| panic!("last line is not the JSON answer ({e}):\n{}", out.stdout));
-    let id = answer["id"].as_str().expect("answer has id").to_string();
-
-    let file = setup.path("events.jsonl");
-    eventually("the event is in the file destination", || {
-        std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&id))
-    })
-    .await;
-    let text = std::fs::read_to_string(&file).unwrap();
-    let line: serde_json::Value = text
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|l| l["id"] == id.as_str())
-        .unwrap();
+    let line = simulated_line(&out.stdout, &setup).await;
     let e = &line["event"];
     assert_eq!(e["eventName"], "ENROLL");
     assert_eq!(e["facialId"], "sim-face-1");
@@ -266,4 +271,50 @@ async fn dead_letters_before_the_first_run_fails_clearly_and_creates_nothing() {
         out.all()
     );
     assert!(!setup.path("relay.db").exists(), "list created the store");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_app_id_sends_as_that_application() {
+    const SECOND: &str = "fioa-second";
+    let setup = Setup::new();
+    let config = setup.write_config_with_apps(
+        &[(SECOND, "tok-second-424242")],
+        "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n",
+    );
+    let daemon = Relayd::start(&config).await;
+    let out = cli(
+        &config,
+        &[
+            "simulate",
+            "AUTH",
+            "--url",
+            &daemon.url(),
+            "--app-id",
+            SECOND,
+        ],
+    )
+    .await;
+    // A 200 means the token sent was the second application's (a mismatch is a 401).
+    assert!(out.ok(), "simulate failed:\n{}", out.all());
+    assert!(out.stdout.contains("HTTP 200"), "{}", out.stdout);
+    assert!(!out.all().contains("tok-second-424242"), "{}", out.all());
+    let line = simulated_line(&out.stdout, &setup).await;
+    assert_eq!(line["event"]["appId"], SECOND, "{line}");
+    assert_eq!(line["event"]["eventName"], "AUTH", "{line}");
+    daemon.terminate(WAIT).await;
+}
+
+#[tokio::test]
+async fn without_config_the_default_path_is_named() {
+    const DEFAULT: &str = "/etc/faceio-relay/relay.yaml";
+    if std::path::Path::new(DEFAULT).exists() {
+        eprintln!("{DEFAULT} exists on this machine; this test needs it absent: skipped");
+        return;
+    }
+    // run_cli removes FACEIO_RELAY_CONFIG and passes no --config.
+    let cwd = tempfile::tempdir().unwrap();
+    let out = run_cli(&["check"], &[], Some(cwd.path())).await;
+    assert!(!out.ok(), "check passed without a config:\n{}", out.all());
+    assert!(out.stderr.contains(DEFAULT), "{}", out.all());
+    assert!(!out.all().contains("panicked"), "{}", out.all());
 }

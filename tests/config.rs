@@ -564,3 +564,29 @@ fn example_fixture_loads_without_environment() {
     assert_eq!(config.applications.len(), 2);
     assert_eq!(config.routes.len(), 2);
 }
+
+#[test]
+fn check_reports_token_file_errors_at_their_line_and_column() {
+    let file = fixture_path("invalid/token-file.yaml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_faceio-relay"))
+        .arg("--config")
+        .arg(&file)
+        .arg("check")
+        .env_remove("FACEIO_RELAY_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let shown = file.display().to_string();
+    for expected in [
+        format!("{shown}:10:17: applications[1].token_file: the token file is empty"),
+        format!("{shown}:12:17: applications[2].token_file: the token file is empty"),
+        format!("{shown}:14:17: applications[3].token_file: cannot read the token file"),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("3 error(s)"), "{stderr}");
+}

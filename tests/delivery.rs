@@ -386,3 +386,233 @@ async fn an_error_body_quoting_our_secrets_is_redacted() {
     );
     relay.shutdown().await;
 }
+
+/// The daemon's stderr as JSON objects (`log_format: json`), skipping other lines.
+fn json_log(daemon: &Daemon) -> Vec<serde_json::Value> {
+    daemon
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits (bounded, without blocking the runtime) for a JSON log line with this message
+/// and destination, and returns it.
+async fn await_outcome_line(
+    daemon: &Daemon,
+    message: &str,
+    destination: &str,
+) -> serde_json::Value {
+    let found = |log: &[serde_json::Value]| {
+        log.iter()
+            .find(|l| l["message"] == message && l["destination"] == destination)
+            .cloned()
+    };
+    eventually(&format!("log line {message:?} for {destination}"), || {
+        found(&json_log(daemon)).is_some()
+    })
+    .await;
+    found(&json_log(daemon)).unwrap()
+}
+
+#[tokio::test]
+async fn a_destination_timeout_is_retried_and_recorded_as_a_timeout() {
+    // The first request is never answered; the second is answered 200 at once.
+    let mut api = Holder::start(1).await;
+    let setup = Setup::new();
+    let config = setup.write_config(&format!(
+        "log_format: json\ndestinations:\n{}routes:\n  - to: [api]\n",
+        http_dest(
+            "api",
+            &api.url(),
+            "    timeout: 200ms\n    retry: { max_attempts: 3, initial_delay: 10ms, max_delay: 20ms }\n"
+        )
+    ));
+    let daemon = Daemon::start(&config);
+    let client = reqwest::Client::new();
+    let (status, answer) = send(
+        &client,
+        &daemon.url(),
+        Some(TOKEN),
+        &event("AUTH", "face-t"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let id = answer["id"].as_str().unwrap().to_string();
+
+    let first = api.next().await;
+    assert_eq!(first.header("x-faceio-relay-attempt").unwrap(), "1");
+    let second = api.next().await;
+    assert_eq!(second.header("x-faceio-relay-attempt").unwrap(), "2");
+    assert_eq!(second.body, first.body);
+    assert!(
+        second.at - first.at >= Duration::from_millis(200),
+        "retried after {:?}, before the 200ms timeout",
+        second.at - first.at
+    );
+    eventually("delivery marked done", || count(&setup, "done") == 1).await;
+    let attempts: i64 = setup
+        .db()
+        .query_row("SELECT attempts FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(attempts, 2, "delivered on the second attempt");
+
+    // The first attempt's outcome says why it failed.
+    let retry = await_outcome_line(&daemon, "delivery failed; will retry", "api").await;
+    assert_eq!(retry["event_id"], id.as_str(), "{retry}");
+    assert_eq!(retry["attempt"], 1, "{retry}");
+    assert_eq!(retry["status"], "retry", "{retry}");
+    // The relay's own classification leads the text (the client library's follows).
+    let error = retry["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("timed out"), "{retry}");
+    // It ended at the destination's timeout, not before.
+    assert!(retry["latency_ms"].as_u64().unwrap() >= 200, "{retry}");
+    let done = await_outcome_line(&daemon, "delivery succeeded", "api").await;
+    assert_eq!(done["attempt"], 2, "{done}");
+    assert!(daemon.terminate().success());
+}
+
+#[tokio::test]
+async fn concurrency_caps_the_requests_open_at_a_destination() {
+    let mut api = Holder::start(usize::MAX).await;
+    let setup = Setup::new();
+    let cfg = format!(
+        "destinations:\n{}routes:\n  - to: [api]\n",
+        http_dest("api", &api.url(), "    concurrency: 2\n    timeout: 30s\n")
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    for i in 0..6 {
+        assert_eq!(
+            relay.send(&event("AUTH", &format!("face-{i}"))).await.0,
+            200
+        );
+    }
+    // Two requests in flight at once: not one after the other.
+    let mut faces = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        faces.insert(api.next().await.json()["facialId"].to_string());
+    }
+    assert_eq!(api.open(), 2);
+    // No signal says the dispatcher is waiting for a slot, so this negative is a short
+    // bounded wait: a dispatcher ignoring its cap sends the other four within a few ms.
+    let third = api.next_within(Duration::from_millis(200)).await;
+    assert!(
+        third.is_none(),
+        "a third request while two were open: {third:?}"
+    );
+    // Each answer frees one slot, which the next delivery takes.
+    while faces.len() < 6 {
+        api.release(1);
+        faces.insert(api.next().await.json()["facialId"].to_string());
+        assert!(api.max_open() <= 2, "{} open at once", api.max_open());
+    }
+    api.release_all();
+    eventually("all six done", || count(&setup, "done") == 6).await;
+    assert_eq!(api.max_open(), 2);
+    relay.shutdown().await;
+}
+
+fn slack_dest(url: &str) -> String {
+    format!(
+        "destinations:\n  s:\n    type: slack\n    webhook_url: {url}\n\
+         \x20   retry: {{ max_attempts: 5, initial_delay: 10ms, max_delay: 20ms }}\n\
+         routes:\n  - to: [s]\n"
+    )
+}
+
+#[tokio::test]
+async fn slack_429_waits_for_retry_after_then_delivers_once() {
+    let mut slack = Receiver::ok().await;
+    slack.script([Reply::status(429)
+        .header("retry-after", "1")
+        .body("rate_limited")]);
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(&slack_dest(&slack.url()))).await;
+    relay.send(&event("AUTH", "face-s429")).await;
+    let limited = slack.next().await;
+    let delivered = slack.next().await;
+    let gap = delivered.at - limited.at;
+    // The backoff alone would retry after 10..20 ms; Retry-After says one second.
+    assert!(gap >= Duration::from_millis(950), "retried after {gap:?}");
+    assert!(
+        delivered.json()["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("face-s429")),
+        "{:?}",
+        delivered.json()
+    );
+    eventually("delivered", || count(&setup, "done") == 1).await;
+    let attempts: i64 = setup
+        .db()
+        .query_row("SELECT attempts FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(attempts, 2);
+    // Every attempt's request arrives before its outcome is recorded: none came after.
+    assert!(slack.next_within(Duration::ZERO).await.is_none());
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn slack_5xx_answers_are_retried_until_delivered() {
+    let mut slack = Receiver::ok().await;
+    slack.script([
+        Reply::status(500).body("internal_error"),
+        Reply::status(503).body("service_unavailable"),
+    ]);
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(&slack_dest(&slack.url()))).await;
+    relay.send(&event("AUTH", "face-s5xx")).await;
+    let mut texts = vec![];
+    for _ in 0..3 {
+        texts.push(slack.next().await.json()["text"].clone());
+    }
+    assert!(texts.windows(2).all(|w| w[0] == w[1]), "{texts:?}");
+    eventually("delivered", || count(&setup, "done") == 1).await;
+    let attempts: i64 = setup
+        .db()
+        .query_row("SELECT attempts FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(attempts, 3);
+    assert_eq!(count(&setup, "dead"), 0);
+    assert!(slack.next_within(Duration::ZERO).await.is_none());
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn each_delivery_outcome_is_logged_with_its_fields() {
+    let ok = Receiver::ok().await;
+    let refusing = Receiver::start(Reply::status(400).body("no thanks")).await;
+    let setup = Setup::new();
+    let config = setup.write_config(&format!(
+        "log_format: json\ndestinations:\n{}{}routes:\n  - to: [good, bad]\n",
+        http_dest("good", &ok.url(), ""),
+        http_dest("bad", &refusing.url(), "")
+    ));
+    let daemon = Daemon::start(&config);
+    let client = reqwest::Client::new();
+    let (status, answer) = send(
+        &client,
+        &daemon.url(),
+        Some(TOKEN),
+        &event("AUTH", "face-l"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let id = answer["id"].as_str().unwrap();
+
+    for (destination, message, outcome) in [
+        ("good", "delivery succeeded", "delivered"),
+        (
+            "bad",
+            "delivery failed for good; moved to dead letters",
+            "dead",
+        ),
+    ] {
+        let line = await_outcome_line(&daemon, message, destination).await;
+        assert_eq!(line["event_id"], id, "{line}");
+        assert_eq!(line["attempt"], 1, "{line}");
+        assert_eq!(line["status"], outcome, "{line}");
+        assert!(line["latency_ms"].is_u64(), "{line}");
+    }
+    assert!(daemon.terminate().success());
+}

@@ -191,6 +191,95 @@ mod tests {
         assert!(!matches(&m, &payload("AUTH", "1.1.1.1", None, None)));
     }
 
+    fn with_ids(app_id: &str, facial_id: &str) -> Payload {
+        Payload {
+            app_id: app_id.into(),
+            facial_id: facial_id.into(),
+            ..payload("AUTH", "1.1.1.1", None, None)
+        }
+    }
+
+    #[test]
+    fn app_id_matches_a_value_or_any_of_a_list() {
+        let one = MatchConfig {
+            app_id: list(&["fioa1"]),
+            ..Default::default()
+        };
+        assert!(matches(&one, &with_ids("fioa1", "face-1")));
+        assert!(!matches(&one, &with_ids("fioa2", "face-1")));
+        assert!(
+            !matches(&one, &with_ids("FIOA1", "face-1")),
+            "IDs are compared exactly"
+        );
+        assert!(
+            !matches(&one, &with_ids("fioa10", "face-1")),
+            "no prefix match"
+        );
+
+        let any = MatchConfig {
+            app_id: list(&["fioa1", "fioa2"]),
+            ..Default::default()
+        };
+        assert!(matches(&any, &with_ids("fioa1", "face-1")));
+        assert!(matches(&any, &with_ids("fioa2", "face-1")));
+        assert!(!matches(&any, &with_ids("fioa3", "face-1")));
+    }
+
+    #[test]
+    fn facial_id_matches_a_value_or_any_of_a_list() {
+        let one = MatchConfig {
+            facial_id: list(&["face-1"]),
+            ..Default::default()
+        };
+        assert!(matches(&one, &with_ids("fioa1", "face-1")));
+        assert!(!matches(&one, &with_ids("fioa1", "face-2")));
+        assert!(
+            !matches(&one, &with_ids("fioa1", "face-10")),
+            "no prefix match"
+        );
+
+        let any = MatchConfig {
+            facial_id: list(&["face-1", "face-2"]),
+            ..Default::default()
+        };
+        assert!(matches(&any, &with_ids("fioa1", "face-1")));
+        assert!(matches(&any, &with_ids("fioa1", "face-2")));
+        assert!(!matches(&any, &with_ids("fioa1", "face-3")));
+    }
+
+    #[test]
+    fn app_id_and_facial_id_must_both_hold() {
+        let both = MatchConfig {
+            app_id: list(&["fioa1"]),
+            facial_id: list(&["face-1", "face-2"]),
+            ..Default::default()
+        };
+        assert!(matches(&both, &with_ids("fioa1", "face-2")));
+        assert!(!matches(&both, &with_ids("fioa2", "face-2")));
+        assert!(!matches(&both, &with_ids("fioa1", "face-3")));
+        // And through the router: only the matching route's destination is chosen.
+        let router = Router {
+            destinations: vec!["vip".into(), "audit".into()],
+            routes: vec![
+                Route {
+                    name: "vip".into(),
+                    matcher: both,
+                    to: vec![0],
+                },
+                Route {
+                    name: "everything".into(),
+                    matcher: MatchConfig::default(),
+                    to: vec![1],
+                },
+            ],
+        };
+        assert_eq!(
+            router.route(&with_ids("fioa1", "face-1")),
+            vec!["vip", "audit"]
+        );
+        assert_eq!(router.route(&with_ids("fioa2", "face-1")), vec!["audit"]);
+    }
+
     #[test]
     fn client_ip_by_cidr_and_bad_ip_never_matches() {
         let m = MatchConfig {

@@ -191,7 +191,8 @@ pub fn free_port() -> u16 {
 }
 
 /// A fake API that holds requests open: the first `hold` requests wait until the test
-/// releases them (then get `200 ok`), later ones are answered `200 ok` at once. It counts
+/// releases them (then get `200 ok`, or the status given to [`Holder::answering`]),
+/// later ones are answered at once. It counts
 /// the requests open at a time, for tests of a destination's concurrency and timeout.
 pub struct Holder {
     pub addr: SocketAddr,
@@ -202,6 +203,7 @@ pub struct Holder {
 
 struct HolderState {
     hold: usize,
+    status: StatusCode,
     seen: std::sync::atomic::AtomicUsize,
     open: std::sync::atomic::AtomicUsize,
     max_open: std::sync::atomic::AtomicUsize,
@@ -243,17 +245,23 @@ async fn hold_request(
             permit.forget();
         }
     }
-    (StatusCode::OK, "ok").into_response()
+    (s.status, "ok").into_response()
 }
 
 impl Holder {
     /// Holds the first `hold` requests (`usize::MAX`: all of them).
     pub async fn start(hold: usize) -> Self {
+        Self::answering(hold, 200).await
+    }
+
+    /// Like [`Holder::start`], answering `status` instead of 200.
+    pub async fn answering(hold: usize, status: u16) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(HolderState {
             hold,
+            status: StatusCode::from_u16(status).unwrap(),
             seen: Default::default(),
             open: Default::default(),
             max_open: Default::default(),
