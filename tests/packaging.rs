@@ -76,6 +76,31 @@ fn unit_runs_the_packaged_config_and_writes_only_its_directories() {
 }
 
 #[test]
+fn the_unit_allows_more_descriptors_than_ingress_connections() {
+    // systemd's default soft limit is 1024: at the default connection cap, accept()
+    // would fail with EMFILE before the cap is reached.
+    let unit = std::fs::read_to_string(repo("systemd/faceio-relay.service")).unwrap();
+    let limit: usize = unit
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("LimitNOFILE="))
+        .expect("unit sets LimitNOFILE=")
+        .parse()
+        .unwrap();
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("faceio-token"), "t\n").unwrap();
+    let dir = credentials.path().to_str().unwrap().to_owned();
+    let env = move |name: &str| (name == "CREDENTIALS_DIRECTORY").then(|| dir.clone());
+    let file = repo("packaging/relay.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let (config, _) = load_str(&text, &file, &env).unwrap_or_else(|e| panic!("{e}"));
+    let max_connections = config.ingress.max_connections;
+    assert!(
+        limit >= 4 * max_connections,
+        "LimitNOFILE={limit} leaves too little beyond {max_connections} connections"
+    );
+}
+
+#[test]
 fn man_pages_and_completions_come_from_the_cli_definitions() {
     let out = tempfile::tempdir().unwrap();
     let status = binary()
