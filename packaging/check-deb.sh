@@ -5,6 +5,7 @@
 # config (token from a credentials directory, as under systemd).
 # Installs cargo-deb first if it is missing. Run by .ci/run.
 set -euo pipefail
+shopt -s nullglob
 cd "$(dirname "$0")/.."
 
 CARGO_DEB_VERSION=3.8.0
@@ -50,17 +51,17 @@ for conffile in /etc/faceio-relay/relay.yaml /etc/logrotate.d/faceio-relay; do
   fi
 done
 # The unit is enabled by postinst but not started (the token must be set first).
-if ! grep -q 'deb-systemd-helper' "$scratch/control/postinst"; then
+if ! grep -q 'deb-systemd-helper enable' "$scratch/control/postinst"; then
   echo "check-deb: postinst does not enable the unit" >&2
   fail=1
 fi
-if grep -q 'deb-systemd-invoke start' "$scratch/control/postinst"; then
+if grep -Eq '_dh_action=start|deb-systemd-invoke start' "$scratch/control/postinst"; then
   echo "check-deb: postinst starts the unit before a token is set" >&2
   fail=1
 fi
 cmp -s "$scratch/root/usr/lib/systemd/system/faceio-relay.service" systemd/faceio-relay.service \
   || { echo "check-deb: the packaged unit differs from systemd/faceio-relay.service" >&2; fail=1; }
-zcat "$scratch/root/usr/share/man/man1/faceio-relay.1.gz" | grep -q 'faceio-relay' \
+grep -q 'faceio-relay' <(zcat "$scratch/root/usr/share/man/man1/faceio-relay.1.gz") \
   || { echo "check-deb: the man page does not name the command" >&2; fail=1; }
 
 # The packaged binary accepts the packaged config, token from the credentials directory.

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
 use crate::config::Config;
-use crate::delivery::{Applied, Deliveries, Shutdown};
+use crate::delivery::{Applied, Deliveries, Shutdown, Sweep};
 use crate::ingress::{IngressState, TlsHandle};
 use crate::store::{Store, Wake};
 use crate::telemetry::metrics::Metrics;
@@ -43,6 +43,11 @@ const ANNOUNCEMENT_POLLS: u32 = 10;
 /// relays they can appear at any time (the only relay that had a destination died, or a
 /// `dead-letters replay` of one no relay has).
 const SWEEP_EVERY: u32 = 30;
+/// Rounds of the sweep after a reload between two warnings that removed destinations
+/// still have attempts under way.
+const STILL_WAITING_EVERY: u32 = 60;
+/// How long shutdown waits for the admin endpoint's connections to close.
+const ADMIN_CLOSE: Duration = Duration::from_secs(1);
 
 /// How long an announcement made under `config` lasts.
 fn announcement_ttl(config: &Config) -> Duration {
@@ -307,7 +312,16 @@ impl Relay {
         // they have certainly ended.
         // Removed destinations with attempts still under way are swept once those have
         // recorded their outcome (a delivery that arrived must not become a dead letter).
-        let sweep = self.deliveries.dead_letter_orphans(&new).await?;
+        // The new config is in force from here: a failed sweep is retried by the task
+        // below, it does not fail the reload.
+        let sweep = match self.deliveries.dead_letter_orphans(&new).await {
+            Ok(sweep) => sweep,
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "cannot sweep deliveries of removed destinations now; trying again shortly");
+                Sweep::default()
+            }
+        };
         applied.dead_lettered = sweep.moved;
         for name in &sweep.waiting {
             tracing::info!(destination = %name,
@@ -321,6 +335,7 @@ impl Relay {
             let current = Arc::clone(&self.current);
             self.tracker.spawn(async move {
                 let mut wait = later;
+                let mut rounds: u32 = 0;
                 loop {
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
@@ -328,8 +343,13 @@ impl Relay {
                     }
                     // The config in force now: a later reload may have brought one back.
                     let config = Arc::clone(&current.lock().unwrap_or_else(|p| p.into_inner()));
+                    rounds = rounds.wrapping_add(1);
                     match deliveries.dead_letter_orphans(&config).await {
                         Ok(sweep) if sweep.waiting.is_empty() => return,
+                        Ok(sweep) if rounds.is_multiple_of(STILL_WAITING_EVERY) => {
+                            tracing::warn!(destinations = %sweep.waiting.join(", "),
+                                "removed destinations still have attempts under way; their pending deliveries wait for them");
+                        }
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = %e,
                             "cannot sweep deliveries of removed destinations; trying again"),
@@ -376,9 +396,12 @@ impl Relay {
             self.delivery.hard.cancel();
             self.tracker.wait().await;
         }
-        if let Some((stop, task)) = self.admin {
+        if let Some((stop, mut task)) = self.admin {
             stop.cancel();
-            let _ = task.await;
+            // Idle scrapers are closed at once; one stuck mid-request is not waited for.
+            if tokio::time::timeout(ADMIN_CLOSE, &mut task).await.is_err() {
+                task.abort();
+            }
         }
         self.store.close().await;
         tracing::info!("shutdown complete");

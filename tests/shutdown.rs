@@ -283,3 +283,29 @@ async fn readyz_answers_503_while_shutdown_drains() {
         "the admin endpoint outlived the relay"
     );
 }
+
+/// A scraper stuck half way through a request to the admin endpoint does not hold the
+/// shutdown (systemd would kill the relay before its store is closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_admin_request_does_not_hold_the_shutdown() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config("")).await;
+    let admin = relay.relay.admin_addr().unwrap();
+    let mut stuck = tokio::net::TcpStream::connect(admin).await.unwrap();
+    stuck
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n")
+        .await
+        .unwrap();
+    // Connections are accepted in order: once a request on a later one is answered, the
+    // admin endpoint serves the stuck one too.
+    assert_eq!(
+        reqwest::get(format!("http://{admin}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    tokio::time::timeout(WAIT, relay.shutdown())
+        .await
+        .expect("shutdown waited for a half-sent admin request");
+}

@@ -268,9 +268,10 @@ struct Loader {
 /// one, so never), and the same IP or either the wildcard address (which takes the port
 /// on every address).
 fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    let (ia, ib) = (a.ip().to_canonical(), b.ip().to_canonical());
     a.port() == b.port()
         && a.port() != 0
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        && (ia == ib || ia.is_unspecified() || ib.is_unspecified())
 }
 
 fn top(key: &str) -> KeyPath {
@@ -1679,5 +1680,31 @@ fn describe_match(m: &MatchConfig) -> String {
         "every event".into()
     } else {
         parts.join(" and ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_socket;
+
+    #[test]
+    fn listen_addresses_clash_on_the_same_port_of_one_address_or_a_wildcard() {
+        let clash = |a: &str, b: &str| same_socket(a.parse().unwrap(), b.parse().unwrap());
+        assert!(clash("127.0.0.1:8080", "127.0.0.1:8080"));
+        assert!(clash("0.0.0.0:8080", "127.0.0.1:8080"));
+        assert!(
+            clash("127.0.0.1:8080", "[::]:8080"),
+            "dual-stack [::] takes IPv4 too"
+        );
+        assert!(clash("[::ffff:127.0.0.1]:8080", "127.0.0.1:8080"));
+        assert!(!clash("127.0.0.1:8080", "127.0.0.1:9090"));
+        assert!(
+            !clash("127.0.0.1:8080", "10.0.0.5:8080"),
+            "two addresses, one port each"
+        );
+        assert!(
+            !clash("127.0.0.1:0", "127.0.0.1:0"),
+            "port 0 picks a free port"
+        );
     }
 }

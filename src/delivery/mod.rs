@@ -104,6 +104,9 @@ pub struct Applied {
     pub dead_lettered: u64,
 }
 
+/// How long a sweep of removed destinations may wait for the store.
+const SWEEP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What one sweep of removed destinations did.
 #[derive(Debug, Default, PartialEq)]
 pub struct Sweep {
@@ -126,6 +129,11 @@ pub struct Deliveries {
     /// Held while announcing, so an announcement that read an older set of destinations
     /// can never land after one that read a newer set.
     announcing: tokio::sync::Mutex<()>,
+    /// Held by a sweep from reading which destinations run until its store call ends,
+    /// and by [`Deliveries::apply`] while it swaps dispatchers: a destination brought
+    /// back by a reload is either running before the sweep looks, or swept before its
+    /// new dispatcher starts, never both.
+    sweeping: tokio::sync::Mutex<()>,
 }
 
 impl Deliveries {
@@ -144,6 +152,7 @@ impl Deliveries {
             in_flight: Mutex::new(HashMap::new()),
             wakers: Mutex::new(Wakers::default()),
             announcing: tokio::sync::Mutex::new(()),
+            sweeping: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -199,6 +208,7 @@ impl Deliveries {
         }
 
         let mut applied = Applied::default();
+        let _sweeping = self.sweeping.lock().await;
         let wakers = self.swap(config, build, &mut applied);
         Ok((wakers, applied))
     }
@@ -291,10 +301,21 @@ impl Deliveries {
     /// [`Sweep::waiting`]): its attempts finish and record their outcome, so a delivery
     /// that arrives is never also a dead letter. Sweep again once they have ended.
     pub async fn dead_letter_orphans(&self, config: &Config) -> Result<Sweep, StoreError> {
+        let _sweeping = self.sweeping.lock().await;
+        // The running dispatchers count as known too: `config` may be older than a
+        // reload that just brought a destination back.
+        let running: Vec<String> = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         let mut known: Vec<&str> = config
             .destinations
             .iter()
             .map(|d| d.name.as_str())
+            .chain(running.iter().map(String::as_str))
             .collect();
         let waiting: Vec<String> = self
             .in_flight
@@ -308,8 +329,15 @@ impl Deliveries {
             .map(|(name, _)| name.clone())
             .collect();
         known.extend(waiting.iter().map(String::as_str));
+        let swept = tokio::time::timeout(SWEEP_TIMEOUT, self.store.dead_letter_orphans(&known))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "the sweep of removed destinations timed out".into(),
+                ))
+            })?;
         let mut moved = 0;
-        for (destination, count) in self.store.dead_letter_orphans(&known).await? {
+        for (destination, count) in swept {
             tracing::warn!(
                 destination = %destination,
                 count,

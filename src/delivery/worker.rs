@@ -379,6 +379,12 @@ enum Waited {
 /// Waits for the rate limit and until no `Retry-After` pause is in force.
 async fn wait_turn(shared: &Shared, delivery: &Delivery, lost: &CancellationToken) -> Waited {
     let cancel = &shared.shutdown.soft;
+    // A dispatcher stopped (shutdown, or its destination removed or changed by a reload)
+    // starts nothing more, even for a row claimed just before: a sweep of a removed
+    // destination that found its claims empty relies on it.
+    if cancel.is_cancelled() {
+        return Waited::Cancelled;
+    }
     if let Some(limiter) = shared.limiter.as_ref().filter(|l| l.check().is_err()) {
         RateLimitWait {
             destination: &shared.name,

@@ -130,27 +130,33 @@ fn flush(
 }
 
 fn open_repaired(path: &Path) -> anyhow::Result<File> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let new_dir = !dir.exists();
-    std::fs::create_dir_all(dir)
+    let parent = |p: &Path| -> PathBuf {
+        match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    };
+    let dir = parent(path);
+    // Directories about to be created: each one's entry lives in its own parent.
+    let created: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    std::fs::create_dir_all(&dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-    let new_file = !path.exists();
     let mut file = OpenOptions::new()
         .create(true)
         .read(true)
         .append(true)
         .open(path)
         .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-    // A new file's name (and a new directory's) must be durable too, or its first
-    // synced lines could vanish with it in a power cut.
-    if new_file {
-        sync_dir(dir)?;
-    }
-    if new_dir && let Some(up) = dir.parent().filter(|d| !d.as_os_str().is_empty()) {
-        sync_dir(up)?;
+    // The file's name (and any new directory's) must be durable too, or its first synced
+    // lines could vanish with it in a power cut. Synced on every open (start and
+    // rotation only): a file created by a run that crashed before syncing is covered.
+    sync_dir(&dir)?;
+    for d in &created {
+        sync_dir(&parent(d))?;
     }
     let keep = complete_length(&mut file)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
@@ -163,10 +169,16 @@ fn open_repaired(path: &Path) -> anyhow::Result<File> {
     Ok(file)
 }
 
+/// Syncs a directory's entries. A filesystem that cannot sync directories (EINVAL) has
+/// nothing more to offer, and is not an error.
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| anyhow::anyhow!("cannot sync directory {}: {e}", dir.display()))
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if e.kind() != std::io::ErrorKind::InvalidInput => Err(anyhow::anyhow!(
+            "cannot sync directory {}: {e}",
+            dir.display()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Length of the file up to and including its last newline.

@@ -59,6 +59,11 @@ impl EventRejected<'_> {
         if self.status >= 500 {
             tracing::error!(peer = %self.peer, status = self.status, reason = self.reason,
                 detail = %self.detail, "event rejected");
+        } else if self.status == 404 || self.status == 405 {
+            // Not the webhook at all: scanners and health probes, counted but not worth
+            // a warning each.
+            tracing::debug!(peer = %self.peer, status = self.status, reason = self.reason,
+                detail = %self.detail, "request rejected");
         } else {
             tracing::warn!(peer = %self.peer, status = self.status, reason = self.reason,
                 detail = %self.detail, "event rejected");
