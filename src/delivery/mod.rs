@@ -162,15 +162,19 @@ impl Deliveries {
     /// to a new destination, and periodically.
     pub async fn announce(&self, alive_for: Duration) -> Result<(), StoreError> {
         let _one_at_a_time = self.announcing.lock().await;
-        let names: Vec<String> = self
-            .running
+        let names = self.running_names();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.store.announce(&names, alive_for).await
+    }
+
+    /// The destinations whose dispatchers run now.
+    fn running_names(&self) -> Vec<String> {
+        self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .keys()
             .cloned()
-            .collect();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        self.store.announce(&names, alive_for).await
+            .collect()
     }
 
     /// The wakers of the dispatchers running now.
@@ -304,13 +308,7 @@ impl Deliveries {
         let _sweeping = self.sweeping.lock().await;
         // The running dispatchers count as known too: `config` may be older than a
         // reload that just brought a destination back.
-        let running: Vec<String> = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let running = self.running_names();
         let mut known: Vec<&str> = config
             .destinations
             .iter()
