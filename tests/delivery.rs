@@ -616,3 +616,41 @@ async fn each_delivery_outcome_is_logged_with_its_fields() {
     }
     assert!(daemon.terminate().success());
 }
+
+/// The text format (stderr that is not a terminal) writes fields as `key=value` without
+/// quotes, so `grep event_id=ID` finds an event's whole story.
+#[tokio::test]
+async fn text_log_lines_carry_the_event_id_unquoted() {
+    let ok = Receiver::ok().await;
+    let setup = Setup::new();
+    let config = setup.write_config(&format!(
+        "destinations:\n{}routes:\n  - to: [good]\n",
+        http_dest("good", &ok.url(), "")
+    ));
+    let daemon = Daemon::start(&config);
+    let client = reqwest::Client::new();
+    let (status, answer) = send(&client, &daemon.url(), Some(TOKEN), &event("AUTH", "t")).await;
+    assert_eq!(status, 200);
+    let id = answer["id"].as_str().unwrap();
+    daemon
+        .log_count_eventually(&format!("event_id={id}"), 2)
+        .await;
+    let log = daemon.log_text();
+    let line = |message: &str| {
+        log.lines()
+            .find(|l| l.contains(message) && l.contains(&format!("event_id={id}")))
+            .unwrap_or_else(|| panic!("no {message:?} line for {id}:\n{log}"))
+            .to_string()
+    };
+    assert!(line("event accepted").contains("INFO"));
+    let delivered = line("delivery succeeded");
+    for field in [
+        "destination=good",
+        "attempt=1",
+        "status=delivered",
+        "latency_ms=",
+    ] {
+        assert!(delivered.contains(field), "{field} missing: {delivered}");
+    }
+    assert!(daemon.terminate().success());
+}

@@ -339,7 +339,7 @@ impl Deliveries {
             tracing::warn!(
                 destination = %destination,
                 count,
-                status = "dead",
+                status = %"dead",
                 "pending deliveries of a destination no longer in the config were moved to dead letters"
             );
             self.metrics

@@ -57,15 +57,15 @@ pub struct EventRejected<'a> {
 impl EventRejected<'_> {
     pub fn emit(&self, metrics: &Metrics) {
         if self.status >= 500 {
-            tracing::error!(peer = %self.peer, status = self.status, reason = self.reason,
+            tracing::error!(peer = %self.peer, status = self.status, reason = %self.reason,
                 detail = %self.detail, "event rejected");
         } else if self.status == 404 || self.status == 405 {
             // Not the webhook at all: scanners and health probes, counted but not worth
             // a warning each.
-            tracing::debug!(peer = %self.peer, status = self.status, reason = self.reason,
+            tracing::debug!(peer = %self.peer, status = self.status, reason = %self.reason,
                 detail = %self.detail, "request rejected");
         } else {
-            tracing::warn!(peer = %self.peer, status = self.status, reason = self.reason,
+            tracing::warn!(peer = %self.peer, status = self.status, reason = %self.reason,
                 detail = %self.detail, "event rejected");
         }
         metrics
@@ -109,11 +109,11 @@ impl DeliveryAttempted<'_> {
         let outcome = match &self.result {
             AttemptResult::Delivered { end_to_end } => {
                 tracing::info!(
-                    destination,
-                    event_id,
+                    destination = %destination,
+                    event_id = %event_id,
                     attempt,
                     latency_ms,
-                    status = "delivered",
+                    status = %"delivered",
                     "delivery succeeded"
                 );
                 metrics
@@ -127,11 +127,11 @@ impl DeliveryAttempted<'_> {
             }
             AttemptResult::Retry { retry_in, error } => {
                 tracing::warn!(
-                    destination,
-                    event_id,
+                    destination = %destination,
+                    event_id = %event_id,
                     attempt,
                     latency_ms,
-                    status = "retry",
+                    status = %"retry",
                     retry_in_ms = retry_in.as_millis() as u64,
                     error,
                     "delivery failed; will retry"
@@ -140,11 +140,11 @@ impl DeliveryAttempted<'_> {
             }
             AttemptResult::Dead { error } => {
                 tracing::warn!(
-                    destination,
-                    event_id,
+                    destination = %destination,
+                    event_id = %event_id,
                     attempt,
                     latency_ms,
-                    status = "dead",
+                    status = %"dead",
                     error,
                     "delivery failed for good; moved to dead letters"
                 );
