@@ -14,7 +14,7 @@ use axum::routing::get;
 use serde_json::json;
 
 use crate::ingress::verify::now_ms;
-use crate::store::Store;
+use crate::store::{DestinationStats, Store};
 use crate::telemetry::metrics::{DestinationLabels, Metrics};
 
 /// How long `/readyz` and `/metrics` wait for the store before saying it is not ready.
@@ -26,6 +26,9 @@ pub struct AdminState {
     pub store: Arc<dyn Store>,
     /// True while the ingress accept loop runs.
     pub ingress_up: Arc<AtomicBool>,
+    /// The destinations configured now: their backlog gauges are exported at 0 when the
+    /// store has nothing for them.
+    pub destinations: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
 }
 
 pub fn router(state: Arc<AdminState>) -> axum::Router {
@@ -68,7 +71,15 @@ async fn refresh_store_gauges(state: &AdminState) {
     m.oldest_pending_age.clear();
     m.dead_letters.clear();
     let now = now_ms();
-    for s in stats {
+    let idle = (state.destinations)()
+        .into_iter()
+        .filter(|name| !stats.iter().any(|s| s.destination == *name))
+        .map(|destination| DestinationStats {
+            destination,
+            ..DestinationStats::default()
+        })
+        .collect::<Vec<_>>();
+    for s in stats.into_iter().chain(idle) {
         let labels = DestinationLabels {
             destination: s.destination,
         };

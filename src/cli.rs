@@ -10,6 +10,21 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogFormat};
 use crate::store::{Selection, Store};
 
+/// `println!` for command output. A reader that goes away (`dead-letters list | head`)
+/// ends the command quietly, where `println!` would panic on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("error: cannot write the output: {e}");
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
+    }};
+}
+
 const EXAMPLES: &str = "\
 Examples:
   faceio-relay check --config relay.yaml              validate before a restart
@@ -98,7 +113,7 @@ pub struct SimulateArgs {
 pub enum DeadLetterCommand {
     /// List dead letters, newest first.
     List {
-        /// One JSON object per line (id, event_id, destination, attempts, last_error, failed_at).
+        /// One JSON object per line (id, event_id, event_name, destination, attempts, last_error, failed_at).
         #[arg(long)]
         json: bool,
         /// Only this destination's.
@@ -262,8 +277,8 @@ fn load_for_admin(path: &Path) -> Option<Config> {
 fn check(path: &Path) -> ExitCode {
     match load_or_report(path) {
         Some(config) => {
-            println!("{}: OK", path.display());
-            println!("{}", config.summary());
+            out!("{}: OK", path.display());
+            out!("{}", config.summary());
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,
@@ -325,7 +340,7 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> anyhow::Result<ExitCo
         .clone()
         .unwrap_or_else(|| format!("sim-{}", uuid::Uuid::now_v7().simple()));
     let payload = sample_payload(&args.event, &app.app_id, &facial_id);
-    println!("POST {url}\n{}", serde_json::to_string_pretty(&payload)?);
+    out!("POST {url}\n{}", serde_json::to_string_pretty(&payload)?);
     let mut client = reqwest::Client::builder();
     if let Some(path) = &args.ca_cert {
         let pem = std::fs::read(path)
@@ -342,10 +357,13 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> anyhow::Result<ExitCo
         .timeout(std::time::Duration::from_secs(6))
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the relay at {url}: {}", e.without_url()))?;
+        .map_err(|e| {
+            let cause = crate::telemetry::error_chain(&e.without_url());
+            anyhow::anyhow!("cannot reach the relay at {url}: {cause}")
+        })?;
     let status = response.status();
     let body = response.text().await.unwrap_or_default();
-    println!("\nHTTP {status}\n{body}");
+    out!("\nHTTP {status}\n{body}");
     Ok(if status.is_success() {
         ExitCode::SUCCESS
     } else {
@@ -368,23 +386,32 @@ async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result
             }
             if json {
                 for r in &rows {
-                    println!("{}", serde_json::to_string(r)?);
+                    out!("{}", serde_json::to_string(r)?);
                 }
             } else if rows.is_empty() {
-                println!("no dead letters");
+                out!("no dead letters");
             } else {
-                println!(
+                out!(
                     "{:<8} {:<20} {:<10} {:>8}  {:<24}  LAST ERROR",
-                    "ID", "DESTINATION", "EVENT", "ATTEMPTS", "FAILED AT"
+                    "ID",
+                    "DESTINATION",
+                    "EVENT",
+                    "ATTEMPTS",
+                    "FAILED AT"
                 );
                 for r in &rows {
                     let mut err = r.last_error.clone();
                     if err.chars().count() > 60 {
                         err = err.chars().take(59).collect::<String>() + "…";
                     }
-                    println!(
+                    out!(
                         "{:<8} {:<20} {:<10} {:>8}  {:<24}  {}",
-                        r.id, r.destination, r.event_name, r.attempts, r.failed_at, err
+                        r.id,
+                        r.destination,
+                        r.event_name,
+                        r.attempts,
+                        r.failed_at,
+                        err
                     );
                 }
             }
@@ -399,15 +426,15 @@ async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result
             if json {
                 let mut v = serde_json::to_value(&row)?;
                 v["payload"] = payload;
-                println!("{v}");
+                out!("{v}");
             } else {
-                println!("id:          {}", row.id);
-                println!("event:       {} ({})", row.event_id, row.event_name);
-                println!("destination: {}", row.destination);
-                println!("attempts:    {}", row.attempts);
-                println!("failed at:   {}", row.failed_at);
-                println!("last error:  {}", row.last_error);
-                println!("payload:\n{}", serde_json::to_string_pretty(&payload)?);
+                out!("id:          {}", row.id);
+                out!("event:       {} ({})", row.event_id, row.event_name);
+                out!("destination: {}", row.destination);
+                out!("attempts:    {}", row.attempts);
+                out!("failed at:   {}", row.failed_at);
+                out!("last error:  {}", row.last_error);
+                out!("payload:\n{}", serde_json::to_string_pretty(&payload)?);
             }
         }
         DeadLetterCommand::Replay(select) => {
@@ -415,7 +442,7 @@ async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result
         }
         DeadLetterCommand::Purge(select) => {
             let n = store.purge(&select.selection()).await?;
-            println!("purged {n} dead letter(s)");
+            out!("purged {n} dead letter(s)");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -495,7 +522,7 @@ async fn replay(
             }
         }
     };
-    println!(
+    out!(
         "replayed {replayed} dead letter(s); a running relay picks them up within {}",
         humantime::format_duration(config.delivery.poll_interval)
     );

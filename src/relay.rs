@@ -94,6 +94,7 @@ impl Relay {
         let tls = config.tls.as_ref().map(TlsHandle::load).transpose()?;
         let store = store::open(&config.store).await?;
         let metrics = Arc::new(Metrics::new());
+        metrics.init_ingress();
 
         let tracker = TaskTracker::new();
         let delivery = Shutdown {
@@ -163,6 +164,18 @@ impl Relay {
                 metrics: Arc::clone(&metrics),
                 store: Arc::clone(&store),
                 ingress_up: Arc::clone(&ingress_up),
+                destinations: {
+                    let current = Arc::clone(&current);
+                    Arc::new(move || {
+                        current
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .destinations
+                            .iter()
+                            .map(|d| d.name.clone())
+                            .collect()
+                    })
+                },
             }));
             let stop = CancellationToken::new();
             let task = tokio::spawn({

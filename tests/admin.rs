@@ -228,8 +228,8 @@ routes:
         "{text}"
     );
     assert_eq!(
-        series("rate_limit_waits_total", "destination=\"free\"").unwrap_or(0.0),
-        0.0,
+        series("rate_limit_waits_total", "destination=\"free\""),
+        Some(0.0),
         "a destination without a rate limit never waits:\n{text}"
     );
     // Waiting is not a failure.
@@ -246,7 +246,7 @@ routes:
             "deliveries_total",
             "destination=\"limited\",outcome=\"retry\""
         ),
-        None,
+        Some(0.0),
         "{text}"
     );
     relay.shutdown().await;
@@ -293,8 +293,8 @@ routes:
         "{text}"
     );
     assert_eq!(
-        series("dead_letters{destination=\"audit\"}").unwrap_or(0.0),
-        0.0,
+        series("dead_letters{destination=\"audit\"}"),
+        Some(0.0),
         "{text}"
     );
     assert_eq!(
@@ -305,13 +305,39 @@ routes:
     // Permanent: dead at the first attempt, never retried.
     assert_eq!(
         series("deliveries_total{destination=\"api\",outcome=\"retry\"}"),
-        None,
+        Some(0.0),
         "{text}"
     );
     assert_eq!(
-        series("pending_deliveries{destination=\"api\"}").unwrap_or(0.0),
-        0.0,
+        series("pending_deliveries{destination=\"api\"}"),
+        Some(0.0),
         "{text}"
     );
+    relay.shutdown().await;
+}
+
+/// Every configured destination's series exist at 0 from the start: a counter born at 1
+/// shows no `increase()`, so the first dead letter would never fire the README's alert,
+/// and dashboards would show no data instead of 0.
+#[tokio::test]
+async fn an_idle_relay_exports_every_destination_series_at_zero() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(
+        "destinations:\n  audit:\n    type: file\n    path: a.jsonl\nroutes:\n  - to: [audit]\n",
+    ))
+    .await;
+    let text = metrics_text(relay.relay.admin_addr().unwrap()).await;
+    let d = "destination=\"audit\"";
+    for series in [
+        format!("faceio_relay_deliveries_total{{{d},outcome=\"dead\"}}"),
+        format!("faceio_relay_deliveries_total{{{d},outcome=\"delivered\"}}"),
+        format!("faceio_relay_rate_limit_waits_total{{{d}}}"),
+        format!("faceio_relay_pending_deliveries{{{d}}}"),
+        format!("faceio_relay_oldest_pending_age_seconds{{{d}}}"),
+        format!("faceio_relay_dead_letters{{{d}}}"),
+        "faceio_relay_ingress_responses_total{status=\"503\"}".to_string(),
+    ] {
+        assert_eq!(metric(&text, &series), Some(0.0), "{series}:\n{text}");
+    }
     relay.shutdown().await;
 }

@@ -254,6 +254,8 @@ async fn simulate_without_a_relay_fails_clearly() {
         "{}",
         out.all()
     );
+    // The cause, not just "error sending request".
+    assert!(out.stderr.contains("Connection refused"), "{}", out.all());
     assert!(!out.all().contains("panicked"), "{}", out.all());
     assert!(!out.all().contains(TOKEN), "{}", out.all());
 }
@@ -317,4 +319,25 @@ async fn without_config_the_default_path_is_named() {
     assert!(!out.ok(), "check passed without a config:\n{}", out.all());
     assert!(out.stderr.contains(DEFAULT), "{}", out.all());
     assert!(!out.all().contains("panicked"), "{}", out.all());
+}
+
+/// `faceio-relay check | head -1` and the like: a reader that goes away ends the
+/// command quietly instead of a panic about a broken pipe.
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    let setup = Setup::new();
+    let config = setup.write_config("");
+    let mut child = std::process::Command::new(binary())
+        .args(["check", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader is gone before the command writes anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }

@@ -165,8 +165,8 @@ async fn a_full_disk_answers_503_never_200_and_recovers_by_itself() {
             &text,
             "faceio_relay_ingress_responses_total{status=\"503\"}"
         ),
-        None,
-        "{text}"
+        Some(0.0),
+        "exported at 0 before any 503, so rate() sees the first ones:\n{text}"
     );
 
     let filler = fill(&mount);

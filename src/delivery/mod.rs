@@ -258,6 +258,7 @@ impl Deliveries {
                     .entry(name.clone())
                     .or_default(),
             );
+            self.metrics.init_destination(&name);
             let stop = self.shutdown.soft.child_token();
             let dispatcher = Dispatcher::new(
                 &dest_config,

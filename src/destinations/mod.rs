@@ -129,14 +129,7 @@ fn transport_error(e: reqwest::Error) -> DeliveryError {
     } else {
         "request failed"
     };
-    let e = e.without_url();
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
-    }
+    let detail = crate::telemetry::error_chain(&e.without_url());
     DeliveryError::retryable(format!("{kind}: {detail}"))
 }
 

@@ -82,6 +82,32 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Creates a destination's counters at zero, so they are exported from its start:
+    /// `increase()` and `rate()` in alert rules then see its first dead letter or wait as
+    /// an increase from 0 (a series born at 1 shows no increase), and dashboards show 0
+    /// instead of no data.
+    pub fn init_destination(&self, name: &str) {
+        for outcome in ["delivered", "retry", "dead"] {
+            drop(self.deliveries.get_or_create(&OutcomeLabels {
+                destination: name.to_string(),
+                outcome,
+            }));
+        }
+        drop(self.rate_limit_waits.get_or_create(&DestinationLabels {
+            destination: name.to_string(),
+        }));
+    }
+
+    /// Creates the ingress answers alert rules watch (200, 503) at zero.
+    pub fn init_ingress(&self) {
+        for status in [200, 503] {
+            drop(
+                self.ingress_responses
+                    .get_or_create(&StatusLabels { status }),
+            );
+        }
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("faceio_relay");
         let m = Self {

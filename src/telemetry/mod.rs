@@ -69,6 +69,19 @@ fn filter(level: Option<&str>) -> EnvFilter {
         .unwrap_or_else(|| EnvFilter::new(DEFAULT_LEVEL))
 }
 
+/// An error and its causes on one line (`a: b: c`): reqwest and rustls put the useful
+/// part (refused, certificate not trusted, ...) in the causes.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Where log lines go, decided once at start: to journald when stderr is the journal
 /// stream systemd set up, that is when `JOURNAL_STREAM` (`DEVICE:INODE`) names stderr's
 /// own device and inode (systemd.exec(5)). The variable alone is not enough: a shell in a
