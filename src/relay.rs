@@ -320,13 +320,11 @@ impl Relay {
         }
         self.ingress_state.replace(Arc::clone(&new), wakers);
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&new);
-        // Ingress uses the new routes from here on; requests that read the old ones may
-        // still be storing deliveries for a removed destination, so sweep again once
-        // they have certainly ended.
-        // Removed destinations with attempts still under way are swept once those have
-        // recorded their outcome (a delivery that arrived must not become a dead letter).
-        // The new config is in force from here: a failed sweep is retried by the task
-        // below, it does not fail the reload.
+        // The new config is in force from here: sweep the removed destinations now, and
+        // again later (a failed sweep does not fail the reload): requests that read the
+        // old routes may still be storing deliveries for them, and those with attempts
+        // under way are swept only once the attempts have recorded their outcome (a
+        // delivery that arrived must not become a dead letter).
         let sweep = match self.deliveries.dead_letter_orphans(&new).await {
             Ok(sweep) => sweep,
             Err(e) => {
@@ -341,35 +339,15 @@ impl Relay {
                 "removed destination still has attempts under way; its pending deliveries move to dead letters once they end");
         }
         if !applied.stopped.is_empty() {
-            let deliveries = Arc::clone(&self.deliveries);
             let limits = &new.ingress;
-            let later = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
-            let stop = self.delivery.soft.clone();
-            let current = Arc::clone(&self.current);
-            self.tracker.spawn(async move {
-                let mut wait = later;
-                let mut rounds: u32 = 0;
-                loop {
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = stop.cancelled() => return,
-                    }
-                    // The config in force now: a later reload may have brought one back.
-                    let config = Arc::clone(&current.lock().unwrap_or_else(|p| p.into_inner()));
-                    rounds = rounds.wrapping_add(1);
-                    match deliveries.dead_letter_orphans(&config).await {
-                        Ok(sweep) if sweep.waiting.is_empty() => return,
-                        Ok(sweep) if rounds.is_multiple_of(STILL_WAITING_EVERY) => {
-                            tracing::warn!(destinations = %sweep.waiting.join(", "),
-                                "removed destinations still have attempts under way; their pending deliveries wait for them");
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e,
-                            "cannot sweep deliveries of removed destinations; trying again"),
-                    }
-                    wait = config.delivery.poll_interval;
-                }
-            });
+            // By then every request that started before the reload has ended.
+            let first = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
+            self.tracker.spawn(sweep_removed(
+                Arc::clone(&self.deliveries),
+                Arc::clone(&self.current),
+                first,
+                self.delivery.soft.clone(),
+            ));
         }
         Ok(describe(&applied))
     }
@@ -531,6 +509,38 @@ async fn announce_and_sweep(
         {
             tracing::warn!(error = %e, "cannot sweep deliveries of destinations no relay has");
         }
+    }
+}
+
+/// Sweeps the destinations a reload removed, after `first` and then every poll interval
+/// until none of them has attempts under way.
+async fn sweep_removed(
+    deliveries: Arc<Deliveries>,
+    current: Arc<Mutex<Arc<Config>>>,
+    first: Duration,
+    stop: CancellationToken,
+) {
+    let mut wait = first;
+    let mut rounds: u32 = 0;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return,
+        }
+        // The config in force now: a later reload may have brought one back.
+        let config = Arc::clone(&current.lock().unwrap_or_else(|p| p.into_inner()));
+        rounds = rounds.wrapping_add(1);
+        match deliveries.dead_letter_orphans(&config).await {
+            Ok(sweep) if sweep.waiting.is_empty() => return,
+            Ok(sweep) if rounds.is_multiple_of(STILL_WAITING_EVERY) => {
+                tracing::warn!(destinations = %sweep.waiting.join(", "),
+                    "removed destinations still have attempts under way; their pending deliveries wait for them");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e,
+                "cannot sweep deliveries of removed destinations; trying again"),
+        }
+        wait = config.delivery.poll_interval;
     }
 }
 

@@ -24,6 +24,10 @@ fn full_config(setup: &Setup) -> std::path::PathBuf {
     ))
 }
 
+/// Destinations and routes: every event to the file destination `events.jsonl`.
+const TO_EVENTS_JSONL: &str =
+    "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n";
+
 /// The line the file destination `events.jsonl` got for the event `simulate` printed
 /// the answer of (its last stdout line, `{"id": …}`).
 async fn simulated_line(stdout: &str, setup: &Setup) -> serde_json::Value {
@@ -171,9 +175,7 @@ async fn every_command_has_help() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulate_enroll_reaches_the_running_daemon_and_its_file() {
     let setup = Setup::new();
-    let config = setup.write_config(
-        "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n",
-    );
+    let config = setup.write_config(TO_EVENTS_JSONL);
     let daemon = Relayd::start(&config).await;
     let out = cli(
         &config,
@@ -204,9 +206,7 @@ async fn simulate_enroll_reaches_the_running_daemon_and_its_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulate_reports_a_refused_event_as_failure() {
     let setup = Setup::new();
-    let config = setup.write_config(
-        "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n",
-    );
+    let config = setup.write_config(TO_EVENTS_JSONL);
     let daemon = Relayd::start(&config).await;
     // Same daemon, but simulate reads a config whose token is not the daemon's.
     let other = Setup::new();
@@ -279,10 +279,7 @@ async fn dead_letters_before_the_first_run_fails_clearly_and_creates_nothing() {
 async fn simulate_app_id_sends_as_that_application() {
     const SECOND: &str = "fioa-second";
     let setup = Setup::new();
-    let config = setup.write_config_with_apps(
-        &[(SECOND, "tok-second-424242")],
-        "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n",
-    );
+    let config = setup.write_config_with_apps(&[(SECOND, "tok-second-424242")], TO_EVENTS_JSONL);
     let daemon = Relayd::start(&config).await;
     let out = cli(
         &config,

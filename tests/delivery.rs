@@ -429,16 +429,7 @@ async fn a_destination_timeout_is_retried_and_recorded_as_a_timeout() {
         )
     ));
     let daemon = Daemon::start(&config);
-    let client = reqwest::Client::new();
-    let (status, answer) = send(
-        &client,
-        &daemon.url(),
-        Some(TOKEN),
-        &event("AUTH", "face-t"),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let id = answer["id"].as_str().unwrap().to_string();
+    let id = daemon.accept("AUTH", "face-t").await;
 
     let first = api.next().await;
     assert_eq!(first.header("x-faceio-relay-attempt").unwrap(), "1");
@@ -589,16 +580,7 @@ async fn each_delivery_outcome_is_logged_with_its_fields() {
         http_dest("bad", &refusing.url(), "")
     ));
     let daemon = Daemon::start(&config);
-    let client = reqwest::Client::new();
-    let (status, answer) = send(
-        &client,
-        &daemon.url(),
-        Some(TOKEN),
-        &event("AUTH", "face-l"),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let id = answer["id"].as_str().unwrap();
+    let id = daemon.accept("AUTH", "face-l").await;
 
     for (destination, message, outcome) in [
         ("good", "delivery succeeded", "delivered"),
@@ -628,10 +610,7 @@ async fn text_log_lines_carry_the_event_id_unquoted() {
         http_dest("good", &ok.url(), "")
     ));
     let daemon = Daemon::start(&config);
-    let client = reqwest::Client::new();
-    let (status, answer) = send(&client, &daemon.url(), Some(TOKEN), &event("AUTH", "t")).await;
-    assert_eq!(status, 200);
-    let id = answer["id"].as_str().unwrap();
+    let id = daemon.accept("AUTH", "t").await;
     daemon
         .log_count_eventually(&format!("event_id={id}"), 2)
         .await;

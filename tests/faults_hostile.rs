@@ -25,10 +25,7 @@ const APP: &str = "fioa-hostile";
 const TOKEN: &str = "tok-hostile-0001";
 
 fn apps() -> Vec<Application> {
-    vec![Application {
-        app_id: APP.into(),
-        token: Secret::new(TOKEN.into()),
-    }]
+    vec![Application::new(APP, Secret::new(TOKEN.into()))]
 }
 
 /// Checks one body: `verify` answers, and a verified event says what the body says.

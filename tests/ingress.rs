@@ -222,14 +222,7 @@ async fn malformed_requests_get_precise_answers() {
     .await;
     assert_eq!(s, 413);
 
-    assert_eq!(
-        setup
-            .db()
-            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))
-            .unwrap(),
-        0,
-        "nothing rejected was stored"
-    );
+    assert_eq!(stored_events(&setup), 0, "nothing rejected was stored");
     relay.shutdown().await;
 }
 
@@ -410,13 +403,6 @@ async fn read_answer(conn: &mut tokio::net::TcpStream) -> (String, String) {
     tokio::time::timeout(WAIT, read)
         .await
         .expect("an answer on the raw connection in time")
-}
-
-fn stored_events(setup: &Setup) -> i64 {
-    setup
-        .db()
-        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
-        .unwrap()
 }
 
 #[tokio::test]

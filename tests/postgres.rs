@@ -29,10 +29,7 @@ fn pg_config(db: &TestDb) -> PostgresConfig {
 }
 
 fn verified(name: &str) -> VerifiedEvent {
-    let apps = vec![Application {
-        app_id: APP.into(),
-        token: Secret::new(TOKEN.into()),
-    }];
+    let apps = vec![Application::new(APP, Secret::new(TOKEN.into()))];
     let auth = authenticate(&apps, Some(TOKEN.as_bytes())).unwrap();
     let body =
         format!(r#"{{"eventName":"{name}","facialId":"f","appId":"{APP}","clientIp":"1.2.3.4"}}"#);

@@ -80,6 +80,20 @@ async fn a_removed_destinations_queue_goes_to_dead_letters() {
     for i in 0..3 {
         relay.send(&event("AUTH", &format!("f{i}"))).await;
     }
+    // Each first attempt has failed and the next is an hour away: nothing of `gone` is
+    // under way (an attempt under way would hold its sweep until it ends).
+    eventually("the first attempts to gone recorded", || {
+        setup
+            .db()
+            .query_row(
+                "SELECT COUNT(*) FROM deliveries WHERE destination = 'gone' AND attempts = 1",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+            == 3
+    })
+    .await;
     let summary = relay
         .relay
         .reload(setup.config("destinations:\n  audit:\n    type: file\n    path: e.jsonl\nroutes:\n  - to: [audit]\n"))

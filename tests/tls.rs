@@ -73,13 +73,6 @@ async fn post(
     Ok((status, version, resp.json().await.unwrap_or_default()))
 }
 
-fn stored_events(setup: &Setup) -> i64 {
-    setup
-        .db()
-        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
-        .unwrap()
-}
-
 #[tokio::test]
 async fn https_post_is_stored_over_h2_or_http1_by_alpn() {
     let setup = Setup::new();

@@ -906,10 +906,7 @@ impl Loader {
                 (None, Some(file)) => self.token_file(&item.key("token_file"), &file),
             };
             if let Some(token) = token {
-                apps.push(Application {
-                    app_id,
-                    token: Secret::new(token),
-                });
+                apps.push(Application::new(app_id, Secret::new(token)));
             }
         }
         apps

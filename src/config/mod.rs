@@ -154,12 +154,42 @@ pub const DEFAULT_POOL_SIZE: u32 = 8;
 pub const MAX_POOL_SIZE: u32 = 256;
 
 /// One FACEIO application.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Application {
     /// FACEIO application public ID (`app_id`).
     pub app_id: String,
     /// The application's webhook token (`token` or `token_file`).
     pub token: Secret,
+    /// SHA-256 of the token, computed once: ingress compares digests (see
+    /// [`crate::ingress::verify::authenticate`]).
+    token_digest: [u8; 32],
+}
+
+impl Application {
+    pub fn new(app_id: impl Into<String>, token: Secret) -> Self {
+        use sha2::Digest;
+        let token_digest = sha2::Sha256::digest(token.expose().as_bytes()).into();
+        Self {
+            app_id: app_id.into(),
+            token,
+            token_digest,
+        }
+    }
+
+    /// SHA-256 of the token.
+    pub fn token_digest(&self) -> &[u8; 32] {
+        &self.token_digest
+    }
+}
+
+/// Shows the ID and a masked token (never the token's digest either).
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("app_id", &self.app_id)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One destination, common settings plus its kind.

@@ -40,7 +40,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, DestinationConfig};
 use crate::destinations::{self, Destination};
 use crate::store::{Store, StoreError};
-use crate::telemetry::metrics::{Metrics, OutcomeLabels};
+use crate::telemetry::events::OrphansDeadLettered;
+use crate::telemetry::metrics::Metrics;
 
 pub use worker::Dispatcher;
 
@@ -337,23 +338,11 @@ impl Deliveries {
             })?;
         let mut moved = 0;
         for (destination, count) in swept {
-            tracing::warn!(
-                destination = %destination,
+            OrphansDeadLettered {
+                destination: &destination,
                 count,
-                status = %"dead",
-                "pending deliveries of a destination no longer in the config were moved to dead letters"
-            );
-            self.metrics
-                .deliveries
-                .get_or_create(&OutcomeLabels {
-                    destination,
-                    outcome: "dead",
-                })
-                .inc_by(count);
-            self.metrics
-                .totals
-                .dead
-                .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+            }
+            .emit(&self.metrics);
             moved += count;
         }
         Ok(Sweep { moved, waiting })

@@ -140,8 +140,7 @@ pub fn authenticate<'a>(
     let presented = Sha256::digest(token);
     let mut found = None;
     for app in applications {
-        let expected = Sha256::digest(app.token.expose().as_bytes());
-        let equal: bool = expected.as_slice().ct_eq(presented.as_slice()).into();
+        let equal: bool = app.token_digest().ct_eq(presented.as_slice()).into();
         if equal && found.is_none() {
             found = Some(app);
         }
@@ -245,14 +244,8 @@ mod tests {
 
     fn apps() -> Vec<Application> {
         vec![
-            Application {
-                app_id: "fioa1".into(),
-                token: Secret::new("tok-one".into()),
-            },
-            Application {
-                app_id: "fioa2".into(),
-                token: Secret::new("tok-two".into()),
-            },
+            Application::new("fioa1", Secret::new("tok-one".into())),
+            Application::new("fioa2", Secret::new("tok-two".into())),
         ]
     }
 

@@ -844,10 +844,7 @@ mod tests {
     use crate::ingress::verify::{authenticate, verify};
 
     fn app() -> Vec<Application> {
-        vec![Application {
-            app_id: "fioa1".into(),
-            token: Secret::new("t".into()),
-        }]
+        vec![Application::new("fioa1", Secret::new("t".into()))]
     }
 
     fn event(name: &str) -> VerifiedEvent {

@@ -189,3 +189,29 @@ impl RateLimitWait<'_> {
             .inc();
     }
 }
+
+/// Pending deliveries of a destination no longer in the config were moved to the dead
+/// letters (counted as `dead` outcomes, so the dead-letter alert sees them).
+pub struct OrphansDeadLettered<'a> {
+    pub destination: &'a str,
+    pub count: u64,
+}
+
+impl OrphansDeadLettered<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        tracing::warn!(
+            destination = %self.destination,
+            count = self.count,
+            status = %"dead",
+            "pending deliveries of a destination no longer in the config were moved to dead letters"
+        );
+        metrics
+            .deliveries
+            .get_or_create(&OutcomeLabels {
+                destination: self.destination.to_string(),
+                outcome: "dead",
+            })
+            .inc_by(self.count);
+        metrics.totals.dead.fetch_add(self.count, Ordering::Relaxed);
+    }
+}

@@ -161,24 +161,34 @@ impl Receiver {
 
     /// The next request, or panics after [`WAIT`].
     pub async fn next(&mut self) -> Received {
-        tokio::time::timeout(WAIT, self.rx.recv())
-            .await
-            .expect("receiver got nothing in time")
-            .expect("receiver closed")
+        next_request(&mut self.rx).await
     }
 
     /// Whether a request arrives within `within` (for asserting that nothing comes).
     pub async fn next_within(&mut self, within: Duration) -> Option<Received> {
-        tokio::time::timeout(within, self.rx.recv())
-            .await
-            .ok()
-            .flatten()
+        request_within(&mut self.rx, within).await
     }
 
     /// Stops answering (connections are refused from now on).
     pub fn stop(&self) {
         self.task.abort();
     }
+}
+
+/// The next request a fake destination reported, or panics after [`WAIT`].
+async fn next_request(rx: &mut mpsc::UnboundedReceiver<Received>) -> Received {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("the fake destination got nothing in time")
+        .expect("the fake destination stopped")
+}
+
+/// The next request a fake destination reports within `within`, if any.
+async fn request_within(
+    rx: &mut mpsc::UnboundedReceiver<Received>,
+    within: Duration,
+) -> Option<Received> {
+    tokio::time::timeout(within, rx.recv()).await.ok().flatten()
 }
 
 /// A port nothing listens on (bound then released), for a destination that is down.
@@ -288,18 +298,12 @@ impl Holder {
 
     /// The next request to arrive (held or not), or panics after [`WAIT`].
     pub async fn next(&mut self) -> Received {
-        tokio::time::timeout(WAIT, self.rx.recv())
-            .await
-            .expect("holder got nothing in time")
-            .expect("holder closed")
+        next_request(&mut self.rx).await
     }
 
     /// Whether a request arrives within `within` (for asserting that nothing comes).
     pub async fn next_within(&mut self, within: Duration) -> Option<Received> {
-        tokio::time::timeout(within, self.rx.recv())
-            .await
-            .ok()
-            .flatten()
+        request_within(&mut self.rx, within).await
     }
 
     /// Lets `n` held requests (the longest waiting first) be answered.
@@ -461,6 +465,14 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
     }
 }
 
+/// Counts the events in the store.
+pub fn stored_events(setup: &Setup) -> i64 {
+    setup
+        .db()
+        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+        .unwrap()
+}
+
 /// Counts deliveries in `state` (pending, done, dead).
 pub fn count(setup: &Setup, state: &str) -> i64 {
     setup
@@ -548,6 +560,18 @@ impl Daemon {
 
     pub fn url(&self) -> String {
         format!("http://{}/webhook", self.addr)
+    }
+
+    /// POSTs a FACEIO event with the right token, asserts the 200, returns the event ID.
+    pub async fn accept(&self, name: &str, facial_id: &str) -> String {
+        let client = reqwest::Client::new();
+        let (status, answer) =
+            send(&client, &self.url(), Some(TOKEN), &event(name, facial_id)).await;
+        assert_eq!(status, 200, "{answer}");
+        answer["id"]
+            .as_str()
+            .expect("the answer names the event")
+            .to_string()
     }
 
     pub fn kill9(mut self) {
