@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
         attempts: 0,
         received_at_ms: 0,
         body: Bytes::copy_from_slice(body),
+        claim: None,
     };
     match dest.render(&delivery) {
         Ok(_) | Err(DeliveryError::Permanent { .. }) => {}

@@ -8,7 +8,10 @@ use faceio_relay::ingress::verify::{Rejection, authenticate, verify};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let apps = vec![Application::new("fioa-fuzz", Secret::new("tok-fuzz".into()))];
+    let apps = vec![Application::new(
+        "fioa-fuzz",
+        Secret::new("tok-fuzz".into()),
+    )];
     let auth = authenticate(&apps, Some(b"Bearer tok-fuzz")).expect("the token matches");
     match verify(auth, Bytes::copy_from_slice(data)) {
         Ok(event) => {
