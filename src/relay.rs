@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -160,46 +161,64 @@ impl Relay {
         let stop_ingress = CancellationToken::new();
         let ingress_up = Arc::new(AtomicBool::new(true));
         let admin = admin_listener.map(|listener| {
-            let app = admin::router(Arc::new(AdminState {
-                metrics: Arc::clone(&metrics),
-                store: Arc::clone(&store),
-                ingress_up: Arc::clone(&ingress_up),
-                destinations: {
-                    let current = Arc::clone(&current);
-                    Arc::new(move || {
-                        current
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .destinations
-                            .iter()
-                            .map(|d| d.name.clone())
-                            .collect()
-                    })
-                },
-            }));
+            let destinations: Arc<dyn Fn() -> Vec<String> + Send + Sync> = {
+                let current = Arc::clone(&current);
+                Arc::new(move || {
+                    current
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .destinations
+                        .iter()
+                        .map(|d| d.name.clone())
+                        .collect()
+                })
+            };
+            let app = admin::router(Arc::new(AdminState::new(
+                Arc::clone(&metrics),
+                Arc::clone(&store),
+                Arc::clone(&ingress_up),
+                destinations,
+                config.admin.token.as_ref(),
+            )));
             let stop = CancellationToken::new();
             let task = tokio::spawn({
                 let stop = stop.clone();
+                let limits = ingress::ListenerLimits::admin(&config.admin);
+                let policy = Arc::new(ArcSwap::from_pointee(ingress::ConnPolicy::admin(
+                    &config.admin,
+                )));
+                let metrics = Arc::clone(&metrics);
                 async move {
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move { stop.cancelled().await })
-                        .await;
-                    if let Err(e) = served {
-                        tracing::error!(error = %e, "admin endpoint failed");
-                    }
+                    ingress::serve(
+                        listener,
+                        app,
+                        limits,
+                        policy,
+                        metrics,
+                        stop,
+                        ADMIN_CLOSE,
+                        None,
+                    )
+                    .await;
                 }
             });
             (stop, task)
         });
         let app = ingress::router(Arc::clone(&ingress_state));
-        let limits = config.ingress.clone();
-        let drain = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
+        let limits = ingress::ListenerLimits::ingress(&config.ingress);
+        let drain =
+            config.ingress.body_timeout + config.ingress.store_timeout + Duration::from_secs(1);
         let ingress = tokio::spawn({
             let stop = stop_ingress.clone();
             let acceptor = tls.as_ref().map(TlsHandle::acceptor);
             let ingress_up = Arc::clone(&ingress_up);
+            let policy = ingress_state.conn_policy();
+            let metrics = Arc::clone(&metrics);
             async move {
-                ingress::serve(listener, app, &limits, stop, drain, acceptor).await;
+                ingress::serve(
+                    listener, app, limits, policy, metrics, stop, drain, acceptor,
+                )
+                .await;
                 ingress_up.store(false, Ordering::Release);
             }
         });
@@ -248,7 +267,7 @@ impl Relay {
 
     /// Applies a new, validated config: tokens, routes, ingress limits and destinations
     /// change at once; settings that need a restart (listen addresses, store path,
-    /// retention, connection cap, header timeout, log format, TLS paths) are kept and named in a
+    /// retention, connection cap, header timeout, log format, TLS paths, `admin:`) are kept and named in a
     /// warning. On error nothing changes.
     pub async fn reload(&self, new: Config) -> anyhow::Result<String> {
         let old = Arc::clone(&self.current.lock().unwrap_or_else(|p| p.into_inner()));
@@ -258,6 +277,9 @@ impl Relay {
         }
         if new.admin_listen != old.admin_listen {
             kept.push("admin_listen");
+        }
+        if new.admin != old.admin {
+            kept.push("admin");
         }
         if new.webhook_path != old.webhook_path {
             kept.push("webhook_path");
@@ -291,6 +313,7 @@ impl Relay {
         // Keep what cannot change live, so the config in force describes the process.
         new.listen = old.listen;
         new.admin_listen = old.admin_listen;
+        new.admin = old.admin.clone();
         new.webhook_path = old.webhook_path.clone();
         new.store.path = old.store.path.clone();
         new.store.backend = old.store.backend.clone();

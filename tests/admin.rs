@@ -154,17 +154,32 @@ async fn readyz_reports_a_store_that_cannot_write() {
     let ready = reqwest::get(format!("{admin}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
 
-    // Another process holds the write lock longer than the probe waits: not ready.
+    // Another process holds the write lock longer than the probe waits: not ready (the
+    // answer may come from a probe up to a second old, so within a second and the probe).
     let db = setup.db();
     db.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let ready = reqwest::get(format!("{admin}/readyz")).await.unwrap();
-    assert_eq!(ready.status(), 503);
+    let ready = readyz_within(&admin, 503).await;
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["ready"], false);
     db.execute_batch("ROLLBACK").unwrap();
-    let ready = reqwest::get(format!("{admin}/readyz")).await.unwrap();
-    assert_eq!(ready.status(), 200, "ready again once the store writes");
+    readyz_within(&admin, 200).await;
     relay.shutdown().await;
+}
+
+/// Asks `/readyz` until it answers `status`, for at most [`WAIT`].
+async fn readyz_within(admin: &str, status: u16) -> reqwest::Response {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let ready = reqwest::get(format!("{admin}/readyz")).await.unwrap();
+        if ready.status() == status {
+            return ready;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never answered {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -340,4 +355,94 @@ async fn an_idle_relay_exports_every_destination_series_at_zero() {
         assert_eq!(metric(&text, &series), Some(0.0), "{series}:\n{text}");
     }
     relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_token_guards_metrics_but_not_health_checks() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config("admin:\n  token: s3cret-scrape-token\n")).await;
+    let admin = relay.relay.admin_addr().expect("admin enabled");
+    let client = reqwest::Client::new();
+    let get = |path: &str, auth: Option<&str>| {
+        let mut req = client.get(format!("http://{admin}{path}"));
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        req.send()
+    };
+    let none = get("/metrics", None).await.unwrap();
+    assert_eq!(none.status(), 401);
+    assert_eq!(none.headers()["www-authenticate"], "Bearer");
+    let body = none.text().await.unwrap();
+    assert!(!body.contains("faceio_relay_"), "{body}");
+    assert!(!body.contains("s3cret"), "{body}");
+    for wrong in [
+        "Bearer s3cret",
+        "Basic s3cret-scrape-token",
+        "s3cret-scrape-token",
+    ] {
+        assert_eq!(
+            get("/metrics", Some(wrong)).await.unwrap().status(),
+            401,
+            "{wrong}"
+        );
+    }
+    let ok = get("/metrics", Some("Bearer s3cret-scrape-token"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert!(ok.text().await.unwrap().contains("faceio_relay_"));
+    assert_eq!(get("/readyz", None).await.unwrap().status(), 200);
+    assert_eq!(get("/healthz", None).await.unwrap().status(), 200);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_event_names_do_not_grow_the_metrics() {
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(
+        "destinations:\n  f:\n    type: file\n    path: out.jsonl\n\
+         routes:\n  - match: { eventName: [ENROLL, CUSTOM_SIGNUP] }\n    to: [f]\n",
+    ))
+    .await;
+    let admin = relay.relay.admin_addr().unwrap();
+    relay
+        .send(&event("CUSTOM_SIGNUP", "named-by-a-route"))
+        .await;
+    relay.send(&event("AUTH", "documented")).await;
+    let before = metrics_text(admin).await.len();
+    let relay = std::sync::Arc::new(relay);
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let relay = std::sync::Arc::clone(&relay);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..625 {
+                let name = format!("PAYLOAD_TEXT_{worker}_{i}_{}", "x".repeat(200));
+                let (status, _) = relay.send(&event(&name, "f")).await;
+                assert_eq!(status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let text = metrics_text(admin).await;
+    let series = |name: &str| {
+        metric(
+            &text,
+            &format!(
+                "faceio_relay_events_received_total{{app_id=\"{APP}\",event_name=\"{name}\"}}"
+            ),
+        )
+    };
+    assert_eq!(series("other"), Some(10_000.0), "{text}");
+    assert_eq!(series("CUSTOM_SIGNUP"), Some(1.0));
+    assert_eq!(series("AUTH"), Some(1.0));
+    assert!(!text.contains("PAYLOAD_TEXT"));
+    // The whole exposition grew by the one `other` series and the counts' digits.
+    assert!(
+        text.len() < before + 1024,
+        "/metrics grew from {before} to {} bytes",
+        text.len()
+    );
 }

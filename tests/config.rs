@@ -226,6 +226,25 @@ fn full_example_is_typed_as_written() {
     assert_eq!(ips, ["10.0.0.0/8", "192.168.1.7/32", "2001:db8::/32"]);
     assert_eq!(config.ingress.auth_failures.per_second, 0.5);
     assert_eq!(config.ingress.auth_failures.burst, 5);
+    assert_eq!(config.ingress.idle_timeout, Duration::from_secs(30));
+    assert_eq!(config.ingress.handshake_timeout, Duration::from_secs(3));
+    assert_eq!(config.ingress.max_connections_per_ip, 16);
+    let proxies: Vec<String> = config
+        .ingress
+        .trusted_proxies
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(proxies, ["127.0.0.1/32", "::1/128", "10.1.0.0/16"]);
+    assert!(config.ingress.proxy_protocol);
+    assert_eq!(
+        config.admin.token.as_ref().map(|t| t.expose().as_str()),
+        Some("admin-token-full-5e2")
+    );
+    assert!(!format!("{:?}", config.admin).contains("admin-token-full"));
+    assert_eq!(config.admin.max_connections, 8);
+    assert_eq!(config.admin.header_timeout, Duration::from_secs(2));
+    assert_eq!(config.admin.idle_timeout, Duration::from_secs(20));
     let dir = file.parent().unwrap();
     assert_eq!(config.store.path, dir.join("state/relay.db"));
     assert!(!config.store.path.to_string_lossy().contains("/./"));

@@ -42,8 +42,14 @@ async fn post_ok(url: &str, face: &str) -> (u16, Duration) {
 async fn five_hundred_header_tricklers_do_not_stop_a_normal_client() {
     let setup = Setup::new();
     // The default `max_connections` (1024) leaves room for 500 slow clients; the header
-    // timeout (shortened here to keep the test short) then closes them.
-    let daemon = Relayd::start(&config(&setup, "  header_timeout: 2s\n")).await;
+    // timeout (shortened here to keep the test short) then closes them. The per-source
+    // cap (which would close most of them at once: tests/ingress_limits.rs) is raised so
+    // the header timeout is what this test sees.
+    let daemon = Relayd::start(&config(
+        &setup,
+        "  header_timeout: 2s\n  max_connections_per_ip: 1000\n",
+    ))
+    .await;
     let mut slow = Vec::new();
     for _ in 0..500 {
         let mut s = TcpStream::connect(daemon.addr).await.unwrap();

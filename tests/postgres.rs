@@ -1174,7 +1174,11 @@ async fn postgres_down_means_503_never_200_and_recovery_delivers() {
         let (status, body) = relay.send(&event("AUTH", &format!("down{i}"))).await;
         assert_eq!(status, 503, "{body}");
     }
-    assert_eq!(reqwest::get(&admin).await.unwrap().status(), 503);
+    // `/readyz` answers from a probe at most a second old.
+    within(Duration::from_secs(10), "/readyz says 503", || async {
+        reqwest::get(&admin).await.unwrap().status() == 503
+    })
+    .await;
 
     db.restore().await;
     // Like FACEIO, retry until accepted: the pool reconnects.
@@ -1198,7 +1202,13 @@ async fn postgres_down_means_503_never_200_and_recovery_delivers() {
         1,
         "nothing answered 503 was delivered"
     );
-    assert_eq!(reqwest::get(&admin).await.unwrap().status(), 200);
+    // Ready again once a probe (at most a second old) sees PostgreSQL answer.
+    within(
+        Duration::from_secs(10),
+        "/readyz says 200 again",
+        || async { reqwest::get(&admin).await.unwrap().status() == 200 },
+    )
+    .await;
     relay.shutdown().await;
 }
 

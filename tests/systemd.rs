@@ -402,7 +402,7 @@ fn parse_journal(mut d: &[u8]) -> Fields {
 // nothing within `ingress.header_timeout` is closed with "connection sent nothing in
 // time" at DEBUG.
 
-const SILENT_CONNECTION: &str = "connection sent nothing in time";
+const SILENT_CONNECTION: &str = "reason=no_request";
 
 /// A config whose silent connections are closed after 200 ms, with `extra` top-level keys.
 fn level_config(setup: &Setup, extra: &str) -> PathBuf {

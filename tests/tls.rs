@@ -12,21 +12,6 @@ use tokio::io::AsyncReadExt;
 const AUDIT: &str =
     "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n";
 
-/// A self-signed certificate for 127.0.0.1 and localhost, in PEM.
-struct Pem {
-    cert: String,
-    key: String,
-}
-
-fn self_signed() -> Pem {
-    let c =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
-    Pem {
-        cert: c.cert.pem(),
-        key: c.signing_key.serialize_pem(),
-    }
-}
-
 /// Writes `pem` where the relay's `tls:` points (replacing what was there).
 fn install(setup: &Setup, pem: &Pem) {
     std::fs::write(setup.path("cert.pem"), &pem.cert).unwrap();

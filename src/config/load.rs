@@ -14,17 +14,17 @@ use serde::de::DeserializeOwned;
 use super::de::{DeError, from_node, one_of};
 use super::interp::interpolate;
 use super::raw::{
-    DESTINATION_TYPES, Dur, OneOrMany, RawApplication, RawDelivery, RawFile, RawHttp, RawIngress,
-    RawMatch, RawRateLimit, RawRetry, RawRoute, RawSlack, RawStore, RawTls, STORE_BACKENDS,
-    TOP_LEVEL_KEYS,
+    DESTINATION_TYPES, Dur, OneOrMany, RawAdmin, RawApplication, RawDelivery, RawFile, RawHttp,
+    RawIngress, RawMatch, RawRateLimit, RawRetry, RawRoute, RawSlack, RawStore, RawTls,
+    STORE_BACKENDS, TOP_LEVEL_KEYS,
 };
 use super::suggest::did_you_mean;
 use super::yaml::{KeyPath, Kind, Loc, Node, Seg, parse};
 use super::{
-    AgeRange, Application, Config, DEFAULT_ADMIN_LISTEN, DEFAULT_POOL_SIZE, DeliveryConfig,
-    DestinationConfig, DestinationKind, FileConfig, HttpConfig, IngressConfig, LogFormat,
-    MAX_POOL_SIZE, MatchConfig, PostgresConfig, RateLimit, RetryPolicy, RouteConfig, Secret,
-    SlackConfig, StoreBackend, StoreConfig, TlsConfig,
+    AdminConfig, AgeRange, Application, Config, DEFAULT_ADMIN_LISTEN, DEFAULT_POOL_SIZE,
+    DeliveryConfig, DestinationConfig, DestinationKind, FileConfig, HttpConfig, IngressConfig,
+    LogFormat, MAX_POOL_SIZE, MatchConfig, PostgresConfig, RateLimit, RetryPolicy, RouteConfig,
+    Secret, SlackConfig, StoreBackend, StoreConfig, TlsConfig,
 };
 
 /// One problem in the config file.
@@ -448,6 +448,7 @@ impl Loader {
         let log_format = self.log_format();
         let log_level = self.log_level();
         let tls = self.tls();
+        let admin = self.admin();
         Config {
             source,
             listen,
@@ -462,6 +463,7 @@ impl Loader {
             log_format,
             log_level,
             tls,
+            admin,
         }
     }
 
@@ -485,6 +487,7 @@ impl Loader {
             log_format: LogFormat::Text,
             log_level: None,
             tls: None,
+            admin: AdminConfig::default(),
         }
     }
 
@@ -524,6 +527,41 @@ impl Loader {
                 default
             }
         }
+    }
+
+    fn admin(&mut self) -> AdminConfig {
+        let path = top("admin");
+        let mut cfg = AdminConfig::default();
+        let Some(raw) = self.de::<RawAdmin>(&path) else {
+            return cfg;
+        };
+        if let Some(token) = raw.token {
+            let token = token.trim();
+            if token.is_empty() {
+                self.error(
+                    &path.key("token"),
+                    "must not be empty (remove `token` to leave /metrics open)",
+                );
+            } else {
+                cfg.token = Some(Secret::new(token.to_owned()));
+            }
+        }
+        if let Some(n) = self.count(&path.key("max_connections"), raw.max_connections) {
+            cfg.max_connections = n;
+        }
+        for (key, value, slot) in [
+            (
+                "header_timeout",
+                raw.header_timeout,
+                &mut cfg.header_timeout,
+            ),
+            ("idle_timeout", raw.idle_timeout, &mut cfg.idle_timeout),
+        ] {
+            if let Some(d) = self.positive(&path.key(key), value) {
+                *slot = d;
+            }
+        }
+        cfg
     }
 
     fn log_format(&mut self) -> LogFormat {
@@ -651,24 +689,39 @@ impl Loader {
                 cfg.store_timeout = d;
             }
         }
-        if let Some(n) = raw.max_connections {
-            match usize::try_from(n) {
-                Ok(0) => self.error(&path.key("max_connections"), "must be at least 1"),
-                Ok(n) => cfg.max_connections = n,
-                Err(_) => self.error(&path.key("max_connections"), "is too large"),
-            }
+        if let Some(n) = self.count(&path.key("max_connections"), raw.max_connections) {
+            cfg.max_connections = n;
         }
         if let Some(ips) = raw.allow_ips {
-            let list = path.key("allow_ips");
-            for (i, text) in ips.iter().enumerate() {
-                match parse_net(text) {
-                    Some(net) => cfg.allow_ips.push(net),
-                    None => self.error(
-                        &list.index(i),
-                        "not an IP address or CIDR network (such as 10.0.0.0/8 or 192.168.1.7)",
-                    ),
-                }
+            cfg.allow_ips = self.networks(&path.key("allow_ips"), &ips);
+        }
+        for (key, value, slot) in [
+            ("idle_timeout", raw.idle_timeout, &mut cfg.idle_timeout),
+            (
+                "handshake_timeout",
+                raw.handshake_timeout,
+                &mut cfg.handshake_timeout,
+            ),
+        ] {
+            if let Some(d) = self.positive(&path.key(key), value) {
+                *slot = d;
             }
+        }
+        let per_ip = path.key("max_connections_per_ip");
+        if let Some(n) = self.count(&per_ip, raw.max_connections_per_ip) {
+            cfg.max_connections_per_ip = n;
+        }
+        if let Some(nets) = raw.trusted_proxies {
+            cfg.trusted_proxies = self.networks(&path.key("trusted_proxies"), &nets);
+        }
+        if let Some(on) = raw.proxy_protocol {
+            if on && cfg.trusted_proxies.is_empty() {
+                self.error(
+                    &path.key("proxy_protocol"),
+                    "needs `trusted_proxies`: the PROXY header is read only from the proxies listed there",
+                );
+            }
+            cfg.proxy_protocol = on;
         }
         if let Some(af) = raw.auth_failures {
             let af_path = path.key("auth_failures");
@@ -684,6 +737,36 @@ impl Loader {
             }
         }
         cfg
+    }
+
+    /// A count that must be at least 1.
+    fn count(&mut self, path: &KeyPath, value: Option<u64>) -> Option<usize> {
+        match usize::try_from(value?) {
+            Ok(0) => {
+                self.error(path, "must be at least 1");
+                None
+            }
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.error(path, "is too large");
+                None
+            }
+        }
+    }
+
+    /// A list of addresses (as /32 or /128) and CIDR networks; each bad one is an error.
+    fn networks(&mut self, list: &KeyPath, items: &[String]) -> Vec<IpNet> {
+        let mut nets = Vec::new();
+        for (i, text) in items.iter().enumerate() {
+            match parse_net(text) {
+                Some(net) => nets.push(net),
+                None => self.error(
+                    &list.index(i),
+                    "not an IP address or CIDR network (such as 10.0.0.0/8 or 192.168.1.7)",
+                ),
+            }
+        }
+        nets
     }
 
     /// A duration that must be > 0.
@@ -1519,18 +1602,7 @@ impl Common {
 }
 
 fn ingress_defaults() -> IngressConfig {
-    IngressConfig {
-        max_body: 64 * 1024,
-        header_timeout: Duration::from_secs(5),
-        body_timeout: Duration::from_secs(5),
-        store_timeout: Duration::from_secs(3),
-        max_connections: 1024,
-        allow_ips: Vec::new(),
-        auth_failures: RateLimit {
-            per_second: 1.0,
-            burst: 10,
-        },
-    }
+    IngressConfig::defaults()
 }
 
 fn delivery_defaults() -> DeliveryConfig {

@@ -61,6 +61,34 @@ pub struct Config {
     pub log_level: Option<String>,
     /// HTTPS on the ingress (`tls: { cert, key }`); `None` = plain HTTP.
     pub tls: Option<TlsConfig>,
+    /// Protections of the admin endpoint (`admin:` section).
+    pub admin: AdminConfig,
+}
+
+/// `admin:` — the admin endpoint's own limits and optional token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// When set, `/metrics` needs `Authorization: Bearer <token>` (`token`; `/healthz`
+    /// and `/readyz` stay open for load balancers).
+    pub token: Option<Secret>,
+    /// Concurrent admin connections (`max_connections`, default 64).
+    pub max_connections: usize,
+    /// Time allowed to send request headers (`header_timeout`, default 5s).
+    pub header_timeout: Duration,
+    /// A connection with no request in progress is closed after this (`idle_timeout`,
+    /// default 10s).
+    pub idle_timeout: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Default admin address.
@@ -99,9 +127,53 @@ pub struct IngressConfig {
     pub max_connections: usize,
     /// Source addresses allowed to post (`allow_ips`); empty means everyone.
     pub allow_ips: Vec<IpNet>,
-    /// Failed authentications tolerated per source IP before it gets 429 instead of 401
-    /// (`auth_failures`, default `{ per_second: 1, burst: 10 }`).
+    /// Failed authentications (and requests that are not the webhook: 404, 405) tolerated
+    /// per client address before it gets 429 (`auth_failures`, default
+    /// `{ per_second: 1, burst: 10 }`).
     pub auth_failures: RateLimit,
+    /// A connection with no request in progress is closed after this long
+    /// (`idle_timeout`, default 10s): idle sockets cannot hold connection slots.
+    pub idle_timeout: Duration,
+    /// Time allowed for a new connection's TLS handshake and PROXY header
+    /// (`handshake_timeout`, default 5s).
+    pub handshake_timeout: Duration,
+    /// Concurrent connections from one client address (`max_connections_per_ip`, default
+    /// 64; IPv6 clients are counted per /64). A trusted proxy's own connections are not
+    /// counted (it carries many clients) unless `proxy_protocol` names the client.
+    pub max_connections_per_ip: usize,
+    /// Peers whose forwarding headers name the client (`trusted_proxies`, default none).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Connections from trusted proxies start with a PROXY v1/v2 header
+    /// (`proxy_protocol`, default false).
+    pub proxy_protocol: bool,
+}
+
+impl IngressConfig {
+    /// Defaults of every `ingress:` key (the documented values above).
+    pub fn defaults() -> Self {
+        Self {
+            max_body: 64 * 1024,
+            header_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(5),
+            store_timeout: Duration::from_secs(3),
+            max_connections: 1024,
+            allow_ips: Vec::new(),
+            auth_failures: RateLimit {
+                per_second: 1.0,
+                burst: 10,
+            },
+            idle_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            max_connections_per_ip: 64,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+        }
+    }
+
+    /// True when `ip` is one of `trusted_proxies`.
+    pub fn is_trusted_proxy(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
 }
 
 /// `store:` — where events and deliveries live.
@@ -142,9 +214,9 @@ pub struct PostgresConfig {
     /// `postgres://user:password@host:port/database?sslmode=…` (`url`, required). It
     /// usually carries a password, so it is a secret: never logged, never in `check`.
     pub url: Secret,
-    /// Connections for ingress, dispatchers and admin reads (`pool_size`, 1 to 256,
-    /// default 8). Each relay also keeps two more: one holding its destination locks and
-    /// one listening for new deliveries.
+    /// Connections for ingress and dispatchers (`pool_size`, 1 to 256,
+    /// default 8). Each relay also keeps up to three more: one holding its destination
+    /// locks, one listening for new deliveries and one for the admin endpoint's reads.
     pub pool_size: u32,
 }
 

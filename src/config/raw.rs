@@ -28,6 +28,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "log_format",
     "log_level",
     "tls",
+    "admin",
 ];
 
 /// `tls:` — terminate HTTPS in the daemon.
@@ -58,9 +59,36 @@ pub struct RawIngress {
     pub max_connections: Option<u64>,
     /// Source addresses or CIDR networks allowed to post (default: everyone).
     pub allow_ips: Option<Vec<String>>,
-    /// Failed authentications tolerated per source IP before 429 instead of 401
-    /// (default `{ per_second: 1, burst: 10 }`).
+    /// Failed authentications (and requests for other paths or methods) tolerated per
+    /// source IP before 429 (default `{ per_second: 1, burst: 10 }`).
     pub auth_failures: Option<RawAuthFailures>,
+    /// A connection with no request in progress is closed after this long (default `10s`).
+    pub idle_timeout: Option<Dur>,
+    /// Time allowed for a new connection's TLS handshake and PROXY header (default `5s`).
+    pub handshake_timeout: Option<Dur>,
+    /// Concurrent connections from one client address (default `64`, at least 1).
+    pub max_connections_per_ip: Option<u64>,
+    /// Peers (addresses or CIDR networks) whose `X-Forwarded-For` (and, with
+    /// `proxy_protocol`, PROXY header) name the client (default: none).
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Connections from `trusted_proxies` begin with a PROXY protocol v1 or v2 header
+    /// (default `false`).
+    pub proxy_protocol: Option<bool>,
+}
+
+/// `admin:` — protections of the admin endpoint (`admin_listen`).
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// When set, `/metrics` requires `Authorization: Bearer <token>` (a secret).
+    pub token: Option<String>,
+    /// Concurrent admin connections (default `64`, at least 1).
+    pub max_connections: Option<u64>,
+    /// Time allowed for request headers (default `5s`).
+    pub header_timeout: Option<Dur>,
+    /// An admin connection with no request in progress is closed after this long
+    /// (default `10s`).
+    pub idle_timeout: Option<Dur>,
 }
 
 /// `ingress.auth_failures` — a token bucket per source IP; both keys optional.

@@ -1,12 +1,13 @@
 //! The webhook handler: every answer FACEIO (or anyone else) can get.
 
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use axum::Json;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Extension, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -14,6 +15,8 @@ use governor::{DefaultKeyedRateLimiter, RateLimiter};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
+use super::client::{ClientAddr, source_key};
+use super::server::ConnPolicy;
 use super::verify::{self, Rejection};
 use crate::config::{Config, RateLimit};
 use crate::delivery::Wakers;
@@ -31,6 +34,48 @@ pub struct Live {
     pub router: Router,
     /// Wakes a destination's dispatcher after its delivery is committed.
     pub wakers: Wakers,
+    /// Event names that get their own `event_name` label in `events_received_total`:
+    /// FACEIO's documented events and those the routes name. Any other name (payload
+    /// text, up to `max_body` long) is counted as `other`, so the metric stays bounded.
+    pub metric_event_names: HashSet<String>,
+}
+
+/// FACEIO's documented event names.
+pub const DOCUMENTED_EVENTS: [&str; 3] = ["ENROLL", "AUTH", "DELETION"];
+
+/// The `event_name` label for unlisted names.
+pub const OTHER_EVENT_LABEL: &str = "other";
+
+impl Live {
+    fn new(config: Arc<Config>, wakers: Wakers) -> Self {
+        let metric_event_names = DOCUMENTED_EVENTS
+            .iter()
+            .map(|n| n.to_string())
+            .chain(
+                config
+                    .routes
+                    .iter()
+                    .filter_map(|r| r.matcher.event_name.as_ref())
+                    .flatten()
+                    .cloned(),
+            )
+            .collect();
+        Self {
+            router: Router::new(&config),
+            config,
+            wakers,
+            metric_event_names,
+        }
+    }
+
+    /// The metric label for an event name.
+    fn event_label<'a>(&self, name: &'a str) -> &'a str {
+        if self.metric_event_names.contains(name) {
+            name
+        } else {
+            OTHER_EVENT_LABEL
+        }
+    }
 }
 
 /// The failed-authentication budget and the rate it was built from (kept across reloads
@@ -45,8 +90,11 @@ pub struct IngressState {
     live: ArcSwap<Live>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
-    /// Failed authentications per source IP.
+    /// Failed authentications (and requests that are not the webhook) per source IP.
     auth_failures: ArcSwap<AuthBudget>,
+    /// The per-connection rules the connection server reads (idle timeout, per-source
+    /// cap, trusted proxies), replaced on reload like the rest.
+    conn_policy: Arc<ArcSwap<ConnPolicy>>,
 }
 
 impl IngressState {
@@ -58,11 +106,8 @@ impl IngressState {
     ) -> Self {
         let rate = config.ingress.auth_failures;
         Self {
-            live: ArcSwap::from_pointee(Live {
-                router: Router::new(&config),
-                config,
-                wakers,
-            }),
+            conn_policy: Arc::new(ArcSwap::from_pointee(ConnPolicy::ingress(&config.ingress))),
+            live: ArcSwap::from_pointee(Live::new(config, wakers)),
             store,
             metrics,
             auth_failures: ArcSwap::from_pointee(AuthBudget {
@@ -70,6 +115,11 @@ impl IngressState {
                 limiter: RateLimiter::keyed(rate.quota()),
             }),
         }
+    }
+
+    /// The per-connection rules, for [`super::serve`].
+    pub fn conn_policy(&self) -> Arc<ArcSwap<ConnPolicy>> {
+        Arc::clone(&self.conn_policy)
     }
 
     /// Switches to a new config (reload): tokens, routes, limits, destinations.
@@ -81,11 +131,9 @@ impl IngressState {
                 limiter: RateLimiter::keyed(rate.quota()),
             }));
         }
-        self.live.store(Arc::new(Live {
-            router: Router::new(&config),
-            config,
-            wakers,
-        }));
+        self.conn_policy
+            .store(Arc::new(ConnPolicy::ingress(&config.ingress)));
+        self.live.store(Arc::new(Live::new(config, wakers)));
     }
 
     /// Drops failure counters of sources that have been quiet, bounding memory.
@@ -93,19 +141,6 @@ impl IngressState {
         let budget = self.auth_failures.load();
         budget.limiter.retain_recent();
         budget.limiter.shrink_to_fit();
-    }
-}
-
-/// The key a source's failed authentications are counted under. An IPv6 client usually
-/// holds a whole /64, so rotating addresses inside it must not reset its budget (nor grow
-/// the table by one entry per request).
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & (!0u128 << 64);
-            IpAddr::V6(prefix.into())
-        }
     }
 }
 
@@ -119,32 +154,35 @@ pub fn router(state: Arc<IngressState>) -> axum::Router {
         .with_state(state)
 }
 
-/// Any method but POST on the webhook path (logged and counted like every refusal).
+/// Any method but POST on the webhook path (logged and counted like every refusal, and
+/// charged to the source's failed-request budget).
 async fn method_not_allowed(
     State(state): State<Arc<IngressState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientAddr(ip)): Extension<ClientAddr>,
 ) -> Response {
-    Refusal {
+    let refusal = Refusal {
         status: StatusCode::METHOD_NOT_ALLOWED,
         code: "method_not_allowed",
         message: "use POST",
         detail: "not a POST",
-    }
-    .answer(&state, peer.ip().to_canonical())
+    };
+    charged(&state, ip, refusal, "not a POST")
 }
 
-/// Any other path (the path is not logged: a mistyped URL may carry a secret).
+/// Any other path (the path is not logged: a mistyped URL may carry a secret). Charged
+/// to the source's failed-request budget: a source that polls other paths to keep its
+/// connections busy is soon answered 429 and disconnected.
 async fn not_found(
     State(state): State<Arc<IngressState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientAddr(ip)): Extension<ClientAddr>,
 ) -> Response {
-    Refusal {
+    let refusal = Refusal {
         status: StatusCode::NOT_FOUND,
         code: "not_found",
         message: "no such endpoint",
         detail: "not the webhook path",
-    }
-    .answer(&state, peer.ip().to_canonical())
+    };
+    charged(&state, ip, refusal, "not the webhook path")
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -195,12 +233,10 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 async fn webhook(
     State(state): State<Arc<IngressState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientAddr(ip)): Extension<ClientAddr>,
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    // On a dual-stack `[::]` listener IPv4 clients arrive as ::ffff:a.b.c.d.
-    let ip = peer.ip().to_canonical();
     let live = state.live.load_full();
     let limits = &live.config.ingress;
     if !limits.allow_ips.is_empty() && !limits.allow_ips.iter().any(|n| n.contains(&ip)) {
@@ -322,6 +358,7 @@ async fn webhook(
         event_id: event.id(),
         app_id: &p.app_id,
         event_name: &p.event_name,
+        event_label: live.event_label(&p.event_name),
         destinations: targets.len(),
         latency: started.elapsed(),
     }
@@ -332,33 +369,44 @@ async fn webhook(
 /// A failed authentication: 401, or 429 once this source has failed too often.
 fn auth_failed(state: &IngressState, ip: IpAddr, why: &Rejection) -> Response {
     let detail = why.to_string();
+    let refusal = Refusal {
+        status: StatusCode::UNAUTHORIZED,
+        code: "unauthorized",
+        message: "authentication failed",
+        detail: &detail,
+    };
+    charged(state, ip, refusal, &detail)
+}
+
+/// A refusal charged to the source's failed-request budget: answered as `refusal` while
+/// the budget lasts, then 429 with `Connection: close`.
+fn charged(state: &IngressState, ip: IpAddr, refusal: Refusal<'_>, detail: &str) -> Response {
     if state
         .auth_failures
         .load()
         .limiter
         .check_key(&source_key(ip))
-        .is_err()
+        .is_ok()
     {
-        let mut r = Refusal {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            code: "too_many_requests",
-            message: "too many failed authentications",
-            detail: &detail,
-        }
-        .answer(state, ip);
-        r.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        return r;
+        return refusal.answer(state, ip);
     }
-    Refusal {
-        status: StatusCode::UNAUTHORIZED,
-        code: "unauthorized",
-        message: "authentication failed",
-        detail: &detail,
+    let message = if refusal.status == StatusCode::UNAUTHORIZED {
+        "too many failed authentications"
+    } else {
+        "too many failed requests"
+    };
+    let mut r = Refusal {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        code: "too_many_requests",
+        message,
+        detail,
     }
-    .answer(state, ip)
+    .answer(state, ip);
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    r
 }
 
 #[cfg(test)]
@@ -369,17 +417,6 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
         h
-    }
-
-    #[test]
-    fn ipv6_sources_are_counted_per_64() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(source_key(a), source_key(b));
-        assert_ne!(source_key(a), source_key(c));
-        let v4: IpAddr = "203.0.113.7".parse().unwrap();
-        assert_eq!(source_key(v4), v4);
     }
 
     #[test]

@@ -19,12 +19,13 @@
 //! With `tls:`, [`tls`] terminates HTTPS in the daemon (ALPN h2 and http/1.1) and reloads
 //! renewed certificates in place through a [`TlsHandle`].
 
+pub mod client;
 mod handler;
 mod server;
 pub mod tls;
 pub mod verify;
 
 pub use handler::{IngressState, router};
-pub use server::serve;
+pub use server::{ConnPolicy, ListenerLimits, serve};
 pub use tls::{TlsError, TlsHandle};
 pub use verify::{Payload, VerifiedEvent};

@@ -214,8 +214,12 @@ const ANNOUNCEMENT_RETENTION: Duration = Duration::from_secs(86_400);
 
 /// PostgreSQL-backed [`Store`].
 pub struct PostgresStore {
-    /// Connections for everything but the locks and the listener.
+    /// Connections for everything but the locks, the listener and the admin reads.
     pool: PgPool,
+    /// One connection of its own for `/readyz` and the `/metrics` backlog gauges (and the
+    /// status line): however often they are asked, they never take a connection that
+    /// inserts need. Opened on first use.
+    admin: PgPool,
     /// This process's ID in `deliveries.claimed_by` (new on every start).
     instance: String,
     /// The connection holding this relay's destination locks.
@@ -453,6 +457,12 @@ impl PostgresStore {
             .connect_with(options.clone())
             .await
             .map_err(open_err)?;
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .after_connect(|conn, _| Box::pin(set_synchronous_commit(conn)))
+            .connect_lazy_with(options.clone());
         let stop = CancellationToken::new();
         let notices = Arc::new(Notices::default());
         tokio::spawn(send_notices(
@@ -484,6 +494,7 @@ impl PostgresStore {
         ));
         Ok(Self {
             pool,
+            admin,
             instance,
             locks: Arc::new(Locks {
                 options: options.clone(),
@@ -516,6 +527,20 @@ impl PostgresStore {
 
     async fn conn(&self) -> Result<Conn, StoreError> {
         conn(&self.pool).await
+    }
+
+    /// One heartbeat write on the admin connection.
+    async fn ping_once(&self) -> Result<(), StoreError> {
+        let mut c = conn(&self.admin).await?;
+        let r = sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ('heartbeat', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(now_ms().to_string())
+        .execute(c.get())
+        .await;
+        c.finish(r)?;
+        Ok(())
     }
 }
 
@@ -1434,22 +1459,19 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut c = self.conn().await?;
-        let r = sqlx::query(
-            "INSERT INTO meta (key, value) VALUES ('heartbeat', $1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )
-        .bind(now_ms().to_string())
-        .execute(c.get())
-        .await;
-        c.finish(r)?;
-        Ok(())
+        // The admin connection is used rarely: after an outage it may be a dead one, which
+        // fails one statement and is closed. One more try on a fresh connection tells a
+        // dead connection from a dead server.
+        match self.ping_once().await {
+            Err(_) => self.ping_once().await,
+            ok => ok,
+        }
     }
 
     async fn destination_stats(&self) -> Result<Vec<DestinationStats>, StoreError> {
         // Both scans ride the partial indexes; the oldest pending delivery is the one with
         // the smallest id, whose event is then looked up once.
-        let mut c = self.conn().await?;
+        let mut c = conn(&self.admin).await?;
         let r = sqlx::query(
             "WITH p AS (
                  SELECT destination, COUNT(*) AS n, MIN(id) AS oldest FROM deliveries

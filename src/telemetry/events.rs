@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::metrics::{
-    DestinationLabels, EventLabels, Metrics, OutcomeLabels, ReasonLabels, StatusLabels,
+    CloseLabels, DestinationLabels, EventLabels, Metrics, OutcomeLabels, ReasonLabels, StatusLabels,
 };
 
 /// A webhook was stored durably and answered 200.
@@ -15,6 +15,8 @@ pub struct EventAccepted<'a> {
     pub event_id: &'a str,
     pub app_id: &'a str,
     pub event_name: &'a str,
+    /// `event_name` as the metric label: bounded (see `ingress::handler::Live`).
+    pub event_label: &'a str,
     pub destinations: usize,
     pub latency: Duration,
 }
@@ -33,7 +35,7 @@ impl EventAccepted<'_> {
             .events_received
             .get_or_create(&EventLabels {
                 app_id: self.app_id.to_string(),
-                event_name: self.event_name.to_string(),
+                event_name: self.event_label.to_string(),
             })
             .inc();
         metrics
@@ -213,5 +215,30 @@ impl OrphansDeadLettered<'_> {
             })
             .inc_by(self.count);
         metrics.totals.dead.fetch_add(self.count, Ordering::Relaxed);
+    }
+}
+
+/// The relay refused or closed a connection to protect its slots (not a request: no
+/// answer was sent). Logged at debug: an attack makes many.
+pub struct ConnectionClosed {
+    /// `ingress` or `admin`.
+    pub listener: &'static str,
+    /// The client address (after a PROXY header), or the TCP peer.
+    pub peer: IpAddr,
+    /// `per_ip_cap`, `idle`, `handshake_timeout`, `handshake_failed`, `no_request`.
+    pub reason: &'static str,
+}
+
+impl ConnectionClosed {
+    pub fn emit(&self, metrics: &Metrics) {
+        tracing::debug!(listener = self.listener, peer = %self.peer, reason = self.reason,
+            "connection closed by the relay");
+        metrics
+            .connections_closed
+            .get_or_create(&CloseLabels {
+                listener: self.listener,
+                reason: self.reason,
+            })
+            .inc();
     }
 }

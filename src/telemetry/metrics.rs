@@ -38,6 +38,19 @@ pub struct DestinationLabels {
     pub destination: String,
 }
 
+/// `listener` (`ingress` or `admin`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+/// `listener`, `reason` (why the relay closed or refused a connection).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
 /// `destination`, `outcome` (`delivered`, `retry`, `dead`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -73,6 +86,8 @@ pub struct Metrics {
     pub pending: Family<DestinationLabels, Gauge>,
     pub oldest_pending_age: Family<DestinationLabels, Gauge<f64, AtomicU64>>,
     pub dead_letters: Family<DestinationLabels, Gauge>,
+    pub connections_open: Family<ListenerLabels, Gauge>,
+    pub connections_closed: Family<CloseLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -122,6 +137,8 @@ impl Metrics {
             pending: Family::default(),
             oldest_pending_age: Family::default(),
             dead_letters: Family::default(),
+            connections_open: Family::default(),
+            connections_closed: Family::default(),
             totals: Totals::default(),
             registry: Registry::default(),
         };
@@ -179,6 +196,16 @@ impl Metrics {
             "dead_letters",
             "Deliveries in the dead-letter store, by destination",
             m.dead_letters.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Connections open now, by listener",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_closed_by_relay",
+            "Connections the relay refused or closed, by listener and reason (per_ip_cap, idle, handshake_timeout, handshake_failed, no_request)",
+            m.connections_closed.clone(),
         );
         Self { registry, ..m }
     }

@@ -628,6 +628,7 @@ impl Daemon {
         self.log.lock().unwrap().join("\n")
     }
 }
+pub mod attack;
 pub mod faults;
 pub mod pg;
 pub mod proc;
@@ -731,4 +732,19 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.split(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, in PEM.
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+}
+
+pub fn self_signed() -> Pem {
+    let c =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    Pem {
+        cert: c.cert.pem(),
+        key: c.signing_key.serialize_pem(),
+    }
 }
