@@ -1027,8 +1027,7 @@ impl Loader {
                     .map(node_to_json);
                 let templates_ok = self.check_templates(
                     path,
-                    crate::template::SlackMessage::new(raw.text.as_deref(), blocks.as_ref())
-                        .err(),
+                    crate::template::SlackMessage::new(raw.text.as_deref(), blocks.as_ref()).err(),
                 );
                 let common = common?;
                 (url_ok && templates_ok).then(|| {

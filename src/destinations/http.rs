@@ -79,9 +79,8 @@ impl HttpDestination {
         let url = reqwest::Url::parse(config.url.expose())
             .map_err(|e| anyhow::anyhow!("destination {}: invalid url: {e}", common.name))?;
         let mut headers = HeaderMap::new();
-        let content_type = HeaderValue::from_str(&config.content_type).map_err(|_| {
-            anyhow::anyhow!("destination {}: invalid content_type", common.name)
-        })?;
+        let content_type = HeaderValue::from_str(&config.content_type)
+            .map_err(|_| anyhow::anyhow!("destination {}: invalid content_type", common.name))?;
         headers.insert(CONTENT_TYPE, content_type);
         for (name, value) in &config.headers {
             let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
@@ -173,11 +172,7 @@ impl Destination for HttpDestination {
                     signer.sign(&delivery.event_id, ts, &body),
                 );
         }
-        let response = request
-            .body(body)
-            .send()
-            .await
-            .map_err(transport_error)?;
+        let response = request.body(body).send().await.map_err(transport_error)?;
         if response.status().is_success() {
             drain(response).await;
             Ok(())

@@ -35,11 +35,12 @@ impl SlackDestination {
         let url = reqwest::Url::parse(config.webhook_url.expose()).map_err(|e| {
             anyhow::anyhow!("destination {}: invalid webhook_url: {e}", common.name)
         })?;
-        let message = SlackMessage::new(config.text.as_deref(), config.blocks.as_ref())
-            .map_err(|errors| {
+        let message = SlackMessage::new(config.text.as_deref(), config.blocks.as_ref()).map_err(
+            |errors| {
                 let list: Vec<String> = errors.iter().map(|e| e.message.clone()).collect();
                 anyhow::anyhow!("destination {}: {}", common.name, list.join("; "))
-            })?;
+            },
+        )?;
         let mut redactor = Redactor::default();
         redactor.add_url(&url);
         Ok(Self {

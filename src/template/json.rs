@@ -10,7 +10,9 @@
 use minijinja::Environment;
 use minijinja::value::Value;
 
-use super::{Leaf, Step, TemplateError, Tree, check_samples, compile_tree, environment, render_tree};
+use super::{
+    Leaf, Step, TemplateError, Tree, check_samples, compile_tree, environment, render_tree,
+};
 
 /// A compiled `body:`.
 pub struct JsonBody {
@@ -24,7 +26,14 @@ impl JsonBody {
         let mut env = environment();
         let mut errors = Vec::new();
         let mut path = vec![Step::Key("body".into())];
-        let tree = compile_tree(&mut env, body, &mut path, None, &|_, _| Leaf::Typed, &mut errors);
+        let tree = compile_tree(
+            &mut env,
+            body,
+            &mut path,
+            None,
+            &|_, _| Leaf::Typed,
+            &mut errors,
+        );
         check_samples(&env, &tree, &mut path, &mut errors);
         if errors.is_empty() {
             Ok(Self { env, tree })
@@ -35,14 +44,15 @@ impl JsonBody {
 
     /// The request body for one event (`ctx` from [`super::context`]).
     pub fn render(&self, ctx: &serde_json::Value) -> Result<Vec<u8>, String> {
-        let value = render_tree(&self.env, &self.tree, &Value::from_serialize(ctx)).map_err(|e| {
-            let mut s = format!("body template failed: {}", e.kind());
-            if let Some(d) = e.detail() {
-                s.push_str(": ");
-                s.push_str(d);
-            }
-            s
-        })?;
+        let value =
+            render_tree(&self.env, &self.tree, &Value::from_serialize(ctx)).map_err(|e| {
+                let mut s = format!("body template failed: {}", e.kind());
+                if let Some(d) = e.detail() {
+                    s.push_str(": ");
+                    s.push_str(d);
+                }
+                s
+            })?;
         serde_json::to_vec(&value).map_err(|e| format!("body is not JSON: {e}"))
     }
 }
@@ -75,16 +85,25 @@ mod tests {
 
     #[test]
     fn values_are_not_mrkdwn_escaped_in_bodies() {
-        let out = render(json!({"t": "id={{ facialId }}"}), json!({"facialId": "<a & b>"}));
+        let out = render(
+            json!({"t": "id={{ facialId }}"}),
+            json!({"facialId": "<a & b>"}),
+        );
         assert_eq!(out["t"], "id=<a & b>");
     }
 
     #[test]
     fn a_bad_leaf_is_an_error_at_its_path() {
-        let errors = JsonBody::new(&json!({"user": {"age": "{{ details.age | nope }}"}})).err().unwrap();
+        let errors = JsonBody::new(&json!({"user": {"age": "{{ details.age | nope }}"}}))
+            .err()
+            .unwrap();
         assert_eq!(
             errors[0].at,
-            vec![Step::Key("body".into()), Step::Key("user".into()), Step::Key("age".into())]
+            vec![
+                Step::Key("body".into()),
+                Step::Key("user".into()),
+                Step::Key("age".into())
+            ]
         );
         assert!(errors[0].message.contains("unknown filter"), "{errors:?}");
     }

@@ -142,8 +142,12 @@ pub fn samples(app_id: &str) -> Vec<(&'static str, serde_json::Value)> {
                 serde_json::json!({"timestamp": "2026-11-27", "gender": "female", "age": 31});
         }
         let body = serde_json::to_vec(&payload).expect("a JSON value serializes");
-        let ctx = context(&body, "0199c0de-5a3e-7000-8000-00000000a11e", 1_795_766_400_000)
-            .expect("the sample is JSON");
+        let ctx = context(
+            &body,
+            "0199c0de-5a3e-7000-8000-00000000a11e",
+            1_795_766_400_000,
+        )
+        .expect("the sample is JSON");
         (name, ctx)
     };
     vec![
@@ -280,9 +284,7 @@ fn render_tree(
 ) -> Result<serde_json::Value, minijinja::Error> {
     Ok(match tree {
         Tree::Value(v) => v.clone(),
-        Tree::Template(name) => {
-            serde_json::Value::String(env.get_template(name)?.render(ctx)?)
-        }
+        Tree::Template(name) => serde_json::Value::String(env.get_template(name)?.render(ctx)?),
         Tree::Expr(expr) => {
             let value = env.compile_expression(expr)?.eval(ctx)?;
             if value.is_undefined() {
@@ -402,7 +404,10 @@ mod tests {
 
     #[test]
     fn one_expression_leaves_are_recognised() {
-        assert_eq!(single_expression("{{ details.age }}"), Some(" details.age "));
+        assert_eq!(
+            single_expression("{{ details.age }}"),
+            Some(" details.age ")
+        );
         assert_eq!(single_expression(" {{- age -}} "), Some(" age "));
         assert_eq!(single_expression("age {{ age }}"), None);
         assert_eq!(single_expression("{{ a }} and {{ b }}"), None);
@@ -412,7 +417,8 @@ mod tests {
     #[test]
     fn errors_name_the_line_and_column_inside_the_template() {
         let mut env = environment();
-        env.add_template("t", "first\nsecond {{ x | nope }}").unwrap();
+        env.add_template("t", "first\nsecond {{ x | nope }}")
+            .unwrap();
         let e = env.get_template("t").unwrap().render(()).unwrap_err();
         let msg = describe(&e, "first\nsecond {{ x | nope }}");
         assert!(msg.contains("unknown filter"), "{msg}");

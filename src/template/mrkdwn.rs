@@ -34,7 +34,11 @@ mod tests {
             escape("<!channel> <https://evil.example|click> & co"),
             "&lt;!channel&gt; &lt;https://evil.example|click&gt; &amp; co"
         );
-        assert_eq!(escape("&amp;"), "&amp;amp;", "an entity in a value stays text");
+        assert_eq!(
+            escape("&amp;"),
+            "&amp;amp;",
+            "an entity in a value stays text"
+        );
     }
 
     #[test]

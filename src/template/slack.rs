@@ -81,7 +81,8 @@ pub struct Rendered {
 /// reads mentions and links) and left alone elsewhere (`plain_text`, URLs, IDs).
 fn block_leaf(path: &[Step], parent: Option<&serde_json::Map<String, serde_json::Value>>) -> Leaf {
     let is_text = matches!(path.last(), Some(Step::Key(k)) if k == "text");
-    let in_mrkdwn = parent.is_some_and(|p| p.get("type").and_then(|t| t.as_str()) == Some("mrkdwn"));
+    let in_mrkdwn =
+        parent.is_some_and(|p| p.get("type").and_then(|t| t.as_str()) == Some("mrkdwn"));
     if is_text && in_mrkdwn {
         Leaf::Mrkdwn
     } else {
@@ -105,9 +106,17 @@ fn compile_parts(
     };
     let text = text.map(|t| {
         let value = serde_json::Value::String(t.to_string());
-        compile_tree(env, &value, &mut start("text"), None, &|_, _| Leaf::Mrkdwn, errors)
+        compile_tree(
+            env,
+            &value,
+            &mut start("text"),
+            None,
+            &|_, _| Leaf::Mrkdwn,
+            errors,
+        )
     });
-    let blocks = blocks.map(|b| compile_tree(env, b, &mut start("blocks"), None, &block_leaf, errors));
+    let blocks =
+        blocks.map(|b| compile_tree(env, b, &mut start("blocks"), None, &block_leaf, errors));
     Parts { text, blocks }
 }
 
@@ -128,7 +137,10 @@ fn check_block_shape(blocks: &serde_json::Value, errors: &mut Vec<TemplateError>
     if items.is_empty() || items.len() > MAX_BLOCKS {
         errors.push(TemplateError {
             at: at(None),
-            message: format!("Slack takes 1 to {MAX_BLOCKS} blocks, found {}", items.len()),
+            message: format!(
+                "Slack takes 1 to {MAX_BLOCKS} blocks, found {}",
+                items.len()
+            ),
         });
     }
     for (i, block) in items.iter().enumerate() {
@@ -157,7 +169,10 @@ impl SlackMessage {
             Some(&default_blocks()),
             &mut errors,
         );
-        assert!(errors.is_empty(), "the default message compiles: {errors:?}");
+        assert!(
+            errors.is_empty(),
+            "the default message compiles: {errors:?}"
+        );
         if let Some(b) = blocks {
             check_block_shape(b, &mut errors);
         }
@@ -194,7 +209,11 @@ impl SlackMessage {
             }
         };
         let default = || -> Result<serde_json::Value, String> {
-            let blocks = self.default.blocks.as_ref().expect("the default has blocks");
+            let blocks = self
+                .default
+                .blocks
+                .as_ref()
+                .expect("the default has blocks");
             let blocks = render_tree(&self.env, blocks, &ctx)
                 .map_err(|e| format!("the default blocks failed: {}", short(&e)))?;
             Ok(payload(default_text()?, Some(blocks)))
@@ -251,7 +270,10 @@ fn short(e: &minijinja::Error) -> String {
         s.push_str(d);
     }
     if let Some(name) = e.name() {
-        s.push_str(&format!(" (in {})", name.trim_end_matches(super::RAW_SUFFIX)));
+        s.push_str(&format!(
+            " (in {})",
+            name.trim_end_matches(super::RAW_SUFFIX)
+        ));
     }
     s
 }
@@ -310,8 +332,16 @@ fn tidy(value: &mut serde_json::Value, max: usize) {
 
 /// One rendered block, tidied; `None` when it has nothing left to show.
 fn tidy_block(mut block: serde_json::Value) -> Option<serde_json::Value> {
-    let kind = block.get("type").and_then(|t| t.as_str()).unwrap_or("").to_string();
-    let max = if kind == "header" { HEADER_MAX } else { TEXT_MAX };
+    let kind = block
+        .get("type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("")
+        .to_string();
+    let max = if kind == "header" {
+        HEADER_MAX
+    } else {
+        TEXT_MAX
+    };
     tidy(&mut block, max);
     let non_empty = |key: &str| match block.get(key) {
         Some(serde_json::Value::Array(a)) => !a.is_empty(),
@@ -358,16 +388,46 @@ mod tests {
         let m = SlackMessage::new(None, None).unwrap();
         let r = m.render(&ctx(r#"{"eventName":"ENROLL","facialId":"f-9","appId":"fioa1","clientIp":"1.2.3.4","details":{"timestamp":"2026-11-27","gender":"female","age":31}}"#)).unwrap();
         let text = r.payload["text"].as_str().unwrap();
-        for part in ["ENROLL", "f-9", "fioa1", "1.2.3.4", "female", "31", "2026-11-27"] {
+        for part in [
+            "ENROLL",
+            "f-9",
+            "fioa1",
+            "1.2.3.4",
+            "female",
+            "31",
+            "2026-11-27",
+        ] {
             assert!(text.contains(part), "{part} missing from {text}");
         }
         let blocks = r.payload["blocks"].to_string();
-        for part in ["header", "FACEIO ENROLL", "*Facial ID*", "female", "ev-1", "1970-01-01T00:00:00Z"] {
+        for part in [
+            "header",
+            "FACEIO ENROLL",
+            "*Facial ID*",
+            "female",
+            "ev-1",
+            "1970-01-01T00:00:00Z",
+        ] {
             assert!(blocks.contains(part), "{part} missing from {blocks}");
         }
-        let auth = m.render(&ctx(r#"{"eventName":"AUTH","facialId":"f-9","appId":"fioa1","clientIp":"1.2.3.4"}"#)).unwrap();
-        assert!(!auth.payload.to_string().contains("Details"), "{}", auth.payload);
-        assert_eq!(auth.payload["blocks"][1]["fields"].as_array().unwrap().len(), 4, "the empty details field is left out");
+        let auth = m
+            .render(&ctx(
+                r#"{"eventName":"AUTH","facialId":"f-9","appId":"fioa1","clientIp":"1.2.3.4"}"#,
+            ))
+            .unwrap();
+        assert!(
+            !auth.payload.to_string().contains("Details"),
+            "{}",
+            auth.payload
+        );
+        assert_eq!(
+            auth.payload["blocks"][1]["fields"]
+                .as_array()
+                .unwrap()
+                .len(),
+            4,
+            "the empty details field is left out"
+        );
     }
 
     #[test]
@@ -376,43 +436,92 @@ mod tests {
             {"type": "section", "text": {"type": "mrkdwn", "text": "<!here> {{ facialId }}"}},
             {"type": "header", "text": {"type": "plain_text", "text": "{{ facialId }}"}},
         ]);
-        let m = SlackMessage::new(Some("<!here> {{ facialId }} {{ facialId | mrkdwn_raw }}"), Some(&blocks)).unwrap();
+        let m = SlackMessage::new(
+            Some("<!here> {{ facialId }} {{ facialId | mrkdwn_raw }}"),
+            Some(&blocks),
+        )
+        .unwrap();
         let body = serde_json::json!({"facialId": HOSTILE}).to_string();
         let r = m.render(&ctx(&body)).unwrap();
         let escaped = "&lt;!channel&gt; &lt;https://evil.example|click&gt; &amp; co ˋxˋ  *boom*";
         assert_eq!(r.payload["text"], format!("<!here> {escaped} {HOSTILE}"));
-        assert_eq!(r.payload["blocks"][0]["text"]["text"], format!("<!here> {escaped}"));
-        assert_eq!(r.payload["blocks"][1]["text"]["text"], HOSTILE, "plain_text is not parsed by Slack");
+        assert_eq!(
+            r.payload["blocks"][0]["text"]["text"],
+            format!("<!here> {escaped}")
+        );
+        assert_eq!(
+            r.payload["blocks"][1]["text"]["text"], HOSTILE,
+            "plain_text is not parsed by Slack"
+        );
     }
 
     #[test]
     fn missing_fields_render_empty() {
         let m = SlackMessage::new(Some("{{eventName}} {{details.gender}}{% if details %}!{% endif %}{{ details.age | default('?') }}"), None).unwrap();
-        let r = m.render(&ctx(r#"{"eventName":"AUTH","details":null}"#)).unwrap();
+        let r = m
+            .render(&ctx(r#"{"eventName":"AUTH","details":null}"#))
+            .unwrap();
         assert_eq!(r.payload["text"], "AUTH ?");
         assert!(r.fallback.is_none());
     }
 
     #[test]
     fn templates_that_cannot_render_are_errors_with_positions() {
-        let errors = SlackMessage::new(Some("{{ eventName | mrkdwn_rwa }}"), None).err().unwrap();
+        let errors = SlackMessage::new(Some("{{ eventName | mrkdwn_rwa }}"), None)
+            .err()
+            .unwrap();
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].at, vec![Step::Key("text".into())]);
-        assert!(errors[0].message.contains("unknown filter"), "{}", errors[0].message);
-        assert!(errors[0].message.contains("line 1, column"), "{}", errors[0].message);
-        let errors = SlackMessage::new(Some("{{ x | safe }}"), None).err().unwrap();
+        assert!(
+            errors[0].message.contains("unknown filter"),
+            "{}",
+            errors[0].message
+        );
+        assert!(
+            errors[0].message.contains("line 1, column"),
+            "{}",
+            errors[0].message
+        );
+        let errors = SlackMessage::new(Some("{{ x | safe }}"), None)
+            .err()
+            .unwrap();
         assert!(errors[0].message.contains("unknown filter"), "{errors:?}");
         let blocks = json!([{"type": "section", "text": {"type": "mrkdwn", "text": "{% if %}"}}]);
         let errors = SlackMessage::new(None, Some(&blocks)).err().unwrap();
-        assert_eq!(errors[0].at, vec![Step::Key("blocks".into()), Step::Index(0), Step::Key("text".into()), Step::Key("text".into())]);
+        assert_eq!(
+            errors[0].at,
+            vec![
+                Step::Key("blocks".into()),
+                Step::Index(0),
+                Step::Key("text".into()),
+                Step::Key("text".into())
+            ]
+        );
     }
 
     #[test]
     fn a_template_failing_on_one_event_falls_back_to_the_default_message() {
-        let m = SlackMessage::new(Some("{% if details %}{{ details.age + 1 }}{% endif %}"), None).unwrap();
-        let r = m.render(&ctx(r#"{"eventName":"ENROLL","facialId":"f","details":{"age":"old"}}"#)).unwrap();
-        assert!(r.fallback.as_deref().unwrap().contains("invalid operation"), "{r:?}");
-        assert!(r.payload["text"].as_str().unwrap().starts_with("FACEIO *ENROLL*"), "{r:?}");
+        let m = SlackMessage::new(
+            Some("{% if details %}{{ details.age + 1 }}{% endif %}"),
+            None,
+        )
+        .unwrap();
+        let r = m
+            .render(&ctx(
+                r#"{"eventName":"ENROLL","facialId":"f","details":{"age":"old"}}"#,
+            ))
+            .unwrap();
+        assert!(
+            r.fallback.as_deref().unwrap().contains("invalid operation"),
+            "{r:?}"
+        );
+        assert!(
+            r.payload["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("FACEIO *ENROLL*"),
+            "{r:?}"
+        );
     }
 
     #[test]
@@ -422,8 +531,15 @@ mod tests {
             {"type": "divider"},
         ]);
         let m = SlackMessage::new(Some("{% if details %}x{% endif %}"), Some(&blocks)).unwrap();
-        let r = m.render(&ctx(r#"{"eventName":"AUTH","facialId":"f"}"#)).unwrap();
-        assert!(r.payload["text"].as_str().unwrap().starts_with("FACEIO *AUTH*"));
+        let r = m
+            .render(&ctx(r#"{"eventName":"AUTH","facialId":"f"}"#))
+            .unwrap();
+        assert!(
+            r.payload["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("FACEIO *AUTH*")
+        );
         assert_eq!(r.payload["blocks"], json!([{"type": "divider"}]));
     }
 
@@ -434,7 +550,9 @@ mod tests {
         let r = m.render(&ctx(&body)).unwrap();
         let header = r.payload["blocks"][0]["text"]["text"].as_str().unwrap();
         assert!(header.chars().count() <= HEADER_MAX, "{header}");
-        let field = r.payload["blocks"][1]["fields"][0]["text"].as_str().unwrap();
+        let field = r.payload["blocks"][1]["fields"][0]["text"]
+            .as_str()
+            .unwrap();
         assert!(field.chars().count() <= FIELD_MAX);
         assert!(field.ends_with("&amp;…"), "{}", &field[field.len() - 12..]);
         assert_eq!(truncate("ab&amp;cd", 5), "ab…");
@@ -442,9 +560,16 @@ mod tests {
 
     #[test]
     fn blocks_must_be_a_list_of_typed_mappings() {
-        let errors = SlackMessage::new(None, Some(&json!({"type": "section"}))).err().unwrap();
+        let errors = SlackMessage::new(None, Some(&json!({"type": "section"})))
+            .err()
+            .unwrap();
         assert!(errors[0].message.contains("list"), "{errors:?}");
-        let errors = SlackMessage::new(None, Some(&json!([{"text": "x"}]))).err().unwrap();
-        assert_eq!(errors[0].at, vec![Step::Key("blocks".into()), Step::Index(0)]);
+        let errors = SlackMessage::new(None, Some(&json!([{"text": "x"}])))
+            .err()
+            .unwrap();
+        assert_eq!(
+            errors[0].at,
+            vec![Step::Key("blocks".into()), Step::Index(0)]
+        );
     }
 }
