@@ -366,10 +366,19 @@ async fn check_shows_each_slack_message_for_the_three_sample_events() {
     let auth = stdout.find("  AUTH:").expect("AUTH sample");
     let deletion = stdout.find("  DELETION:").expect("DELETION sample");
     assert!(enroll < auth && auth < deletion, "{stdout}");
-    assert!(stdout[enroll..auth].contains(r#""text": "ENROLL female <!here>""#), "{stdout}");
+    assert!(
+        stdout[enroll..auth].contains(r#""text": "ENROLL female <!here>""#),
+        "{stdout}"
+    );
     assert!(stdout[enroll..auth].contains(" is 31"), "{stdout}");
-    assert!(stdout[auth..deletion].contains(r#""text": "AUTH  <!here>""#), "{stdout}");
-    assert!(stdout[deletion..].contains(r#""text": "DELETION  <!here>""#), "{stdout}");
+    assert!(
+        stdout[auth..deletion].contains(r#""text": "AUTH  <!here>""#),
+        "{stdout}"
+    );
+    assert!(
+        stdout[deletion..].contains(r#""text": "DELETION  <!here>""#),
+        "{stdout}"
+    );
     assert!(stdout[deletion..].contains(" is ?"), "{stdout}");
     assert!(!out.all().contains(SLACK_URL_SECRET), "{}", out.all());
 }
@@ -379,11 +388,19 @@ async fn check_fails_on_a_mistyped_filter_with_line_and_column() {
     let setup = Setup::new();
     let config = slack_config(&setup, "{{ eventName | uper }}");
     let out = cli(&config, &["check"]).await;
-    assert!(!out.ok(), "check accepted an unknown filter:\n{}", out.all());
+    assert!(
+        !out.ok(),
+        "check accepted an unknown filter:\n{}",
+        out.all()
+    );
     // The value is on line 16 of the written file, column 11; the filter's name is at
     // column 16 of the template.
     let expected = "relay.yaml:16:11: destinations.team-slack.text: invalid template: \
                     unknown filter: filter uper is unknown (template line 1, column 16)";
-    assert!(out.stderr.contains(expected), "missing {expected:?}:\n{}", out.all());
+    assert!(
+        out.stderr.contains(expected),
+        "missing {expected:?}:\n{}",
+        out.all()
+    );
     assert!(!out.stdout.contains("sample event"), "{}", out.stdout);
 }

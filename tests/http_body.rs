@@ -77,12 +77,18 @@ routes:
     webhook
         .verify(&got.body, &got.headers)
         .expect("the signature verifies over the body as sent");
-    assert_eq!(got.header("webhook-id").unwrap(), answer["id"].as_str().unwrap());
+    assert_eq!(
+        got.header("webhook-id").unwrap(),
+        answer["id"].as_str().unwrap()
+    );
 
     // Without body:, FACEIO's bytes go out unchanged.
     let got_raw = raw.next().await;
     assert_eq!(got_raw.body, serde_json::to_vec(&enroll).unwrap());
-    assert_eq!(got_raw.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(
+        got_raw.header("content-type").as_deref(),
+        Some("application/json")
+    );
 
     // A missing field is null, not an error: AUTH has no details.
     assert_eq!(relay.send(&event("AUTH", "face-2")).await.0, 200);

@@ -343,6 +343,16 @@ fn tidy_block(mut block: serde_json::Value) -> Option<serde_json::Value> {
         TEXT_MAX
     };
     tidy(&mut block, max);
+    // Slack refuses an empty `fields` list: a section whose fields all rendered empty
+    // keeps its text only.
+    if let Some(map) = block.as_object_mut()
+        && map
+            .get("fields")
+            .and_then(|f| f.as_array())
+            .is_some_and(Vec::is_empty)
+    {
+        map.remove("fields");
+    }
     let non_empty = |key: &str| match block.get(key) {
         Some(serde_json::Value::Array(a)) => !a.is_empty(),
         Some(_) => true,
@@ -529,6 +539,8 @@ mod tests {
         let blocks = json!([
             {"type": "section", "text": {"type": "mrkdwn", "text": "{% if details %}{{ details.gender }}{% endif %}"}},
             {"type": "divider"},
+            {"type": "section", "text": {"type": "mrkdwn", "text": "kept"},
+             "fields": [{"type": "mrkdwn", "text": "{{ details.age }}"}]},
         ]);
         let m = SlackMessage::new(Some("{% if details %}x{% endif %}"), Some(&blocks)).unwrap();
         let r = m
@@ -540,7 +552,10 @@ mod tests {
                 .unwrap()
                 .starts_with("FACEIO *AUTH*")
         );
-        assert_eq!(r.payload["blocks"], json!([{"type": "divider"}]));
+        assert_eq!(
+            r.payload["blocks"],
+            json!([{"type": "divider"}, {"type": "section", "text": {"type": "mrkdwn", "text": "kept"}}])
+        );
     }
 
     #[test]
