@@ -181,6 +181,12 @@ enum Leaf {
     Typed,
 }
 
+/// The mapping a leaf sits in, if any.
+type Parent<'a> = Option<&'a serde_json::Map<String, serde_json::Value>>;
+
+/// Decides how a leaf compiles from its path and the mapping it sits in.
+type LeafKind<'a> = &'a dyn Fn(&[Step], Parent<'_>) -> Leaf;
+
 /// `text`, `blocks[0].text.text`: the path as a user reads it in the config.
 fn display_path(path: &[Step]) -> String {
     let mut s = String::new();
@@ -204,8 +210,8 @@ fn compile_tree(
     env: &mut Environment<'static>,
     value: &serde_json::Value,
     path: &mut Vec<Step>,
-    parent: Option<&serde_json::Map<String, serde_json::Value>>,
-    leaf: &dyn Fn(&[Step], Option<&serde_json::Map<String, serde_json::Value>>) -> Leaf,
+    parent: Parent<'_>,
+    leaf: LeafKind<'_>,
     errors: &mut Vec<TemplateError>,
 ) -> Tree {
     match value {

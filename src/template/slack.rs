@@ -16,7 +16,7 @@ use minijinja::value::Value;
 use serde_json::json;
 
 use super::{
-    Leaf, Step, TemplateError, Tree, check_samples, compile_tree, environment, render_tree,
+    Leaf, Parent, Step, TemplateError, Tree, check_samples, compile_tree, environment, render_tree,
 };
 
 /// The default `text`.
@@ -79,7 +79,7 @@ pub struct Rendered {
 
 /// In `blocks`, values are escaped in the `text` of a `mrkdwn` object (where Slack
 /// reads mentions and links) and left alone elsewhere (`plain_text`, URLs, IDs).
-fn block_leaf(path: &[Step], parent: Option<&serde_json::Map<String, serde_json::Value>>) -> Leaf {
+fn block_leaf(path: &[Step], parent: Parent<'_>) -> Leaf {
     let is_text = matches!(path.last(), Some(Step::Key(k)) if k == "text");
     let in_mrkdwn =
         parent.is_some_and(|p| p.get("type").and_then(|t| t.as_str()) == Some("mrkdwn"));
