@@ -87,17 +87,19 @@ fn printable(value: &Value) -> String {
     }
 }
 
-/// Writes one printed value, escaped for mrkdwn unless the template is raw, the value
-/// was passed through `mrkdwn_raw`, or an `{% autoescape false %}` block says so.
+/// Writes one printed value, escaped for mrkdwn unless the template is raw or the value
+/// was passed through `mrkdwn_raw`. The template's name decides, not the state's
+/// auto-escape flag, so `{% autoescape false %}` is not a second, undocumented opt-out.
 fn format_value(
     out: &mut minijinja::Output,
     state: &State,
     value: &Value,
 ) -> Result<(), minijinja::Error> {
     let text = printable(value);
-    let escaped = match state.auto_escape() {
-        AutoEscape::Custom(MRKDWN) if !value.is_safe() => mrkdwn::escape(&text),
-        _ => text,
+    let escaped = if state.name().ends_with(RAW_SUFFIX) || value.is_safe() {
+        text
+    } else {
+        mrkdwn::escape(&text)
     };
     out.write_str(&escaped)
         .map_err(|_| minijinja::Error::new(minijinja::ErrorKind::WriteFailure, "write failed"))
@@ -407,6 +409,21 @@ fn describe(e: &minijinja::Error, source: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn autoescape_blocks_do_not_opt_out() {
+        let mut env = environment();
+        env.add_template(
+            "t",
+            "{% autoescape false %}{{ v }}{% endautoescape %}|{{ v | e }}",
+        )
+        .unwrap();
+        let out = env
+            .get_template("t")
+            .unwrap()
+            .render(minijinja::context! { v => "<!channel>" });
+        assert_eq!(out.unwrap(), "&lt;!channel&gt;|&lt;!channel&gt;");
+    }
 
     #[test]
     fn one_expression_leaves_are_recognised() {
