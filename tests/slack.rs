@@ -210,3 +210,31 @@ routes:
     assert_no_raw_hostile(&safe);
     relay.shutdown().await;
 }
+
+/// A template that passes the samples but fails on an unusual event (arithmetic on an
+/// age sent as text) still gets a message to the channel: the default one.
+#[tokio::test]
+async fn a_template_failing_on_one_event_sends_the_default_message() {
+    let mut slack = Receiver::ok().await;
+    let setup = Setup::new();
+    let cfg = format!(
+        "destinations:\n  s:\n    type: slack\n    webhook_url: {}\n    text: \"{{% if details %}}next year {{{{ details.age + 1 }}}}{{% endif %}}\"\nroutes:\n  - to: [s]\n",
+        slack.url()
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    assert_eq!(relay.send(&event("ENROLL", "face-1")).await.0, 200);
+    assert_eq!(slack.next().await.json()["text"], "next year 32");
+    let mut odd = event("ENROLL", "face-2");
+    odd["details"]["age"] = json!("thirty");
+    assert_eq!(relay.send(&odd).await.0, 200);
+    let message = slack.next().await.json();
+    let text = message["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("FACEIO *ENROLL* for Facial ID `face-2`"),
+        "{text}"
+    );
+    assert!(message["blocks"].is_array(), "{message}");
+    eventually("both deliveries done", || count(&setup, "done") == 2).await;
+    assert_eq!(count(&setup, "dead"), 0);
+    relay.shutdown().await;
+}
