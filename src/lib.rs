@@ -12,7 +12,8 @@
 //! - [`delivery`]: one dispatcher per destination takes due deliveries, applies the
 //!   destination's concurrency and rate limit, and records done / retry-at / dead.
 //! - [`destinations`]: one file per kind (`slack`, `http`, `file`) behind one trait;
-//!   each attempt is classified as success, retryable or permanent.
+//!   each attempt is classified as success, retryable or permanent. Slack messages and
+//!   HTTP bodies are built by [`template`] (mrkdwn escaping, missing fields empty).
 //!
 //! Around them: [`config`] (relay.yaml into typed values, every error at once),
 //! [`cli`] (the `run`, `check`, `simulate` and `dead-letters` commands), [`Relay`]
@@ -39,5 +40,6 @@ pub mod routing;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod template;
 
 pub use relay::{Relay, StatusSource, run};

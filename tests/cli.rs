@@ -338,3 +338,69 @@ fn output_to_a_closed_pipe_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }
+
+/// A Slack destination with a custom text and blocks, for `check`'s sample renderings.
+fn slack_config(setup: &Setup, text: &str) -> std::path::PathBuf {
+    setup.write_config(&format!(
+        "destinations:\n  team-slack:\n    type: slack\n    webhook_url: https://hooks.slack.com/services/{SLACK_URL_SECRET}\n\
+         \x20   text: {}\n\
+         \x20   blocks:\n      - type: section\n        text: {{ type: mrkdwn, text: \"{{{{ facialId }}}} is {{{{ details.age | default('?') }}}}\" }}\n\
+         routes:\n  - to: [team-slack]\n",
+        serde_json::to_string(text).unwrap()
+    ))
+}
+
+#[tokio::test]
+async fn check_shows_each_slack_message_for_the_three_sample_events() {
+    let setup = Setup::new();
+    let config = slack_config(&setup, "{{ eventName }} {{ details.gender }} <!here>");
+    let out = cli(&config, &["check"]).await;
+    assert!(out.ok(), "check failed:\n{}", out.all());
+    let stdout = &out.stdout;
+    assert!(
+        stdout.contains("slack team-slack: the message for each sample event:"),
+        "{stdout}"
+    );
+    // Each sample, in order, with its own rendering: details only on ENROLL.
+    let enroll = stdout.find("  ENROLL:").expect("ENROLL sample");
+    let auth = stdout.find("  AUTH:").expect("AUTH sample");
+    let deletion = stdout.find("  DELETION:").expect("DELETION sample");
+    assert!(enroll < auth && auth < deletion, "{stdout}");
+    assert!(
+        stdout[enroll..auth].contains(r#""text": "ENROLL female <!here>""#),
+        "{stdout}"
+    );
+    assert!(stdout[enroll..auth].contains(" is 31"), "{stdout}");
+    assert!(
+        stdout[auth..deletion].contains(r#""text": "AUTH  <!here>""#),
+        "{stdout}"
+    );
+    assert!(
+        stdout[deletion..].contains(r#""text": "DELETION  <!here>""#),
+        "{stdout}"
+    );
+    assert!(stdout[deletion..].contains(" is ?"), "{stdout}");
+    assert!(!out.all().contains(SLACK_URL_SECRET), "{}", out.all());
+}
+
+#[tokio::test]
+async fn check_fails_on_a_mistyped_filter_with_line_and_column() {
+    let setup = Setup::new();
+    let config = slack_config(&setup, "{{ eventName | uper }}");
+    let out = cli(&config, &["check"]).await;
+    assert!(
+        !out.ok(),
+        "check accepted an unknown filter:\n{}",
+        out.all()
+    );
+    // The value is on line 16 of the written file, column 11; the filter's name is at
+    // column 16 of the template.
+    let expected = "relay.yaml:16:11: destinations.team-slack.text: invalid template: \
+                    unknown filter: filter uper is unknown (template line 1, column 16)";
+    assert!(
+        out.stderr.contains(expected),
+        "missing {expected:?}:\n{}",
+        out.all()
+    );
+    assert!(!out.stdout.contains("sample event"), "{}", out.stdout);
+}

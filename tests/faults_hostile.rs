@@ -136,7 +136,10 @@ fn check_render(template: Option<&str>, body: &[u8]) {
         claim: None,
     };
     match dest.render(&delivery) {
-        Ok(text) => assert!(text.len() < 64 * body.len().max(1024), "render blew up"),
+        Ok(message) => assert!(
+            message.to_string().len() < 64 * body.len().max(1024),
+            "render blew up"
+        ),
         Err(DeliveryError::Permanent { reason }) => assert!(!reason.is_empty()),
         Err(e) => panic!("a render failure is permanent: {e:?}"),
     }
@@ -243,6 +246,128 @@ fn corpus() {
             check_render(Some(t), b);
         }
     }
+}
+
+/// Every string Slack parses as mrkdwn in a message: `text` and the `text` of each
+/// `mrkdwn` object in `blocks`.
+fn mrkdwn_strings(message: &Value) -> Vec<&str> {
+    fn walk<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                if m.get("type").and_then(Value::as_str) == Some("mrkdwn")
+                    && let Some(t) = m.get("text").and_then(Value::as_str)
+                {
+                    out.push(t);
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = vec![message["text"].as_str().expect("text is always sent")];
+    walk(&message["blocks"], &mut out);
+    out
+}
+
+/// Slack templates whose own text has no `<`, `>` or `&`: any of those characters in a
+/// message came from a value. They print every field FACEIO sends, whole objects
+/// included, in `text` and in blocks.
+const PROPERTY_TEXT: &str = "{{ eventName }} {{ facialId }} {{ appId }} {{ clientIp }} \
+{{ details }} {{ details.gender }} {{ details.age }} {{ details.timestamp }} {{ payload }} \
+{{ details.gender | upper }} {{ facialId[0:3] }} {{ nothing.at.all }}";
+const PROPERTY_BLOCKS: &str = "[{ type: section, text: { type: mrkdwn, text: \"{{ facialId }} {{ details }}\" }, \
+fields: [{ type: mrkdwn, text: \"`{{ clientIp }}`\" }, { type: mrkdwn, text: \"{{ payload }}\" }] }, \
+{ type: context, elements: [{ type: mrkdwn, text: \"{{ eventName }} {{ appId }}\" }] }]";
+
+/// The Slack destinations for the property: the default message, and a custom text
+/// with blocks.
+fn property_destinations() -> Vec<SlackDestination> {
+    let yaml = format!(
+        "applications:\n  - app_id: {APP}\n    token: {TOKEN}\n\
+         destinations:\n  default:\n    type: slack\n    webhook_url: https://hooks.example.test/services/x\n\
+         \x20 custom:\n    type: slack\n    webhook_url: https://hooks.example.test/services/y\n\
+         \x20   text: {}\n    blocks: {PROPERTY_BLOCKS}\n\
+         routes:\n  - to: [default, custom]\n",
+        serde_json::to_string(PROPERTY_TEXT).unwrap()
+    );
+    let (config, _) = load_str(&yaml, Path::new("/nonexistent/relay.yaml"), &|_| None)
+        .unwrap_or_else(|e| panic!("the property's config loads:\n{e}"));
+    config
+        .destinations
+        .iter()
+        .map(|d| {
+            let DestinationKind::Slack(slack) = &d.kind else {
+                unreachable!()
+            };
+            SlackDestination::new(d, slack).unwrap()
+        })
+        .collect()
+}
+
+/// Renders `body` with every property destination: it never fails, and every `&` in a
+/// mrkdwn string starts an entity and no `<` or `>` is left (the templates have none).
+fn check_escaped(destinations: &[SlackDestination], body: &[u8]) {
+    let delivery = Delivery {
+        id: 1,
+        event_id: "ev".into(),
+        destination: "slack".into(),
+        attempts: 0,
+        received_at_ms: 1_795_000_000_000,
+        body: Bytes::copy_from_slice(body),
+        claim: None,
+    };
+    for dest in destinations {
+        let message = dest
+            .render(&delivery)
+            .unwrap_or_else(|e| panic!("render failed: {e}"));
+        for s in mrkdwn_strings(&message) {
+            assert!(!s.contains(['<', '>']), "unescaped < or > in {s:?}");
+            for (i, _) in s.match_indices('&') {
+                assert!(
+                    ["&amp;", "&lt;", "&gt;"]
+                        .iter()
+                        .any(|e| s[i..].starts_with(e)),
+                    "bare & in {s:?}"
+                );
+            }
+        }
+    }
+}
+
+/// A JSON object payload as FACEIO would store it, any shape, with `<`, `>` and `&`
+/// likely in its strings.
+fn any_object() -> impl Strategy<Value = Vec<u8>> {
+    let hostile = prop_oneof![
+        "[<>&`a-z \n]{0,20}",
+        Just("<!channel> <https://evil.example|x> &amp; `".to_string()),
+    ];
+    (
+        prop::collection::btree_map(
+            prop_oneof![
+                Just("eventName".to_string()),
+                Just("facialId".to_string()),
+                Just("appId".to_string()),
+                Just("clientIp".to_string()),
+                Just("details".to_string()),
+                Just("payload".to_string()),
+                "[a-z]{1,6}",
+            ],
+            prop_oneof![json_value(), hostile.clone().prop_map(Value::from)],
+            0..8,
+        ),
+        prop::collection::btree_map("[a-z]{1,6}", hostile.prop_map(Value::from), 0..4),
+    )
+        .prop_map(|(fields, details)| {
+            let mut m: Map<String, Value> = fields.into_iter().collect();
+            if !details.is_empty() && !m.contains_key("details") {
+                m.insert(
+                    "details".into(),
+                    Value::Object(details.into_iter().collect()),
+                );
+            }
+            serde_json::to_vec(&Value::Object(m)).unwrap()
+        })
 }
 
 /// Odd strings: control characters, bidi overrides, emoji, lone surrogates as escapes.
@@ -434,6 +559,22 @@ proptest! {
     #[test]
     fn the_default_template_renders_any_payload(body in faceio_like()) {
         check_render(None, &body);
+    }
+
+    #[test]
+    fn slack_messages_render_any_payload_and_escape_every_value(body in any_object()) {
+        thread_local! {
+            static DESTINATIONS: Vec<SlackDestination> = property_destinations();
+        }
+        DESTINATIONS.with(|d| check_escaped(d, &body));
+    }
+
+    #[test]
+    fn slack_messages_render_any_json_value(value in json_value()) {
+        thread_local! {
+            static DESTINATIONS: Vec<SlackDestination> = property_destinations();
+        }
+        DESTINATIONS.with(|d| check_escaped(d, &serde_json::to_vec(&value).unwrap()));
     }
 
     #[test]

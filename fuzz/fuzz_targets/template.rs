@@ -1,6 +1,7 @@
 //! A Slack `text` template (first part of the input, up to a NUL byte) rendered over a
-//! payload (the rest): a template the config accepts renders any payload, or fails with
-//! a permanent delivery error; never a panic.
+//! payload (the rest): a template the config accepts renders any payload (a template
+//! failing on one event sends the default message), or fails with a permanent delivery
+//! error (a stored payload that is not JSON); never a panic.
 #![no_main]
 
 use std::path::Path;

@@ -1104,17 +1104,22 @@ impl Loader {
                 );
                 let url_path = path.key("webhook_url");
                 let url_ok = self.check_url(&url_path, &raw.webhook_url, true);
-                let text_ok = match &raw.text {
-                    Some(t) => self.check_template(&path.key("text"), t),
-                    None => true,
-                };
+                let blocks = raw
+                    .blocks
+                    .and_then(|_| self.node(&path.key("blocks")))
+                    .map(node_to_json);
+                let templates_ok = self.check_templates(
+                    path,
+                    crate::template::SlackMessage::new(raw.text.as_deref(), blocks.as_ref()).err(),
+                );
                 let common = common?;
-                (url_ok && text_ok).then(|| {
+                (url_ok && templates_ok).then(|| {
                     common.build(
                         name,
                         DestinationKind::Slack(SlackConfig {
                             webhook_url: Secret::new(raw.webhook_url.trim().to_owned()),
                             text: raw.text,
+                            blocks,
                         }),
                     )
                 })
@@ -1146,6 +1151,26 @@ impl Loader {
                     }
                     headers.push((hname, Secret::new(value)));
                 }
+                let body = raw
+                    .body
+                    .and_then(|_| self.node(&path.key("body")))
+                    .map(node_to_json);
+                if let Some(b) = &body {
+                    ok &= self.check_templates(path, crate::template::JsonBody::new(b).err());
+                }
+                let content_type = raw
+                    .content_type
+                    .map(|t| t.trim().to_owned())
+                    .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned());
+                if !content_type.contains('/')
+                    || hyper::header::HeaderValue::from_str(&content_type).is_err()
+                {
+                    self.error(
+                        &path.key("content_type"),
+                        "expected a media type such as `application/json`",
+                    );
+                    ok = false;
+                }
                 let signing_secret = match raw.signing_secret {
                     None => None,
                     Some(s) => {
@@ -1162,6 +1187,8 @@ impl Loader {
                             headers,
                             signing_secret,
                             follow_redirects: raw.follow_redirects.unwrap_or(false),
+                            body,
+                            content_type,
                         }),
                     )
                 })
@@ -1300,24 +1327,25 @@ impl Loader {
         true
     }
 
-    fn check_template(&mut self, path: &KeyPath, text: &str) -> bool {
-        let env = minijinja::Environment::new();
-        match env.template_from_str(text) {
-            Ok(_) => true,
-            Err(e) => {
-                let mut msg = format!("invalid template: {}", e.kind());
-                if let Some(detail) = e.detail() {
-                    msg.push_str(&format!(": {detail}"));
-                }
-                if let Some(line) = e.line()
-                    && text.contains('\n')
-                {
-                    msg.push_str(&format!(" (template line {line})"));
-                }
-                self.error(path, msg);
-                false
+    /// Reports template errors (from [`crate::template`]) at the position of the value
+    /// each names, relative to the destination at `path`; true when there are none.
+    fn check_templates(
+        &mut self,
+        path: &KeyPath,
+        errors: Option<Vec<crate::template::TemplateError>>,
+    ) -> bool {
+        let Some(errors) = errors else { return true };
+        for e in errors {
+            let mut at = path.clone();
+            for step in &e.at {
+                at = match step {
+                    crate::template::Step::Key(k) => at.key(k),
+                    crate::template::Step::Index(i) => at.index(*i),
+                };
             }
+            self.error(&at, e.message);
         }
+        false
     }
 
     fn check_signing_secret(&mut self, path: &KeyPath, secret: &str) -> bool {
@@ -1598,6 +1626,32 @@ impl Common {
             retry: self.retry,
             rate_limit: self.rate_limit,
         }
+    }
+}
+
+/// `content_type` of an HTTP destination when not set.
+const DEFAULT_CONTENT_TYPE: &str = "application/json";
+
+/// A located YAML value as JSON (for `blocks:` and `body:`). Integers too large for JSON
+/// numbers become floats.
+fn node_to_json(node: &Node) -> serde_json::Value {
+    use serde_json::Value;
+    match &node.kind {
+        Kind::Null => Value::Null,
+        Kind::Bool(b) => Value::Bool(*b),
+        Kind::Int(i) => i64::try_from(*i)
+            .map(Value::from)
+            .or_else(|_| u64::try_from(*i).map(Value::from))
+            .unwrap_or_else(|_| Value::from(*i as f64)),
+        Kind::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        Kind::Str(s) => Value::String(s.clone()),
+        Kind::Seq(items) => Value::Array(items.iter().map(node_to_json).collect()),
+        Kind::Map(entries) => Value::Object(
+            entries
+                .iter()
+                .map(|e| (e.key.clone(), node_to_json(&e.value)))
+                .collect(),
+        ),
     }
 }
 

@@ -305,8 +305,12 @@ impl DestinationKind {
 pub struct SlackConfig {
     /// Incoming-webhook URL; its path is the credential.
     pub webhook_url: Secret,
-    /// minijinja template for `text` (already checked to compile); `None` = built-in default.
+    /// minijinja template for `text` (already checked to compile and render the
+    /// samples); `None` = the default text.
     pub text: Option<String>,
+    /// Block Kit `blocks` with templates in their strings (already checked); `None` =
+    /// none when `text` is set, the default blocks when neither is.
+    pub blocks: Option<serde_json::Value>,
 }
 
 /// `type: http`.
@@ -320,6 +324,10 @@ pub struct HttpConfig {
     pub signing_secret: Option<Secret>,
     /// Follow redirects (`follow_redirects`, default false).
     pub follow_redirects: bool,
+    /// `body:` template tree (already checked); `None` = the FACEIO body byte for byte.
+    pub body: Option<serde_json::Value>,
+    /// `Content-Type` (`content_type`, default `application/json`; a valid header value).
+    pub content_type: String,
 }
 
 /// `type: file`.

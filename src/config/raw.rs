@@ -193,7 +193,11 @@ destination! {
         pub webhook_url: String,
         /// minijinja template of the message text, e.g.
         /// `"New {{eventName}} for {{facialId}} from {{clientIp}}"` (default: built in).
+        /// Printed values are escaped for mrkdwn. With `blocks`, the notification text.
         pub text: Option<String>,
+        /// Block Kit blocks (any YAML list of blocks), templates in every string value
+        /// (read from the located tree by the loader, for positions).
+        pub blocks: Option<de::IgnoredAny>,
     }
 }
 
@@ -208,6 +212,11 @@ destination! {
         pub signing_secret: Option<String>,
         /// Follow redirects (default `false`).
         pub follow_redirects: Option<bool>,
+        /// The request body as a YAML value with templates in its string leaves, sent as
+        /// JSON (default: the FACEIO body byte for byte). Read from the located tree.
+        pub body: Option<de::IgnoredAny>,
+        /// `Content-Type` of the request (default `application/json`).
+        pub content_type: Option<String>,
     }
 }
 

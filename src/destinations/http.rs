@@ -1,11 +1,12 @@
-//! `type: http`: POST the original FACEIO body to an internal API.
+//! `type: http`: POST the event to an internal API.
 //!
-//! The body is forwarded byte for byte with `Content-Type: application/json`, the
-//! configured headers, `X-Faceio-Relay-Event-Id` and `X-Faceio-Relay-Attempt`. With a
+//! The body is the original FACEIO body byte for byte, or with `body:` the JSON built
+//! by [`crate::template::JsonBody`]; it goes with `Content-Type` (`content_type`,
+//! default `application/json`), the configured headers, `X-Faceio-Relay-Event-Id` and `X-Faceio-Relay-Attempt`. With a
 //! `signing_secret`, the request is signed per the Standard Webhooks spec: `webhook-id`
 //! (the event ID, stable across retries so receivers can deduplicate),
 //! `webhook-timestamp` (Unix seconds) and `webhook-signature`
-//! (`v1,` + base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`).
+//! (`v1,` + base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`, over the body as sent).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,6 +22,7 @@ use super::{
 };
 use crate::config::{DestinationConfig, HttpConfig, Secret};
 use crate::store::Delivery;
+use crate::template::{self, JsonBody};
 
 /// Header carrying the relay's event ID on every request.
 pub const EVENT_ID_HEADER: &str = "x-faceio-relay-event-id";
@@ -66,6 +68,8 @@ pub struct HttpDestination {
     /// Built once: content type plus the configured headers.
     headers: HeaderMap,
     signer: Option<Signer>,
+    /// `body:`; `None` sends the FACEIO body as received.
+    body: Option<JsonBody>,
     /// What must not be echoed into errors.
     redactor: Redactor,
 }
@@ -75,7 +79,9 @@ impl HttpDestination {
         let url = reqwest::Url::parse(config.url.expose())
             .map_err(|e| anyhow::anyhow!("destination {}: invalid url: {e}", common.name))?;
         let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let content_type = HeaderValue::from_str(&config.content_type)
+            .map_err(|_| anyhow::anyhow!("destination {}: invalid content_type", common.name))?;
+        headers.insert(CONTENT_TYPE, content_type);
         for (name, value) in &config.headers {
             let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
                 anyhow::anyhow!("destination {}: invalid header name {name}", common.name)
@@ -94,6 +100,16 @@ impl HttpDestination {
             .as_ref()
             .map(Signer::new)
             .transpose()?;
+        let body = config
+            .body
+            .as_ref()
+            .map(|b| {
+                JsonBody::new(b).map_err(|errors| {
+                    let list: Vec<String> = errors.iter().map(|e| e.message.clone()).collect();
+                    anyhow::anyhow!("destination {}: {}", common.name, list.join("; "))
+                })
+            })
+            .transpose()?;
         let mut redactor = Redactor::default();
         redactor.add_url(&url);
         for (_, value) in &config.headers {
@@ -107,8 +123,25 @@ impl HttpDestination {
             url: Secret::new(url),
             headers,
             signer,
+            body,
             redactor,
         })
+    }
+}
+
+impl HttpDestination {
+    /// The bytes to send: the FACEIO body as received, or the rendered `body:`. A body
+    /// that fails on this event (a case the samples did not show) is a permanent failure:
+    /// every retry would build the same request.
+    pub fn body_for(&self, delivery: &Delivery) -> Result<bytes::Bytes, DeliveryError> {
+        let Some(body) = &self.body else {
+            return Ok(delivery.body.clone());
+        };
+        let ctx = template::context(&delivery.body, &delivery.event_id, delivery.received_at_ms)
+            .map_err(DeliveryError::permanent)?;
+        body.render(&ctx)
+            .map(bytes::Bytes::from)
+            .map_err(DeliveryError::permanent)
     }
 }
 
@@ -119,6 +152,7 @@ impl Destination for HttpDestination {
     }
 
     async fn deliver(&self, delivery: &Delivery) -> Result<(), DeliveryError> {
+        let body = self.body_for(delivery)?;
         let mut request = self
             .client
             .post(self.url.expose().clone())
@@ -135,14 +169,10 @@ impl Destination for HttpDestination {
                 .header("webhook-timestamp", ts)
                 .header(
                     "webhook-signature",
-                    signer.sign(&delivery.event_id, ts, &delivery.body),
+                    signer.sign(&delivery.event_id, ts, &body),
                 );
         }
-        let response = request
-            .body(delivery.body.clone())
-            .send()
-            .await
-            .map_err(transport_error)?;
+        let response = request.body(body).send().await.map_err(transport_error)?;
         if response.status().is_success() {
             drain(response).await;
             Ok(())

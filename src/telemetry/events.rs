@@ -170,6 +170,26 @@ impl DeliveryAttempted<'_> {
     }
 }
 
+/// A configured Slack template failed on one event (a case the sample events did not
+/// show, such as arithmetic on a string): the default message went instead.
+pub struct SlackTemplateFallback<'a> {
+    pub event_id: &'a str,
+    pub destination: &'a str,
+    /// The template error: kind, detail and template name; never a value.
+    pub reason: &'a str,
+}
+
+impl SlackTemplateFallback<'_> {
+    pub fn emit(&self) {
+        tracing::warn!(
+            event_id = %self.event_id,
+            destination = %self.destination,
+            reason = %self.reason,
+            "slack template failed; sending the default message"
+        );
+    }
+}
+
 /// A delivery waits for its destination's rate limit (not a failure).
 pub struct RateLimitWait<'a> {
     pub destination: &'a str,
