@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -81,6 +83,9 @@ pub struct Relay {
     ingress_state: Arc<IngressState>,
     /// The config in force (for reload comparisons and late sweeps).
     current: Arc<Mutex<Arc<Config>>>,
+    /// Until when requests admitted under an earlier config may still store events
+    /// (and their deliveries for destinations a reload removed).
+    horizon: Mutex<RequestHorizon>,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
 }
@@ -225,6 +230,7 @@ impl Relay {
             deliveries,
             ingress_state,
             current,
+            horizon: Mutex::new(RequestHorizon::default()),
             metrics,
             store,
         })
@@ -338,10 +344,14 @@ impl Relay {
             tracing::info!(destination = %name,
                 "removed destination still has attempts under way; its pending deliveries move to dead letters once they end");
         }
+        // Requests under way keep the limits they started with: the old config's, or
+        // an older one's (reloads in a row), which may be longer than the new ones.
+        let first = self
+            .horizon
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replaced(&old.ingress, &new.ingress, Instant::now());
         if !applied.stopped.is_empty() {
-            let limits = &new.ingress;
-            // By then every request that started before the reload has ended.
-            let first = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
             self.tracker.spawn(sweep_removed(
                 Arc::clone(&self.deliveries),
                 Arc::clone(&self.current),
@@ -397,6 +407,40 @@ impl Relay {
         self.store.close().await;
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// How long requests admitted before a reload can still be storing events: each one
+/// has at most its config's `body_timeout` and `store_timeout` once its handler starts
+/// (it reads the routes then). A sweep of removed destinations waits past this, or a
+/// request under the old routes could store a delivery for a removed destination after
+/// the sweep, with no dispatcher to take it (until the next start sweeps it).
+#[derive(Debug, Default)]
+struct RequestHorizon {
+    /// The latest moment a request admitted under a replaced config may still store.
+    until: Option<Instant>,
+}
+
+/// Slack added to a request's limits before a sweep: scheduling, the answer's write.
+const SWEEP_MARGIN: Duration = Duration::from_secs(1);
+
+impl RequestHorizon {
+    /// Records that `old` limits were replaced by `new` at `now`; returns how long from
+    /// `now` until every request admitted so far has stored or given up: the larger of
+    /// the old and new limits, and of any earlier config's still in reach.
+    fn replaced(
+        &mut self,
+        old: &crate::config::IngressConfig,
+        new: &crate::config::IngressConfig,
+        now: Instant,
+    ) -> Duration {
+        let span = |l: &crate::config::IngressConfig| l.body_timeout + l.store_timeout;
+        let old_until = now + span(old);
+        let until = self.until.map_or(old_until, |u| u.max(old_until));
+        self.until = Some(until);
+        // Requests admitted from now on use `new`; one admitted just before the swap
+        // used `old`.
+        (until - now).max(span(new)) + SWEEP_MARGIN
     }
 }
 
@@ -568,5 +612,53 @@ async fn housekeeping(
             Ok(n) => tracing::info!(rows = n, "pruned delivered events past retention"),
             Err(e) => tracing::warn!(error = %e, "prune failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IngressConfig;
+
+    fn limits(body: u64, store: u64) -> IngressConfig {
+        let (config, _) = crate::config::load_str(
+            &format!(
+                "ingress: {{ body_timeout: {body}s, store_timeout: {store}s }}\n\
+                 applications: [{{ app_id: a, token: t0123456789 }}]\n"
+            ),
+            std::path::Path::new("/tmp/relay.yaml"),
+            &|_| None,
+        )
+        .unwrap();
+        config.ingress
+    }
+
+    #[test]
+    fn a_sweep_after_lowered_limits_waits_for_the_old_ones() {
+        let now = Instant::now();
+        let mut h = RequestHorizon::default();
+        // 10 s + 3 s under the old config, 1 s + 1 s under the new one.
+        let wait = h.replaced(&limits(10, 3), &limits(1, 1), now);
+        assert_eq!(wait, Duration::from_secs(13) + SWEEP_MARGIN);
+        // Raised limits: the new ones are the longer wait.
+        let mut h = RequestHorizon::default();
+        let wait = h.replaced(&limits(1, 1), &limits(4, 2), now);
+        assert_eq!(wait, Duration::from_secs(6) + SWEEP_MARGIN);
+    }
+
+    #[test]
+    fn reloads_in_a_row_remember_an_older_configs_limits() {
+        let now = Instant::now();
+        let mut h = RequestHorizon::default();
+        h.replaced(&limits(30, 3), &limits(1, 1), now);
+        // Two seconds later the low limits are replaced (removing a destination): a
+        // request admitted under the first config may still be reading its body.
+        let later = now + Duration::from_secs(2);
+        let wait = h.replaced(&limits(1, 1), &limits(1, 1), later);
+        assert_eq!(wait, Duration::from_secs(31) + SWEEP_MARGIN);
+        // Long after, only the limits of the configs that could still have requests count.
+        let much_later = now + Duration::from_secs(100);
+        let wait = h.replaced(&limits(1, 1), &limits(1, 1), much_later);
+        assert_eq!(wait, Duration::from_secs(2) + SWEEP_MARGIN);
     }
 }
