@@ -307,17 +307,7 @@ impl Relay {
         new.tls = old.tls.clone();
         let new = Arc::new(new);
 
-        // Renewed certificates (same paths) are picked up without dropping connections;
-        // a bad one is reported and the old one keeps serving.
-        if let Some(tls) = &self.tls {
-            let tls = tls.clone();
-            match tokio::task::spawn_blocking(move || tls.reload()).await {
-                Ok(Ok(())) => tracing::info!("TLS certificate reloaded"),
-                Ok(Err(e)) => tracing::error!(error = %e,
-                    "TLS certificate not reloaded; the previous one keeps serving"),
-                Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
-            }
-        }
+        self.reload_certificate().await;
         let (wakers, mut applied) = self.deliveries.apply(&new).await?;
         // New destinations are announced before ingress routes to them (see `start`).
         if let Err(e) = self.deliveries.announce(announcement_ttl(&new)).await {
@@ -360,6 +350,30 @@ impl Relay {
             ));
         }
         Ok(describe(&applied))
+    }
+
+    /// What every SIGHUP does even when the new config is refused (invalid, or failed
+    /// to apply): file destinations reopen their files (logrotate's `reload` must not
+    /// leave the relay writing into the rotated file) and the TLS certificate is read
+    /// again (a renewal must not wait for a valid config). A valid reload does both
+    /// itself.
+    pub async fn reopen(&self) {
+        self.reload_certificate().await;
+        self.deliveries.reopen().await;
+    }
+
+    /// Renewed certificates (same paths) are picked up without dropping connections; a
+    /// bad one is reported and the old one keeps serving.
+    async fn reload_certificate(&self) {
+        if let Some(tls) = &self.tls {
+            let tls = tls.clone();
+            match tokio::task::spawn_blocking(move || tls.reload()).await {
+                Ok(Ok(())) => tracing::info!("TLS certificate reloaded"),
+                Ok(Err(e)) => tracing::error!(error = %e,
+                    "TLS certificate not reloaded; the previous one keeps serving"),
+                Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
+            }
+        }
     }
 
     /// Where `STATUS=` lines come from.

@@ -5,7 +5,8 @@
 //! - `STATUS=` every few seconds with live figures (`systemctl status` shows it);
 //! - `WATCHDOG=1` at half of `WATCHDOG_USEC` when the unit sets `WatchdogSec=`;
 //! - SIGHUP: `RELOADING=1`, re-read and validate the config, apply it (or keep the old one
-//!   and log every error), `READY=1`;
+//!   and log every error), `READY=1`. Files are reopened and the certificate read again
+//!   on every SIGHUP, whatever the config's fate (logrotate sends one after rotating);
 //! - SIGTERM / SIGINT: `STOPPING=1`, then the graceful shutdown of [`Relay::shutdown`].
 //!
 //! Without `NOTIFY_SOCKET` (not under systemd) the notifications are no-ops.
@@ -74,7 +75,10 @@ async fn reload(relay: &Relay, path: &Path, logs: &LogControl) {
         tokio::task::spawn_blocking(move || config::load(&path)).await
     };
     let Ok(loaded) = loaded else {
-        tracing::error!("config reload task failed; still running on the previous one");
+        relay.reopen().await;
+        tracing::error!(
+            "config reload task failed; still running on the previous one (files reopened)"
+        );
         notify(&[NotifyState::Ready]);
         return;
     };
@@ -89,17 +93,22 @@ async fn reload(relay: &Relay, path: &Path, logs: &LogControl) {
                     logs.set_level(level.as_deref());
                     tracing::info!(%summary, "configuration reloaded");
                 }
-                Err(e) => tracing::error!(error = %format!("{e:#}"),
-                    "reload failed; still running on the previous configuration"),
+                Err(e) => {
+                    relay.reopen().await;
+                    tracing::error!(error = %format!("{e:#}"),
+                        "reload failed; still running on the previous configuration (files reopened)");
+                }
             }
         }
         Err(errors) => {
             for e in &errors.0 {
                 tracing::error!("config: {e}");
             }
+            // Logged after the reopen: once this line is out, the files are reopened.
+            relay.reopen().await;
             tracing::error!(
                 errors = errors.0.len(),
-                "the new configuration is invalid; still running on the previous one"
+                "the new configuration is invalid; still running on the previous one (files reopened)"
             );
         }
     }

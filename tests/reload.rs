@@ -456,3 +456,42 @@ async fn a_reload_that_lowers_limits_sweeps_after_requests_under_the_old_ones() 
     );
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_invalid_config_on_sighup_still_reopens_files() {
+    let setup = Setup::new();
+    let config = setup.write_config(
+        "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n",
+    );
+    let mut daemon = Daemon::spawn(&config, &[]);
+    daemon.await_ready_line().await;
+    let live = setup.path("events.jsonl");
+    let rotated = setup.path("events.jsonl.1");
+    daemon.accept("AUTH", "before-rotation").await;
+    eventually("first line", || {
+        std::fs::read_to_string(&live).is_ok_and(|t| t.contains("before-rotation"))
+    })
+    .await;
+
+    // logrotate moves the file and sends SIGHUP, while relay.yaml names a variable the
+    // daemon's environment lacks: the config is refused, the files are reopened anyway.
+    std::fs::rename(&live, &rotated).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace(TOKEN, "${UNSET_IN_THE_DAEMON}")).unwrap();
+    daemon.signal("HUP");
+    daemon
+        .log_eventually("the new configuration is invalid")
+        .await;
+
+    daemon.accept("AUTH", "after-rotation").await;
+    eventually("the new line in a new file", || {
+        std::fs::read_to_string(&live).is_ok_and(|t| t.contains("after-rotation"))
+    })
+    .await;
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(
+        !old.contains("after-rotation"),
+        "written into the rotated file: {old}"
+    );
+    assert!(daemon.terminate().success());
+}

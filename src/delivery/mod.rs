@@ -218,6 +218,23 @@ impl Deliveries {
         Ok((wakers, applied))
     }
 
+    /// Reopens the files of every running destination (log rotation). A SIGHUP whose
+    /// config is refused still does this: logrotate sends it whatever the file says.
+    pub async fn reopen(&self) {
+        let running: Vec<Arc<dyn Destination>> = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|r| Arc::clone(&r.destination))
+            .collect();
+        for destination in running {
+            if let Err(e) = destination.reopen().await {
+                tracing::warn!(error = %e, "cannot reopen a file destination");
+            }
+        }
+    }
+
     /// Stops removed and changed dispatchers and starts the `build`t ones.
     fn swap(
         &self,
