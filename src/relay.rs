@@ -42,8 +42,7 @@ const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(60);
 const ANNOUNCEMENT_POLLS: u32 = 10;
 
 /// Shared stores sweep orphaned deliveries every this many announcements: with several
-/// relays they can appear at any time (the only relay that had a destination died, or a
-/// `dead-letters replay` of one no relay has).
+/// relays they can appear at any time (the only relay that had a destination died).
 const SWEEP_EVERY: u32 = 30;
 /// Rounds of the sweep after a reload between two warnings that removed destinations
 /// still have attempts under way.
@@ -117,6 +116,10 @@ impl Relay {
         // know this one has these destinations.
         deliveries.announce(announcement_ttl(&config)).await?;
         deliveries.dead_letter_orphans(&config).await?;
+        // Replays asked for while no relay ran are decided now, then every poll interval.
+        if let Err(e) = deliveries.decide_replays().await {
+            tracing::warn!(error = %e, "cannot decide replay requests now; trying again every poll interval");
+        }
         // A shared store tells every relay about deliveries accepted by any of them.
         if let Some(wakes) = store.subscribe() {
             tracker.spawn(forward_wakes(
@@ -155,6 +158,11 @@ impl Relay {
             delivery.soft.clone(),
         ));
         let current = Arc::new(Mutex::new(Arc::clone(&config)));
+        tracker.spawn(decide_replays(
+            Arc::clone(&deliveries),
+            Arc::clone(&current),
+            delivery.soft.clone(),
+        ));
         if store.shared() {
             tracker.spawn(announce_and_sweep(
                 Arc::clone(&deliveries),
@@ -566,6 +574,38 @@ async fn announce_and_sweep(
             && let Err(e) = deliveries.dead_letter_orphans(&config).await
         {
             tracing::warn!(error = %e, "cannot sweep deliveries of destinations no relay has");
+        }
+    }
+}
+
+/// Decides the replay requests of `dead-letters replay` every poll interval (the
+/// command waits for the verdict).
+async fn decide_replays(
+    deliveries: Arc<Deliveries>,
+    current: Arc<Mutex<Arc<Config>>>,
+    stop: CancellationToken,
+) {
+    // What was last said, so a store that stays down logs once.
+    let mut said = String::new();
+    loop {
+        let poll = current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .delivery
+            .poll_interval;
+        tokio::select! {
+            () = tokio::time::sleep(poll) => {}
+            () = stop.cancelled() => return,
+        }
+        match deliveries.decide_replays().await {
+            Ok(()) => said.clear(),
+            Err(e) => {
+                let e = e.to_string();
+                if e != said {
+                    tracing::warn!(error = %e, "cannot decide replay requests; trying again every poll interval");
+                    said = e;
+                }
+            }
         }
     }
 }
