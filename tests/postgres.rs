@@ -819,6 +819,52 @@ async fn a_hung_lock_session_is_ended_so_its_destinations_move_on() {
     two.close().await;
 }
 
+#[tokio::test]
+async fn a_relay_that_does_not_own_a_file_destination_never_opens_or_repairs_it() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shared/events.jsonl");
+    let config = pg::write_config(
+        dir.path(),
+        &db,
+        "200ms",
+        &format!(
+            "destinations:\n  audit:\n    type: file\n    path: {}\nroutes:\n  - to: audit\n",
+            file.display()
+        ),
+    );
+    let load = || faceio_relay::config::load(&config).unwrap().0;
+    let owner = TestRelay::start(load()).await;
+    owner.send(&event("AUTH", "first")).await;
+    within(
+        Duration::from_secs(10),
+        "the owner wrote a line",
+        || async { std::fs::read_to_string(&file).is_ok_and(|t| t.contains("first")) },
+    )
+    .await;
+    // The owner is half way through a line (as seen on shared storage): a relay that
+    // opened the file would cut this tail as torn.
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("{\"id\":\"being-written");
+    std::fs::write(&file, &text).unwrap();
+
+    let standby = TestRelay::start(load()).await;
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        text,
+        "a relay that does not own the destination repaired its file at start"
+    );
+    standby.relay.reload(load()).await.unwrap();
+    standby.relay.reopen().await;
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        text,
+        "a relay that does not own the destination reopened its file on reload"
+    );
+    standby.shutdown().await;
+    owner.shutdown().await;
+}
+
 /// Destinations and routes for relays sending every event to `url` over HTTP.
 fn http_destination(url: &str, extra: &str) -> String {
     format!(

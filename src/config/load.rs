@@ -969,7 +969,37 @@ impl Loader {
                 out.push(d);
             }
         }
+        self.same_files(&out);
         out
+    }
+
+    /// Two file destinations writing one file would cut each other's lines (each repairs
+    /// a tail the other is writing when it opens or reopens): an error at the second,
+    /// however the paths are spelled (`..`, symlinked directories).
+    fn same_files(&mut self, destinations: &[DestinationConfig]) {
+        let mut seen: Vec<(PathBuf, &str)> = Vec::new();
+        for d in destinations {
+            let DestinationKind::File(f) = &d.kind else {
+                continue;
+            };
+            let key = same_file_key(&f.path);
+            match seen.iter().find(|(k, _)| *k == key) {
+                Some((_, first)) => {
+                    let path = top("destinations").key(&d.name).key("path");
+                    let first_line = self
+                        .root
+                        .value_loc(&top("destinations").key(first).key("path"))
+                        .line;
+                    let msg = format!(
+                        "the same file as destination `{first}` (line {first_line}); two destinations \
+                         writing one file would cut each other's lines: use one destination, \
+                         or another file"
+                    );
+                    self.error(&path, msg);
+                }
+                None => seen.push((key, &d.name)),
+            }
+        }
     }
 
     fn destination(&mut self, name: &str, path: &KeyPath) -> Option<DestinationConfig> {
@@ -1540,6 +1570,31 @@ fn delivery_defaults() -> DeliveryConfig {
     }
 }
 
+/// What identifies a file for [`Loader::same_files`]: the path with `.` and `..` removed,
+/// then made canonical (symlinks resolved) as far as it exists: the whole file, or its
+/// directory.
+fn same_file_key(path: &Path) -> PathBuf {
+    let mut lexical = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                lexical.pop();
+            }
+            other => lexical.push(other),
+        }
+    }
+    if let Ok(p) = std::fs::canonicalize(&lexical) {
+        return p;
+    }
+    if let (Some(dir), Some(name)) = (lexical.parent(), lexical.file_name())
+        && let Ok(dir) = std::fs::canonicalize(dir)
+    {
+        return dir.join(name);
+    }
+    lexical
+}
+
 /// An address (as a /32 or /128 network) or a CIDR network.
 fn parse_net(text: &str) -> Option<IpNet> {
     let t = text.trim();
@@ -1682,7 +1737,22 @@ fn describe_match(m: &MatchConfig) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::same_socket;
+    use super::{same_file_key, same_socket};
+
+    #[test]
+    fn one_file_reached_through_a_symlinked_directory_is_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let a = same_file_key(&real.join("events.jsonl"));
+        assert_eq!(a, same_file_key(&dir.path().join("link/events.jsonl")));
+        assert_eq!(
+            a,
+            same_file_key(&dir.path().join("link/./x/../events.jsonl"))
+        );
+        assert_ne!(a, same_file_key(&real.join("other.jsonl")));
+    }
 
     #[test]
     fn listen_addresses_clash_on_the_same_port_of_one_address_or_a_wildcard() {

@@ -206,6 +206,14 @@ impl Deliveries {
                 }
             }
         }
+        // A store used by one daemon: this process owns every destination, so files are
+        // opened now and a bad path fails the start or the reload before anything
+        // changes. With a shared store each dispatcher opens its file once it owns it.
+        if !self.store.shared() {
+            for (_, destination) in &build {
+                destination.acquire().await?;
+            }
+        }
         for destination in keep {
             if let Err(e) = destination.reopen().await {
                 tracing::warn!(error = %e, "cannot reopen a file destination");

@@ -72,6 +72,17 @@ pub trait Destination: Send + Sync {
     async fn reopen(&self) -> Result<(), DeliveryError> {
         Ok(())
     }
+
+    /// Called once this process owns the destination, before its first attempt (and
+    /// again after ownership comes back). File destinations open (and repair) their file
+    /// here, so a relay that does not own one never opens it. Idempotent.
+    async fn acquire(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Called when this process loses ownership of the destination: file destinations
+    /// close their file (the new owner may repair it).
+    async fn release(&self) {}
 }
 
 /// Builds the destination a config describes.
@@ -79,7 +90,8 @@ pub fn build(config: &DestinationConfig) -> anyhow::Result<Arc<dyn Destination>>
     Ok(match &config.kind {
         DestinationKind::Slack(c) => Arc::new(SlackDestination::new(config, c)?),
         DestinationKind::Http(c) => Arc::new(HttpDestination::new(config, c)?),
-        DestinationKind::File(c) => Arc::new(FileDestination::open(&c.path)?),
+        // Opened by `acquire`, once this process owns the destination.
+        DestinationKind::File(c) => Arc::new(FileDestination::new(&c.path)),
     })
 }
 
