@@ -59,7 +59,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the relay daemon. SIGHUP reloads the config (an invalid one is reported and
     /// the running one kept); SIGTERM or Ctrl-C stops it without losing anything pending.
-    Run,
+    Run(RunArgs),
     /// Validate the config and exit: 0 with a summary, or 1 with every error
     /// (file:line:column, key path, and a suggestion for mistyped keys).
     Check,
@@ -73,6 +73,15 @@ pub enum Command {
     /// see packaging/build-assets.sh).
     #[command(subcommand, hide = true)]
     Generate(GenerateCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Accept the shipped demo token (`demo-token-change-me`) even when `listen` is
+    /// reachable from other machines. Without it, run refuses to start (and a reload
+    /// is refused) in that case; on a loopback `listen` the token is only warned about.
+    #[arg(long)]
+    pub allow_demo_token: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,13 +190,20 @@ pub async fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check => Ok(check(&cli.config)),
-        Command::Run => {
+        Command::Run(args) => {
             let Some(config) = load_or_report(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
+            if !args.allow_demo_token
+                && let Some(why) = config.demo_token_refusal(config.listen)
+            {
+                eprintln!("error: {why}");
+                eprintln!("{}: nothing was started", cli.config.display());
+                return Ok(ExitCode::FAILURE);
+            }
             let (logs, _flush) =
                 crate::telemetry::init(config.log_format, config.log_level.as_deref());
-            crate::service::run(&cli.config, config, logs).await?;
+            crate::service::run(&cli.config, config, logs, args.allow_demo_token).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => {

@@ -32,7 +32,14 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, reloading on SIGHUP.
-pub async fn run(config_path: &Path, config: Config, logs: LogControl) -> anyhow::Result<()> {
+/// `allow_demo_token` is `run --allow-demo-token`: without it a reload that brings the
+/// shipped demo token while `listen` is not loopback is refused like an invalid config.
+pub async fn run(
+    config_path: &Path,
+    config: Config,
+    logs: LogControl,
+    allow_demo_token: bool,
+) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -51,7 +58,7 @@ pub async fn run(config_path: &Path, config: Config, logs: LogControl) -> anyhow
 
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&relay, config_path, &logs).await,
+            _ = hangup.recv() => reload(&relay, config_path, &logs, allow_demo_token).await,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -62,7 +69,7 @@ pub async fn run(config_path: &Path, config: Config, logs: LogControl) -> anyhow
     relay.shutdown().await
 }
 
-async fn reload(relay: &Relay, path: &Path, logs: &LogControl) {
+async fn reload(relay: &Relay, path: &Path, logs: &LogControl, allow_demo_token: bool) {
     let mut states = vec![NotifyState::Reloading];
     if let Ok(now) = NotifyState::monotonic_usec_now() {
         states.push(now);
@@ -82,7 +89,17 @@ async fn reload(relay: &Relay, path: &Path, logs: &LogControl) {
         notify(&[NotifyState::Ready]);
         return;
     };
+    let refusal = match &loaded {
+        Ok((config, _)) if !allow_demo_token => config.demo_token_refusal(relay.local_addr()),
+        _ => None,
+    };
     match loaded {
+        Ok(_) if let Some(why) = refusal => {
+            relay.reopen().await;
+            tracing::error!(
+                "config: {why}; still running on the previous configuration (files reopened)"
+            );
+        }
         Ok((config, warnings)) => {
             for w in &warnings {
                 tracing::warn!("config: {w}");

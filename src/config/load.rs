@@ -858,7 +858,9 @@ impl Loader {
         {
             self.error(&path, "must list at least one application");
         }
-        let mut apps = Vec::new();
+        let mut apps: Vec<Application> = Vec::new();
+        // Where each application's token was given, for duplicate-token errors.
+        let mut token_at: Vec<KeyPath> = Vec::new();
         let mut seen: HashMap<String, Loc> = HashMap::new();
         for i in 0..len {
             let item = path.index(i);
@@ -880,6 +882,11 @@ impl Loader {
                 seen.insert(app_id.clone(), self.root.value_loc(&id_path));
                 self.app_ids.push(app_id.clone());
             }
+            let token_path = if raw.token_file.is_some() && raw.token.is_none() {
+                item.key("token_file")
+            } else {
+                item.key("token")
+            };
             let token = match (raw.token, raw.token_file) {
                 (Some(_), Some(_)) => {
                     self.key_error(
@@ -905,9 +912,36 @@ impl Loader {
                 }
                 (None, Some(file)) => self.token_file(&item.key("token_file"), &file),
             };
-            if let Some(token) = token {
-                apps.push(Application::new(app_id, Secret::new(token)));
+            let Some(token) = token.filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            // Two applications with one token: the header names the token's application,
+            // so the second one's events would always get 401.
+            if let Some(first) = apps.iter().position(|a| a.token.expose() == &token) {
+                let line = self.root.value_loc(&token_at[first]).line;
+                let msg = format!(
+                    "the same token as application {} (line {line}); each application needs \
+                     its own token, or the second one's webhooks are refused",
+                    self.shown(&path.index(first).key("app_id"), &apps[first].app_id)
+                );
+                self.error(&token_path, msg);
+                continue;
             }
+            let app = Application::new(app_id, Secret::new(token));
+            if app.uses_demo_token() {
+                self.warn(
+                    &token_path,
+                    format!(
+                        "this is the shipped demo token `{demo}` (also used when \
+                         FACEIO_TOKEN is set but empty): anyone can post events with it; set \
+                         the real token. `run` refuses it unless listen is loopback or \
+                         --allow-demo-token is given",
+                        demo = super::DEMO_TOKEN
+                    ),
+                );
+            }
+            apps.push(app);
+            token_at.push(token_path);
         }
         apps
     }
@@ -917,9 +951,24 @@ impl Loader {
             self.error(path, "must not be empty");
             return None;
         }
-        match std::fs::read_to_string(self.resolve(file)) {
+        let resolved = self.resolve(file);
+        match std::fs::read_to_string(&resolved) {
             Ok(content) => {
-                let token = content.trim_end().to_owned();
+                // Trimmed on both sides, like the header's token.
+                let token = content.trim().to_owned();
+                if let Ok(meta) = std::fs::metadata(&resolved) {
+                    use std::os::unix::fs::PermissionsExt as _;
+                    let mode = meta.permissions().mode() & 0o777;
+                    if mode & 0o044 != 0 {
+                        self.warn(
+                            path,
+                            format!(
+                                "the token file is readable by group or others (mode {mode:04o}); \
+                                 make it readable by its owner only (chmod 600)"
+                            ),
+                        );
+                    }
+                }
                 if token.is_empty() {
                     self.error(path, "the token file is empty");
                     None
