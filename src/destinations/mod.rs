@@ -106,11 +106,18 @@ fn http_client(
     let redirects = if follow_redirects {
         // Only 307 and 308 repeat the POST with its body; on 301, 302 and 303 an HTTP
         // client sends a GET without the event, which would then count as delivered. Those
-        // are answered as they are (a permanent failure naming the status).
+        // are answered as they are (a permanent failure naming the status). And only
+        // within the configured URL's origin (see `same_origin`): the request carries
+        // the configured headers and the signature, which must not go to another host.
         reqwest::redirect::Policy::custom(|attempt| {
             let status = attempt.status();
-            if status != reqwest::StatusCode::TEMPORARY_REDIRECT
-                && status != reqwest::StatusCode::PERMANENT_REDIRECT
+            let origin_kept = attempt
+                .previous()
+                .first()
+                .is_some_and(|from| same_origin(from, attempt.url()));
+            if (status != reqwest::StatusCode::TEMPORARY_REDIRECT
+                && status != reqwest::StatusCode::PERMANENT_REDIRECT)
+                || !origin_kept
             {
                 attempt.stop()
             } else if attempt.previous().len() > MAX_REDIRECTS {
@@ -129,6 +136,17 @@ fn http_client(
         .user_agent(concat!("faceio-relay/", env!("CARGO_PKG_VERSION")))
         .pool_max_idle_per_host(config.concurrency)
         .build()
+}
+
+/// Whether a redirect from `from` (the configured URL) to `to` may be followed: the same
+/// scheme, host and port. So every header (`Authorization` and the other configured
+/// headers, the signature headers) goes only where the configuration sends it: reqwest
+/// would drop `Authorization` on a cross-host hop but keep custom headers such as an API
+/// key, and an `https` to `http` hop would send everything in clear text.
+fn same_origin(from: &reqwest::Url, to: &reqwest::Url) -> bool {
+    from.scheme() == to.scheme()
+        && from.host_str() == to.host_str()
+        && from.port_or_known_default() == to.port_or_known_default()
 }
 
 /// Classifies a transport error. Every reqwest error before a response (connect, timeout,
@@ -289,6 +307,28 @@ mod tests {
             assert!(!out.contains(s), "{s} in {out}");
         }
         assert!(out.ends_with("abc"), "short strings are left alone: {out}");
+    }
+
+    #[test]
+    fn redirects_stay_on_the_configured_origin() {
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        let from = url("https://api.example.com/hook?key=1");
+        for ok in [
+            "https://api.example.com/moved",
+            "https://api.example.com:443/v2/hook",
+            "https://API.example.com/moved",
+        ] {
+            assert!(same_origin(&from, &url(ok)), "{ok}");
+        }
+        for refused in [
+            "http://api.example.com/hook",
+            "https://evil.example.net/hook",
+            "https://api.example.com.evil.net/hook",
+            "https://api.example.com:8443/hook",
+            "https://sub.api.example.com/hook",
+        ] {
+            assert!(!same_origin(&from, &url(refused)), "{refused}");
+        }
     }
 
     #[test]
