@@ -21,7 +21,7 @@ pub use file::FileDestination;
 pub use http::HttpDestination;
 pub use slack::SlackDestination;
 
-use crate::config::{DestinationConfig, DestinationKind, Secret};
+use crate::config::{DestinationConfig, DestinationKind};
 use crate::store::Delivery;
 
 /// Why an attempt failed, and whether trying again can help.
@@ -182,20 +182,51 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// Strings a destination must never echo into a log line or a dead letter: its URL (and
 /// the URL's path and query, which carry credentials for Slack and many APIs), header
-/// values and signing secret. Some servers quote the request back in their error body.
+/// values and signing secret. Some servers quote the request back in their error body,
+/// and not always as sent: PHP's `json_encode` writes `https:\/\/hooks.slack.com\/…`,
+/// other encoders `\u002F`, and a URL inside a URL or a form is percent-encoded
+/// (`https%3A%2F%2F…`, either hex case). Each secret is matched in all those spellings,
+/// even mixed.
 #[derive(Default)]
 struct Redactor {
-    secrets: Vec<Secret>,
+    patterns: Vec<SecretPattern>,
 }
+
+/// A compiled pattern that matches one secret; its `Debug` (none) never shows it.
+struct SecretPattern(regex::Regex);
 
 /// Shorter strings are not worth hiding (and would blank out ordinary words).
 const MIN_REDACTED_LEN: usize = 6;
 
 impl Redactor {
     fn add(&mut self, secret: &str) {
-        if secret.len() >= MIN_REDACTED_LEN {
-            self.secrets.push(Secret::new(secret.to_string()));
+        if secret.len() < MIN_REDACTED_LEN {
+            return;
         }
+        // Letters and digits are written as they are by every encoder; any other
+        // character may also come escaped.
+        let mut pattern = String::new();
+        for c in secret.chars() {
+            if c.is_ascii_alphanumeric() {
+                pattern.push(c);
+                continue;
+            }
+            let plain = regex::escape(c.encode_utf8(&mut [0; 4]));
+            if c.is_ascii() {
+                let code = c as u32;
+                // As is; JSON `\/`-style; JSON `\u00XX`; percent-encoded.
+                pattern.push_str(&format!(
+                    r"(?:{plain}|\\{plain}|\\u(?i:00{code:02x})|%(?i:{code:02x}))"
+                ));
+            } else {
+                pattern.push_str(&plain);
+            }
+        }
+        // A secret too long for the regex engine's limits is still matched as written.
+        let regex = regex::Regex::new(&pattern)
+            .or_else(|_| regex::Regex::new(&regex::escape(secret)))
+            .expect("an escaped literal is a valid pattern");
+        self.patterns.push(SecretPattern(regex));
     }
 
     fn add_url(&mut self, url: &reqwest::Url) {
@@ -208,8 +239,10 @@ impl Redactor {
 
     fn apply(&self, text: &str) -> String {
         let mut out = text.to_string();
-        for s in &self.secrets {
-            out = out.replace(s.expose().as_str(), "[redacted]");
+        for SecretPattern(p) in &self.patterns {
+            if let std::borrow::Cow::Owned(replaced) = p.replace_all(&out, "[redacted]") {
+                out = replaced;
+            }
         }
         out
     }
@@ -329,6 +362,59 @@ mod tests {
         ] {
             assert!(!same_origin(&from, &url(refused)), "{refused}");
         }
+    }
+
+    fn slack_redactor() -> Redactor {
+        let mut r = Redactor::default();
+        r.add_url(
+            &reqwest::Url::parse("https://hooks.slack.com/services/T0/B0/XYZsecret?key=abc123")
+                .unwrap(),
+        );
+        r.add("Bearer sk-live-42");
+        r
+    }
+
+    #[test]
+    fn redaction_catches_the_json_escaped_forms() {
+        let r = slack_redactor();
+        for echoed in [
+            // PHP's json_encode
+            r#"{"error":"bad url https:\/\/hooks.slack.com\/services\/T0\/B0\/XYZsecret?key=abc123"}"#,
+            // \u escapes, either case
+            r#"{"url":"https:\u002f\u002Fhooks.slack.com\u002Fservices\u002FT0\u002FB0\u002FXYZsecret"}"#,
+            // only the path, escaped
+            r#"{"path":"\/services\/T0\/B0\/XYZsecret"}"#,
+            r#"{"auth":"Bearer\u0020sk-live-42"}"#,
+        ] {
+            let out = r.apply(echoed);
+            for s in ["XYZsecret", "sk-live-42"] {
+                assert!(!out.contains(s), "{s} in {out}");
+            }
+            assert!(out.contains("[redacted]"), "{out}");
+        }
+    }
+
+    #[test]
+    fn redaction_catches_the_percent_encoded_forms() {
+        let r = slack_redactor();
+        for echoed in [
+            "url=https%3A%2F%2Fhooks.slack.com%2Fservices%2FT0%2FB0%2FXYZsecret%3Fkey%3Dabc123",
+            "url=https%3a%2f%2fhooks.slack.com%2fservices%2fT0%2fB0%2fXYZsecret",
+            "next=%2Fservices%2FT0%2FB0%2FXYZsecret&q=key%3Dabc123",
+            // mixed: the scheme as is, the rest encoded
+            "https://hooks.slack.com%2Fservices%2FT0/B0%2FXYZsecret",
+            "auth=Bearer%20sk-live-42",
+        ] {
+            let out = r.apply(echoed);
+            for s in ["XYZsecret", "abc123", "sk-live-42"] {
+                assert!(!out.contains(s), "{s} in {out}");
+            }
+        }
+        // Text that only looks alike stays.
+        assert_eq!(
+            r.apply("services T0 B0 XYZsecrets"),
+            "services T0 B0 XYZsecrets"
+        );
     }
 
     #[test]
