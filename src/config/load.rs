@@ -1125,7 +1125,7 @@ impl Loader {
                     raw.rate_limit,
                     4,
                 );
-                let mut ok = self.check_url(&path.key("url"), &raw.url, false);
+                let mut ok = self.check_url(&path.key("url"), &raw.url, true);
                 let mut headers = Vec::new();
                 for (hname, value) in raw.headers.unwrap_or_default() {
                     let hpath = path.key("headers").key(&hname);
@@ -1269,8 +1269,8 @@ impl Loader {
         })
     }
 
-    /// An http(s) URL; for a Slack webhook URL, a warning when it would travel in clear
-    /// text. Messages never show the URL.
+    /// An http(s) URL; with `warn_cleartext` (Slack and HTTP destinations), a warning
+    /// when it would travel in clear text to another machine. Messages never show the URL.
     fn check_url(&mut self, path: &KeyPath, text: &str, warn_cleartext: bool) -> bool {
         let url = match reqwest::Url::parse(text.trim()) {
             Ok(url) => url,
@@ -1290,7 +1290,7 @@ impl Loader {
         if warn_cleartext && url.scheme() == "http" && !is_loopback(&url) {
             self.warn(
                 path,
-                "plain http to a host that is not loopback: this URL is a credential and would cross the network unencrypted; use https",
+                "plain http to a host that is not loopback: the URL (often a credential), the headers and every event would cross the network unencrypted; use https",
             );
         }
         true
