@@ -2,13 +2,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogFormat};
-use crate::store::{Selection, Store};
+use crate::store::{ReplayVerdict, Selection, Store};
 
 /// `println!` for command output. A reader that goes away (`dead-letters list | head`)
 /// ends the command quietly, where `println!` would panic on the broken pipe.
@@ -59,7 +59,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the relay daemon. SIGHUP reloads the config (an invalid one is reported and
     /// the running one kept); SIGTERM or Ctrl-C stops it without losing anything pending.
-    Run,
+    Run(RunArgs),
     /// Validate the config and exit: 0 with a summary, or 1 with every error
     /// (file:line:column, key path, and a suggestion for mistyped keys).
     Check,
@@ -73,6 +73,15 @@ pub enum Command {
     /// see packaging/build-assets.sh).
     #[command(subcommand, hide = true)]
     Generate(GenerateCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Accept the shipped demo token (`demo-token-change-me`) even when `listen` is
+    /// reachable from other machines. Without it, run refuses to start (and a reload
+    /// is refused) in that case; on a loopback `listen` the token is only warned about.
+    #[arg(long)]
+    pub allow_demo_token: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,8 +141,9 @@ pub enum DeadLetterCommand {
         json: bool,
     },
     /// Queue dead letters for delivery again (attempts start over). The running relay
-    /// picks them up within its poll interval (1s by default). Dead letters of
-    /// destinations no longer in the config are left alone.
+    /// decides within its poll interval (1s by default) and this command reports it: it
+    /// queues those of destinations it runs and refuses the others, which stay dead
+    /// letters with the reason (exit 1 when IDs or --destination were refused).
     Replay(SelectArgs),
     /// Delete dead letters for good.
     Purge(SelectArgs),
@@ -180,13 +190,20 @@ pub async fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check => Ok(check(&cli.config)),
-        Command::Run => {
+        Command::Run(args) => {
             let Some(config) = load_or_report(&cli.config) else {
                 return Ok(ExitCode::FAILURE);
             };
+            if !args.allow_demo_token
+                && let Some(why) = config.demo_token_refusal(config.listen)
+            {
+                eprintln!("error: {why}");
+                eprintln!("{}: nothing was started", cli.config.display());
+                return Ok(ExitCode::FAILURE);
+            }
             let (logs, _flush) =
                 crate::telemetry::init(config.log_format, config.log_level.as_deref());
-            crate::service::run(&cli.config, config, logs).await?;
+            crate::service::run(&cli.config, config, logs, args.allow_demo_token).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => {
@@ -491,84 +508,92 @@ async fn dead_letters(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
-/// `dead-letters replay`. Only dead letters of destinations in the config are replayed:
-/// one of a destination that was removed has no dispatcher, so it would sit pending
-/// (reported as replayed) until the next start moved it back to the dead letters. Those
-/// are left as they are and named; asking for them explicitly fails.
+/// How long `dead-letters replay` waits for a relay's decision beyond two poll intervals.
+const REPLAY_PATIENCE: Duration = Duration::from_secs(3);
+
+/// How often `dead-letters replay` looks for the decision (another process makes it).
+const REPLAY_LOOK_EVERY: Duration = Duration::from_millis(100);
+
+/// `dead-letters replay`. The running relay decides, not this command: relay.yaml on disk
+/// may not be what it runs (an edit not yet reloaded), and a dead letter queued for a
+/// destination no relay runs would sit pending with no dispatcher. So the command records
+/// a request per dead letter; the relay queues again those of destinations it runs and
+/// refuses the others (they stay dead letters, with the reason); the command waits for
+/// that verdict and reports it.
 async fn replay(
     config: &Config,
     store: &dyn Store,
     selection: Selection,
 ) -> anyhow::Result<ExitCode> {
-    let known: Vec<&str> = config
-        .destinations
-        .iter()
-        .map(|d| d.name.as_str())
-        .collect();
-    let is_known = |d: &str| known.contains(&d);
-    let removed = |d: &str| {
-        format!(
-            "destination {d} is not in {} any more, so nothing would deliver it; \
-             add it back or purge its dead letters (`dead-letters purge --destination {d}`)",
-            config.source.display()
-        )
-    };
+    // An explicit choice that is refused fails the command; `--all` only warns.
+    let explicit = !matches!(selection, Selection::All);
     let mut failed = false;
-    let replayed = match selection {
-        Selection::Destination(d) if !is_known(&d) => {
-            eprintln!("error: {}", removed(&d));
-            return Ok(ExitCode::FAILURE);
-        }
-        Selection::Destination(_) => store.replay(&selection).await?,
-        Selection::All => {
-            let mut n = 0;
-            for d in &known {
-                n += store.replay(&Selection::Destination(d.to_string())).await?;
-            }
-            let mut left: Vec<String> = store
-                .dead_letters(None, i64::MAX as usize)
-                .await?
-                .into_iter()
-                .map(|r| r.destination)
-                .filter(|d| !is_known(d))
-                .collect();
-            let count = left.len();
-            left.sort();
-            left.dedup();
-            if count > 0 {
-                eprintln!(
-                    "warning: left {count} dead letter(s) of destinations no longer in the config: {}",
-                    left.join(", ")
-                );
-            }
-            n
-        }
-        Selection::Ids(ids) => {
-            let mut keep = Vec::new();
-            for id in ids {
-                match store.dead_letter(id).await? {
-                    None => {
-                        eprintln!("error: no dead letter with id {id}");
-                        failed = true;
-                    }
-                    Some((row, _)) if !is_known(&row.destination) => {
-                        eprintln!("error: dead letter {id}: {}", removed(&row.destination));
-                        failed = true;
-                    }
-                    Some(_) => keep.push(id),
-                }
-            }
-            if keep.is_empty() {
-                0
-            } else {
-                store.replay(&Selection::Ids(keep)).await?
+    if let Selection::Ids(ids) = &selection {
+        for &id in ids {
+            if store.dead_letter(id).await?.is_none() {
+                eprintln!("error: no dead letter with id {id}");
+                failed = true;
             }
         }
+    }
+    let batch = uuid::Uuid::now_v7().to_string();
+    let requested = store.request_replay(&selection, &batch).await?;
+    let verdict = if requested == 0 {
+        ReplayVerdict::default()
+    } else {
+        let patience = config.delivery.poll_interval * 2 + REPLAY_PATIENCE;
+        let deadline = Instant::now() + patience;
+        let verdict = loop {
+            let verdict = store.replay_verdict(&batch).await?;
+            if verdict.undecided == 0 || Instant::now() >= deadline {
+                break verdict;
+            }
+            tokio::time::sleep(REPLAY_LOOK_EVERY).await;
+        };
+        store.forget_replay(&batch).await?;
+        if verdict.undecided > 0 {
+            eprintln!(
+                "warning: no running relay decided about {} dead letter(s) within {}: they stay \
+                 dead letters, marked for replay, until a relay runs and decides (is it running, \
+                 and on this store?)",
+                verdict.undecided,
+                humantime::format_duration(patience)
+            );
+        }
+        verdict
     };
-    out!(
-        "replayed {replayed} dead letter(s); a running relay picks them up within {}",
-        humantime::format_duration(config.delivery.poll_interval)
-    );
+    let per = |groups: &[(String, u64)]| {
+        groups
+            .iter()
+            .map(|(d, n)| format!("{d}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let replayed: u64 = verdict.replayed.iter().map(|(_, n)| n).sum();
+    if replayed == 0 {
+        out!("replayed 0 dead letter(s)");
+    } else {
+        out!(
+            "replayed {replayed} dead letter(s) ({}); the running relay has queued them",
+            per(&verdict.replayed)
+        );
+    }
+    if verdict.gone > 0 {
+        out!(
+            "{} were no longer dead letters (purged or replayed meanwhile)",
+            verdict.gone
+        );
+    }
+    for (destination, n) in &verdict.refused {
+        eprintln!(
+            "{}: refused {n} dead letter(s) of destination {destination}: no running relay \
+             has it in its config, so nothing would deliver them; they stay dead letters. \
+             Add it to the config and reload, then replay again, or purge them \
+             (`dead-letters purge --destination {destination}`)",
+            if explicit { "error" } else { "warning" }
+        );
+        failed |= explicit;
+    }
     Ok(if failed {
         ExitCode::FAILURE
     } else {

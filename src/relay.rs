@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -41,8 +43,7 @@ const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(60);
 const ANNOUNCEMENT_POLLS: u32 = 10;
 
 /// Shared stores sweep orphaned deliveries every this many announcements: with several
-/// relays they can appear at any time (the only relay that had a destination died, or a
-/// `dead-letters replay` of one no relay has).
+/// relays they can appear at any time (the only relay that had a destination died).
 const SWEEP_EVERY: u32 = 30;
 /// Rounds of the sweep after a reload between two warnings that removed destinations
 /// still have attempts under way.
@@ -82,6 +83,9 @@ pub struct Relay {
     ingress_state: Arc<IngressState>,
     /// The config in force (for reload comparisons and late sweeps).
     current: Arc<Mutex<Arc<Config>>>,
+    /// Until when requests admitted under an earlier config may still store events
+    /// (and their deliveries for destinations a reload removed).
+    horizon: Mutex<RequestHorizon>,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
 }
@@ -113,6 +117,10 @@ impl Relay {
         // know this one has these destinations.
         deliveries.announce(announcement_ttl(&config)).await?;
         deliveries.dead_letter_orphans(&config).await?;
+        // Replays asked for while no relay ran are decided now, then every poll interval.
+        if let Err(e) = deliveries.decide_replays().await {
+            tracing::warn!(error = %e, "cannot decide replay requests now; trying again every poll interval");
+        }
         // A shared store tells every relay about deliveries accepted by any of them.
         if let Some(wakes) = store.subscribe() {
             tracker.spawn(forward_wakes(
@@ -151,6 +159,11 @@ impl Relay {
             delivery.soft.clone(),
         ));
         let current = Arc::new(Mutex::new(Arc::clone(&config)));
+        tracker.spawn(decide_replays(
+            Arc::clone(&deliveries),
+            Arc::clone(&current),
+            delivery.soft.clone(),
+        ));
         if store.shared() {
             tracker.spawn(announce_and_sweep(
                 Arc::clone(&deliveries),
@@ -244,6 +257,7 @@ impl Relay {
             deliveries,
             ingress_state,
             current,
+            horizon: Mutex::new(RequestHorizon::default()),
             metrics,
             store,
         })
@@ -324,17 +338,7 @@ impl Relay {
         new.tls = old.tls.clone();
         let new = Arc::new(new);
 
-        // Renewed certificates (same paths) are picked up without dropping connections;
-        // a bad one is reported and the old one keeps serving.
-        if let Some(tls) = &self.tls {
-            let tls = tls.clone();
-            match tokio::task::spawn_blocking(move || tls.reload()).await {
-                Ok(Ok(())) => tracing::info!("TLS certificate reloaded"),
-                Ok(Err(e)) => tracing::error!(error = %e,
-                    "TLS certificate not reloaded; the previous one keeps serving"),
-                Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
-            }
-        }
+        self.reload_certificate().await;
         let (wakers, mut applied) = self.deliveries.apply(&new).await?;
         // New destinations are announced before ingress routes to them (see `start`).
         if let Err(e) = self.deliveries.announce(announcement_ttl(&new)).await {
@@ -361,10 +365,14 @@ impl Relay {
             tracing::info!(destination = %name,
                 "removed destination still has attempts under way; its pending deliveries move to dead letters once they end");
         }
+        // Requests under way keep the limits they started with: the old config's, or
+        // an older one's (reloads in a row), which may be longer than the new ones.
+        let first = self
+            .horizon
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replaced(&old.ingress, &new.ingress, Instant::now());
         if !applied.stopped.is_empty() {
-            let limits = &new.ingress;
-            // By then every request that started before the reload has ended.
-            let first = limits.body_timeout + limits.store_timeout + Duration::from_secs(1);
             self.tracker.spawn(sweep_removed(
                 Arc::clone(&self.deliveries),
                 Arc::clone(&self.current),
@@ -373,6 +381,30 @@ impl Relay {
             ));
         }
         Ok(describe(&applied))
+    }
+
+    /// What every SIGHUP does even when the new config is refused (invalid, or failed
+    /// to apply): file destinations reopen their files (logrotate's `reload` must not
+    /// leave the relay writing into the rotated file) and the TLS certificate is read
+    /// again (a renewal must not wait for a valid config). A valid reload does both
+    /// itself.
+    pub async fn reopen(&self) {
+        self.reload_certificate().await;
+        self.deliveries.reopen().await;
+    }
+
+    /// Renewed certificates (same paths) are picked up without dropping connections; a
+    /// bad one is reported and the old one keeps serving.
+    async fn reload_certificate(&self) {
+        if let Some(tls) = &self.tls {
+            let tls = tls.clone();
+            match tokio::task::spawn_blocking(move || tls.reload()).await {
+                Ok(Ok(())) => tracing::info!("TLS certificate reloaded"),
+                Ok(Err(e)) => tracing::error!(error = %e,
+                    "TLS certificate not reloaded; the previous one keeps serving"),
+                Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
+            }
+        }
     }
 
     /// Where `STATUS=` lines come from.
@@ -420,6 +452,40 @@ impl Relay {
         self.store.close().await;
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// How long requests admitted before a reload can still be storing events: each one
+/// has at most its config's `body_timeout` and `store_timeout` once its handler starts
+/// (it reads the routes then). A sweep of removed destinations waits past this, or a
+/// request under the old routes could store a delivery for a removed destination after
+/// the sweep, with no dispatcher to take it (until the next start sweeps it).
+#[derive(Debug, Default)]
+struct RequestHorizon {
+    /// The latest moment a request admitted under a replaced config may still store.
+    until: Option<Instant>,
+}
+
+/// Slack added to a request's limits before a sweep: scheduling, the answer's write.
+const SWEEP_MARGIN: Duration = Duration::from_secs(1);
+
+impl RequestHorizon {
+    /// Records that `old` limits were replaced by `new` at `now`; returns how long from
+    /// `now` until every request admitted so far has stored or given up: the larger of
+    /// the old and new limits, and of any earlier config's still in reach.
+    fn replaced(
+        &mut self,
+        old: &crate::config::IngressConfig,
+        new: &crate::config::IngressConfig,
+        now: Instant,
+    ) -> Duration {
+        let span = |l: &crate::config::IngressConfig| l.body_timeout + l.store_timeout;
+        let old_until = now + span(old);
+        let until = self.until.map_or(old_until, |u| u.max(old_until));
+        self.until = Some(until);
+        // Requests admitted from now on use `new`; one admitted just before the swap
+        // used `old`.
+        (until - now).max(span(new)) + SWEEP_MARGIN
     }
 }
 
@@ -535,6 +601,38 @@ async fn announce_and_sweep(
     }
 }
 
+/// Decides the replay requests of `dead-letters replay` every poll interval (the
+/// command waits for the verdict).
+async fn decide_replays(
+    deliveries: Arc<Deliveries>,
+    current: Arc<Mutex<Arc<Config>>>,
+    stop: CancellationToken,
+) {
+    // What was last said, so a store that stays down logs once.
+    let mut said = String::new();
+    loop {
+        let poll = current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .delivery
+            .poll_interval;
+        tokio::select! {
+            () = tokio::time::sleep(poll) => {}
+            () = stop.cancelled() => return,
+        }
+        match deliveries.decide_replays().await {
+            Ok(()) => said.clear(),
+            Err(e) => {
+                let e = e.to_string();
+                if e != said {
+                    tracing::warn!(error = %e, "cannot decide replay requests; trying again every poll interval");
+                    said = e;
+                }
+            }
+        }
+    }
+}
+
 /// Sweeps the destinations a reload removed, after `first` and then every poll interval
 /// until none of them has attempts under way.
 async fn sweep_removed(
@@ -591,5 +689,53 @@ async fn housekeeping(
             Ok(n) => tracing::info!(rows = n, "pruned delivered events past retention"),
             Err(e) => tracing::warn!(error = %e, "prune failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IngressConfig;
+
+    fn limits(body: u64, store: u64) -> IngressConfig {
+        let (config, _) = crate::config::load_str(
+            &format!(
+                "ingress: {{ body_timeout: {body}s, store_timeout: {store}s }}\n\
+                 applications: [{{ app_id: a, token: t0123456789 }}]\n"
+            ),
+            std::path::Path::new("/tmp/relay.yaml"),
+            &|_| None,
+        )
+        .unwrap();
+        config.ingress
+    }
+
+    #[test]
+    fn a_sweep_after_lowered_limits_waits_for_the_old_ones() {
+        let now = Instant::now();
+        let mut h = RequestHorizon::default();
+        // 10 s + 3 s under the old config, 1 s + 1 s under the new one.
+        let wait = h.replaced(&limits(10, 3), &limits(1, 1), now);
+        assert_eq!(wait, Duration::from_secs(13) + SWEEP_MARGIN);
+        // Raised limits: the new ones are the longer wait.
+        let mut h = RequestHorizon::default();
+        let wait = h.replaced(&limits(1, 1), &limits(4, 2), now);
+        assert_eq!(wait, Duration::from_secs(6) + SWEEP_MARGIN);
+    }
+
+    #[test]
+    fn reloads_in_a_row_remember_an_older_configs_limits() {
+        let now = Instant::now();
+        let mut h = RequestHorizon::default();
+        h.replaced(&limits(30, 3), &limits(1, 1), now);
+        // Two seconds later the low limits are replaced (removing a destination): a
+        // request admitted under the first config may still be reading its body.
+        let later = now + Duration::from_secs(2);
+        let wait = h.replaced(&limits(1, 1), &limits(1, 1), later);
+        assert_eq!(wait, Duration::from_secs(31) + SWEEP_MARGIN);
+        // Long after, only the limits of the configs that could still have requests count.
+        let much_later = now + Duration::from_secs(100);
+        let wait = h.replaced(&limits(1, 1), &limits(1, 1), much_later);
+        assert_eq!(wait, Duration::from_secs(2) + SWEEP_MARGIN);
     }
 }

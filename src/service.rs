@@ -5,7 +5,8 @@
 //! - `STATUS=` every few seconds with live figures (`systemctl status` shows it);
 //! - `WATCHDOG=1` at half of `WATCHDOG_USEC` when the unit sets `WatchdogSec=`;
 //! - SIGHUP: `RELOADING=1`, re-read and validate the config, apply it (or keep the old one
-//!   and log every error), `READY=1`;
+//!   and log every error), `READY=1`. Files are reopened and the certificate read again
+//!   on every SIGHUP, whatever the config's fate (logrotate sends one after rotating);
 //! - SIGTERM / SIGINT: `STOPPING=1`, then the graceful shutdown of [`Relay::shutdown`].
 //!
 //! Without `NOTIFY_SOCKET` (not under systemd) the notifications are no-ops.
@@ -31,7 +32,14 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, reloading on SIGHUP.
-pub async fn run(config_path: &Path, config: Config, logs: LogControl) -> anyhow::Result<()> {
+/// `allow_demo_token` is `run --allow-demo-token`: without it a reload that brings the
+/// shipped demo token while `listen` is not loopback is refused like an invalid config.
+pub async fn run(
+    config_path: &Path,
+    config: Config,
+    logs: LogControl,
+    allow_demo_token: bool,
+) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -50,7 +58,7 @@ pub async fn run(config_path: &Path, config: Config, logs: LogControl) -> anyhow
 
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&relay, config_path, &logs).await,
+            _ = hangup.recv() => reload(&relay, config_path, &logs, allow_demo_token).await,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -61,7 +69,7 @@ pub async fn run(config_path: &Path, config: Config, logs: LogControl) -> anyhow
     relay.shutdown().await
 }
 
-async fn reload(relay: &Relay, path: &Path, logs: &LogControl) {
+async fn reload(relay: &Relay, path: &Path, logs: &LogControl, allow_demo_token: bool) {
     let mut states = vec![NotifyState::Reloading];
     if let Ok(now) = NotifyState::monotonic_usec_now() {
         states.push(now);
@@ -74,11 +82,24 @@ async fn reload(relay: &Relay, path: &Path, logs: &LogControl) {
         tokio::task::spawn_blocking(move || config::load(&path)).await
     };
     let Ok(loaded) = loaded else {
-        tracing::error!("config reload task failed; still running on the previous one");
+        relay.reopen().await;
+        tracing::error!(
+            "config reload task failed; still running on the previous one (files reopened)"
+        );
         notify(&[NotifyState::Ready]);
         return;
     };
+    let refusal = match &loaded {
+        Ok((config, _)) if !allow_demo_token => config.demo_token_refusal(relay.local_addr()),
+        _ => None,
+    };
     match loaded {
+        Ok(_) if let Some(why) = refusal => {
+            relay.reopen().await;
+            tracing::error!(
+                "config: {why}; still running on the previous configuration (files reopened)"
+            );
+        }
         Ok((config, warnings)) => {
             for w in &warnings {
                 tracing::warn!("config: {w}");
@@ -89,17 +110,22 @@ async fn reload(relay: &Relay, path: &Path, logs: &LogControl) {
                     logs.set_level(level.as_deref());
                     tracing::info!(%summary, "configuration reloaded");
                 }
-                Err(e) => tracing::error!(error = %format!("{e:#}"),
-                    "reload failed; still running on the previous configuration"),
+                Err(e) => {
+                    relay.reopen().await;
+                    tracing::error!(error = %format!("{e:#}"),
+                        "reload failed; still running on the previous configuration (files reopened)");
+                }
             }
         }
         Err(errors) => {
             for e in &errors.0 {
                 tracing::error!("config: {e}");
             }
+            // Logged after the reopen: once this line is out, the files are reopened.
+            relay.reopen().await;
             tracing::error!(
                 errors = errors.0.len(),
-                "the new configuration is invalid; still running on the previous one"
+                "the new configuration is invalid; still running on the previous one (files reopened)"
             );
         }
     }

@@ -404,3 +404,78 @@ async fn check_fails_on_a_mistyped_filter_with_line_and_column() {
     );
     assert!(!out.stdout.contains("sample event"), "{}", out.stdout);
 }
+
+#[tokio::test]
+async fn the_demo_token_is_warned_about_and_refused_on_a_public_listen() {
+    let setup = Setup::new();
+    let config = setup.write_config(TO_EVENTS_JSONL);
+    let text = std::fs::read_to_string(&config).unwrap();
+    // As the shipped relay.yaml does, with FACEIO_TOKEN set but empty.
+    let demo = text.replace(TOKEN, "${FACEIO_TOKEN:-demo-token-change-me}");
+    std::fs::write(&config, &demo).unwrap();
+    let empty = [("FACEIO_TOKEN", "")];
+
+    let out = cli_env(&config, &["check"], &empty).await;
+    assert!(out.ok(), "a warning, not an error: {}", out.all());
+    assert!(
+        out.stderr.contains("warning:") && out.stderr.contains("demo-token-change-me"),
+        "{}",
+        out.all()
+    );
+
+    // On every interface: refused, nothing started.
+    std::fs::write(
+        &config,
+        demo.replace("listen: 127.0.0.1:0\n", "listen: 0.0.0.0:0\n"),
+    )
+    .unwrap();
+    let out = cli_env(&config, &["run"], &empty).await;
+    assert!(
+        !out.ok(),
+        "started with the demo token on 0.0.0.0:\n{}",
+        out.all()
+    );
+    assert!(
+        out.stderr.contains("--allow-demo-token") && out.stderr.contains("fioa-test"),
+        "{}",
+        out.all()
+    );
+    assert!(!out.all().contains("faceio-relay ready"), "{}", out.all());
+
+    // Told to, it starts (and still warns).
+    let mut child = tokio::process::Command::new(binary())
+        .args(["run", "--allow-demo-token", "--config"])
+        .arg(&config)
+        .env("FACEIO_TOKEN", "")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut seen = Vec::new();
+    let ready = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let done = line.contains("faceio-relay ready");
+            seen.push(line);
+            if done {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        ready.is_ok(),
+        "not ready with --allow-demo-token:\n{}",
+        seen.join("\n")
+    );
+    assert!(
+        seen.iter().any(|l| l.contains("demo-token-change-me")),
+        "{}",
+        seen.join("\n")
+    );
+    child.kill().await.unwrap();
+}

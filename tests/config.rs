@@ -39,7 +39,24 @@ fn no_env(_: &str) -> Option<String> {
     None
 }
 
+/// Makes the fixtures' token files readable by their owner only, as a real one must be
+/// (git checks them out 0644, which the loader warns about).
+fn private_token_files() {
+    use std::os::unix::fs::PermissionsExt as _;
+    for kind in ["valid", "invalid"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/config")
+            .join(kind)
+            .join("tokens");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+}
+
 fn fixtures(kind: &str) -> Vec<PathBuf> {
+    private_token_files();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/config")
         .join(kind);
@@ -198,6 +215,7 @@ fn valid_fixtures_load_with_their_expected_warnings() {
 }
 
 fn fixture_path(rel: &str) -> PathBuf {
+    private_token_files();
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/config")
         .join(rel)
@@ -527,6 +545,7 @@ fn unreadable_file_is_one_error_naming_it() {
 fn load_resolves_paths_against_the_config_directory() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), "from-file\n\n").unwrap();
+    private(&dir.path().join("token"));
     let file = dir.path().join("relay.yaml");
     std::fs::write(
         &file,
@@ -608,4 +627,44 @@ fn check_reports_token_file_errors_at_their_line_and_column() {
         );
     }
     assert!(stderr.contains("3 error(s)"), "{stderr}");
+}
+
+/// Makes `path` readable by its owner only.
+fn private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn token_files_are_trimmed_and_warned_about_when_others_can_read_them() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    // Whitespace on both sides, as an editor or `echo` leaves it.
+    std::fs::write(&token, " \t tok-from-file-123 \n\n").unwrap();
+    private(&token);
+    let file = dir.path().join("relay.yaml");
+    std::fs::write(
+        &file,
+        "applications:\n  - { app_id: fioa1, token_file: token }\nroutes: []\n",
+    )
+    .unwrap();
+    let (config, warnings) = load(&file).unwrap();
+    assert_eq!(config.applications[0].token.expose(), "tok-from-file-123");
+    assert!(
+        !warnings.iter().any(|w| w.message.contains("readable")),
+        "{warnings:?}"
+    );
+
+    for mode in [0o640, 0o604] {
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+        let (_, warnings) = load(&file).unwrap();
+        let w = warnings
+            .iter()
+            .find(|w| w.message.contains("readable by group or others"))
+            .unwrap_or_else(|| panic!("no warning for mode {mode:o}: {warnings:?}"));
+        assert_eq!(w.path, "applications[0].token_file");
+        assert_eq!((w.line, w.column), (2, 34));
+        assert!(!w.to_string().contains("tok-from-file"), "{w}");
+    }
 }

@@ -401,6 +401,86 @@ async fn replay_leaves_dead_letters_of_removed_destinations_alone() {
     daemon.terminate(WAIT).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_follows_the_running_relay_not_the_file() {
+    // crm answers 400 (a permanent failure) so its delivery is a dead letter at once.
+    let mut crm = Receiver::start(Reply::status(400)).await;
+    let setup = Setup::new();
+    let with_crm = format!(
+        "destinations:\n{}  audit:\n    type: file\n    path: e.jsonl\nroutes:\n  - to: [audit, crm]\n",
+        http("crm", &crm.url(), "")
+    );
+    let without_crm =
+        "destinations:\n  audit:\n    type: file\n    path: e.jsonl\nroutes:\n  - to: [audit]\n";
+    let config = setup.write_config(&with_crm);
+    let daemon = Relayd::start(&config).await;
+    post(&daemon.url(), &event("AUTH", "dl")).await;
+    crm.next().await;
+    eventually("crm's delivery is a dead letter", || {
+        count(&setup, "dead") == 1
+    })
+    .await;
+    daemon.terminate(WAIT).await;
+
+    // The relay now runs without crm; relay.yaml gets crm back, not yet reloaded.
+    let config = setup.write_config(without_crm);
+    let daemon = Relayd::start(&config).await;
+    setup.write_config(&with_crm);
+    crm.set_default(Reply::status(200));
+    let id = dead_rows(&setup)[0].0;
+    let out = cli(&config, &["dead-letters", "replay", "--destination", "crm"]).await;
+    assert!(!out.ok(), "a refused replay must fail:\n{}", out.all());
+    assert!(
+        out.stderr.contains("refused 1") && out.stderr.contains("crm"),
+        "{}",
+        out.all()
+    );
+    assert!(out.stdout.contains("replayed 0"), "{}", out.all());
+    // Still a dead letter (not pending with no dispatcher), with the reason.
+    let rows = dead_rows(&setup);
+    assert_eq!((rows.len(), rows[0].0), (1, id), "{rows:?}");
+    assert!(rows[0].3.contains("replay refused"), "{rows:?}");
+    assert_eq!(count(&setup, "pending"), 0);
+    assert!(crm.next_within(QUIET).await.is_none());
+    let out = cli(&config, &["dead-letters", "replay", &id.to_string()]).await;
+    assert!(!out.ok(), "{}", out.all());
+    assert!(out.stderr.contains("refused 1"), "{}", out.all());
+
+    // Reloaded, the relay runs crm: the same replay is queued and delivered, even with
+    // crm gone from the file again (the relay decides, not the file).
+    daemon.signal("HUP");
+    daemon.wait_log("configuration reloaded").await;
+    setup.write_config(without_crm);
+    let out = cli(&config, &["dead-letters", "replay", "--destination", "crm"]).await;
+    assert!(out.ok(), "{}", out.all());
+    assert!(out.stdout.contains("replayed 1 "), "{}", out.all());
+    assert_eq!(crm.next().await.json()["facialId"], "dl");
+    eventually("crm's replay done", || count(&setup, "done") == 2).await;
+
+    // No relay running: the request waits for one, the command says so, and the next
+    // start decides it.
+    crm.set_default(Reply::status(400));
+    post(&daemon.url(), &event("AUTH", "while-stopped")).await;
+    eventually("a new dead letter", || count(&setup, "dead") == 1).await;
+    daemon.terminate(WAIT).await;
+    drain(&mut crm).await;
+    crm.set_default(Reply::status(200));
+    let out = cli(&config, &["dead-letters", "replay", "--all"]).await;
+    assert!(out.ok(), "{}", out.all());
+    assert!(out.stdout.contains("replayed 0"), "{}", out.all());
+    assert!(
+        out.stderr.contains("no running relay decided"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(count(&setup, "dead"), 1, "still a dead letter meanwhile");
+    setup.write_config(&with_crm);
+    let daemon = Relayd::start(&config).await;
+    assert_eq!(crm.next().await.json()["facialId"], "while-stopped");
+    eventually("replayed at start", || count(&setup, "done") == 4).await;
+    daemon.terminate(WAIT).await;
+}
+
 /// Sends `n` events at once (each must get its 200).
 async fn send_burst(url: &str, prefix: &str, n: usize) {
     let client = reqwest::Client::new();

@@ -220,13 +220,17 @@ async fn redirects_are_not_followed_unless_configured() {
 
 #[tokio::test]
 async fn with_follow_redirects_a_307_is_followed_with_the_body_and_a_302_is_not() {
+    // The API moved its endpoint on the same server (same scheme, host and port).
+    let mut temporary = Receiver::ok().await;
+    temporary.script([Reply::status(307).header("Location", "/moved")]);
     let mut target = Receiver::ok().await;
-    let temporary = Receiver::start(Reply::status(307).header("Location", &target.url())).await;
     let found = Receiver::start(Reply::status(302).header("Location", &target.url())).await;
     let setup = Setup::new();
     let relay = TestRelay::start(setup.config(&format!(
         "destinations:\n\
          \x20 temporary:\n    type: http\n    url: {}\n    follow_redirects: true\n\
+         \x20   headers: {{ Authorization: Bearer api-secret-1, X-Api-Key: key-secret-2 }}\n\
+         \x20   signing_secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n\
          \x20 found:\n    type: http\n    url: {}\n    follow_redirects: true\n\
          routes:\n  - match: {{ eventName: AUTH }}\n    to: [temporary]\n\
          \x20 - match: {{ eventName: ENROLL }}\n    to: [found]\n",
@@ -235,15 +239,61 @@ async fn with_follow_redirects_a_307_is_followed_with_the_body_and_a_302_is_not(
     )))
     .await;
 
-    // 307: the same POST, byte for byte, reaches the target.
+    // 307: the same POST, byte for byte, with every header, reaches the new path.
     let sent = event("AUTH", "via-307");
     relay.send(&sent).await;
-    let arrived = target.next().await;
+    let first = temporary.next().await;
+    let arrived = temporary.next().await;
     assert_eq!(arrived.json(), sent);
+    for header in [
+        "authorization",
+        "x-api-key",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "x-faceio-relay-event-id",
+    ] {
+        assert_eq!(
+            arrived.header(header),
+            first.header(header),
+            "{header} after the redirect"
+        );
+        assert!(arrived.header(header).is_some(), "{header} dropped");
+    }
     eventually("the 307 delivery done", || count(&setup, "done") == 1).await;
 
     // 302 would become a GET without the event: not followed, a permanent failure.
     relay.send(&event("ENROLL", "via-302")).await;
     assert_302_not_followed(&setup, "found", &mut target).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_follow_redirects_a_307_to_another_origin_is_not_followed() {
+    // Another port of the same address is another origin: the configured headers (an
+    // API key, the signature) would go somewhere the config never named.
+    let mut elsewhere = Receiver::ok().await;
+    let moved = Receiver::start(Reply::status(307).header("Location", &elsewhere.url())).await;
+    let setup = Setup::new();
+    let relay = TestRelay::start(setup.config(&format!(
+        "destinations:\n  api:\n    type: http\n    url: {}\n    follow_redirects: true\n\
+         \x20   headers: {{ X-Api-Key: key-secret-2 }}\nroutes:\n  - to: [api]\n",
+        moved.url()
+    )))
+    .await;
+    relay.send(&event("AUTH", "cross-origin")).await;
+    eventually("a dead letter", || count(&setup, "dead") == 1).await;
+    let error: String = setup
+        .db()
+        .query_row("SELECT last_error FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    assert!(error.contains("307"), "{error}");
+    assert!(
+        elsewhere
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the redirect to another origin was followed"
+    );
     relay.shutdown().await;
 }

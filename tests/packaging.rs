@@ -22,6 +22,12 @@ fn packaged_relay_yaml_loads_with_the_token_from_the_credentials_directory() {
         "tok-from-credential\n",
     )
     .unwrap();
+    // systemd's copy of a credential is readable by the service only.
+    std::fs::set_permissions(
+        credentials.path().join("faceio-token"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o400),
+    )
+    .unwrap();
     let dir = credentials.path().to_str().unwrap().to_owned();
     let env = move |name: &str| (name == "CREDENTIALS_DIRECTORY").then(|| dir.clone());
 

@@ -71,6 +71,16 @@ async fn claim_and_dead_letter(store: &PostgresStore, destination: &str, error: 
     d
 }
 
+/// `dead-letters replay` through the store: requested, decided by a relay running
+/// `running`, collected. Returns how many were queued again.
+async fn replay(store: &PostgresStore, selection: &Selection, running: &[&str]) -> u64 {
+    store.request_replay(selection, "test-batch").await.unwrap();
+    store.decide_replays(running).await.unwrap();
+    let verdict = store.replay_verdict("test-batch").await.unwrap();
+    store.forget_replay("test-batch").await.unwrap();
+    verdict.replayed.iter().map(|(_, n)| n).sum()
+}
+
 #[tokio::test]
 async fn store_contract_holds_on_postgres() {
     let db = TestDb::create().await;
@@ -157,10 +167,7 @@ async fn store_contract_holds_on_postgres() {
     assert_eq!(stats.len(), 1, "a is done: {stats:?}");
     assert_eq!((stats[0].destination.as_str(), stats[0].dead), ("b", 1));
     assert_eq!(
-        store
-            .replay(&Selection::Destination("b".into()))
-            .await
-            .unwrap(),
+        replay(&store, &Selection::Destination("b".into()), &["b"]).await,
         1
     );
     assert_eq!(store.due("b", now_ms(), 10).await.unwrap()[0].attempts, 0);
@@ -177,7 +184,7 @@ async fn store_contract_holds_on_postgres() {
         .unwrap();
     assert_eq!(db.count("pending").await, 1);
     let b = claim_and_dead_letter(&store, "b", "again").await;
-    assert_eq!(store.replay(&Selection::Ids(vec![b.id])).await.unwrap(), 1);
+    assert_eq!(replay(&store, &Selection::Ids(vec![b.id]), &["b"]).await, 1);
     let b = claim_and_dead_letter(&store, "b", "again").await;
     assert_eq!(store.purge(&Selection::Ids(vec![b.id])).await.unwrap(), 1);
     assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
@@ -714,6 +721,67 @@ async fn the_orphan_sweep_spares_destinations_another_live_relay_announced() {
 }
 
 #[tokio::test]
+async fn a_replay_is_decided_by_what_the_running_relays_have() {
+    let db = TestDb::create().await;
+    // `one` runs destination `a`; `two` runs `b` (announced); nobody runs `c`.
+    let one = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
+    let cli_store = PostgresStore::open_admin(&pg_config(&db)).await.unwrap();
+    one.insert_event(&verified("AUTH"), &["a", "b", "c"])
+        .await
+        .unwrap();
+    for d in ["a", "b", "c"] {
+        claim_and_dead_letter(&one, d, "HTTP 500").await;
+    }
+    two.announce(&["b"], LONG).await.unwrap();
+
+    // The command only records the request: nothing moves until a relay decides.
+    assert_eq!(
+        cli_store
+            .request_replay(&Selection::All, "batch")
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(db.count("dead").await, 3);
+    assert_eq!(
+        cli_store.replay_verdict("batch").await.unwrap().undecided,
+        3
+    );
+
+    // `one` decides all three: its own `a`, and `b` which `two` runs, are queued again;
+    // `c` stays a dead letter with the reason.
+    let decided = one.decide_replays(&["a"]).await.unwrap();
+    assert_eq!(
+        decided.replayed,
+        [("a".to_string(), 1), ("b".to_string(), 1)]
+    );
+    assert_eq!(decided.refused, [("c".to_string(), 1)]);
+    assert_eq!(
+        two.decide_replays(&["b"]).await.unwrap(),
+        Default::default()
+    );
+    let verdict = cli_store.replay_verdict("batch").await.unwrap();
+    assert_eq!(verdict.undecided, 0);
+    assert_eq!(verdict.refused, [("c".to_string(), 1)]);
+    assert_eq!(db.count("pending").await, 2);
+    let dead = one.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].destination, "c");
+    assert_eq!(
+        dead[0].last_error,
+        faceio_relay::store::replay_refused_reason("c")
+    );
+    cli_store.forget_replay("batch").await.unwrap();
+    assert_eq!(
+        cli_store.replay_verdict("batch").await.unwrap(),
+        Default::default()
+    );
+    one.close().await;
+    two.close().await;
+}
+
+#[tokio::test]
 async fn a_hung_lock_session_is_ended_so_its_destinations_move_on() {
     let db = TestDb::create().await;
     // One reaches PostgreSQL through a proxy whose open connections can be made to hang.
@@ -749,6 +817,52 @@ async fn a_hung_lock_session_is_ended_so_its_destinations_move_on() {
     )
     .await;
     two.close().await;
+}
+
+#[tokio::test]
+async fn a_relay_that_does_not_own_a_file_destination_never_opens_or_repairs_it() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shared/events.jsonl");
+    let config = pg::write_config(
+        dir.path(),
+        &db,
+        "200ms",
+        &format!(
+            "destinations:\n  audit:\n    type: file\n    path: {}\nroutes:\n  - to: audit\n",
+            file.display()
+        ),
+    );
+    let load = || faceio_relay::config::load(&config).unwrap().0;
+    let owner = TestRelay::start(load()).await;
+    owner.send(&event("AUTH", "first")).await;
+    within(
+        Duration::from_secs(10),
+        "the owner wrote a line",
+        || async { std::fs::read_to_string(&file).is_ok_and(|t| t.contains("first")) },
+    )
+    .await;
+    // The owner is half way through a line (as seen on shared storage): a relay that
+    // opened the file would cut this tail as torn.
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("{\"id\":\"being-written");
+    std::fs::write(&file, &text).unwrap();
+
+    let standby = TestRelay::start(load()).await;
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        text,
+        "a relay that does not own the destination repaired its file at start"
+    );
+    standby.relay.reload(load()).await.unwrap();
+    standby.relay.reopen().await;
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        text,
+        "a relay that does not own the destination reopened its file on reload"
+    );
+    standby.shutdown().await;
+    owner.shutdown().await;
 }
 
 /// Destinations and routes for relays sending every event to `url` over HTTP.

@@ -377,3 +377,121 @@ async fn restart_only_settings_are_named_in_a_warning_and_kept() {
     );
     assert!(daemon.terminate().success());
 }
+
+/// Reads from `conn` until `buf` contains `end`, failing after [`WAIT`].
+async fn read_until(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, end: &[u8]) {
+    use tokio::io::AsyncReadExt;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !buf.windows(end.len()).any(|w| w == end) {
+        let mut chunk = [0u8; 1024];
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let n = tokio::time::timeout(left, conn.read(&mut chunk))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert!(n > 0, "closed; got {:?}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_reload_that_lowers_limits_sweeps_after_requests_under_the_old_ones() {
+    use tokio::io::AsyncWriteExt;
+    let setup = Setup::new();
+    let down = format!("http://127.0.0.1:{}/", free_port());
+    let audit = "  audit:\n    type: file\n    path: e.jsonl\n";
+    // Old limits: a body may take 4 s. New limits: 200 ms, and `gone` is removed.
+    let relay = TestRelay::start(setup.config(&format!(
+        "ingress:\n  body_timeout: 4s\n  store_timeout: 1s\n\
+         destinations:\n{}{audit}routes:\n  - to: [gone, audit]\n",
+        http("gone", &down)
+    )))
+    .await;
+
+    // A slow sender: its handler starts (100 Continue) under the old routes and limits.
+    let body = event("AUTH", "slow-across-reload").to_string();
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut conn = tokio::net::TcpStream::connect(relay.relay.local_addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /webhook HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n\
+         WWW-Authenticate: Bearer {TOKEN}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    read_until(&mut conn, &mut got, b"\r\n\r\n").await;
+    assert!(got.starts_with(b"HTTP/1.1 100"), "{got:?}");
+    conn.write_all(first.as_bytes()).await.unwrap();
+
+    relay
+        .relay
+        .reload(setup.config(&format!(
+            "ingress:\n  body_timeout: 200ms\n  store_timeout: 200ms\n\
+             destinations:\n{audit}routes:\n  - to: [audit]\n"
+        )))
+        .await
+        .unwrap();
+    // The sender is slow, but within its 4 s: it finishes after a sweep timed from the
+    // new limits (0.4 s + 1 s) would have run.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    conn.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    read_until(&mut conn, &mut answer, b"}").await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+
+    // Its delivery for the removed destination must not wait for a dispatcher that will
+    // never come: the sweep waits for the old limits.
+    eventually(
+        "the late delivery for the removed destination dead-lettered",
+        || state_of(&setup, "gone").0 == "dead",
+    )
+    .await;
+    assert!(
+        state_of(&setup, "gone")
+            .1
+            .contains("no longer in the config")
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_config_on_sighup_still_reopens_files() {
+    let setup = Setup::new();
+    let config = setup.write_config(
+        "destinations:\n  audit:\n    type: file\n    path: events.jsonl\nroutes:\n  - to: [audit]\n",
+    );
+    let mut daemon = Daemon::spawn(&config, &[]);
+    daemon.await_ready_line().await;
+    let live = setup.path("events.jsonl");
+    let rotated = setup.path("events.jsonl.1");
+    daemon.accept("AUTH", "before-rotation").await;
+    eventually("first line", || {
+        std::fs::read_to_string(&live).is_ok_and(|t| t.contains("before-rotation"))
+    })
+    .await;
+
+    // logrotate moves the file and sends SIGHUP, while relay.yaml names a variable the
+    // daemon's environment lacks: the config is refused, the files are reopened anyway.
+    std::fs::rename(&live, &rotated).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace(TOKEN, "${UNSET_IN_THE_DAEMON}")).unwrap();
+    daemon.signal("HUP");
+    daemon
+        .log_eventually("the new configuration is invalid")
+        .await;
+
+    daemon.accept("AUTH", "after-rotation").await;
+    eventually("the new line in a new file", || {
+        std::fs::read_to_string(&live).is_ok_and(|t| t.contains("after-rotation"))
+    })
+    .await;
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(
+        !old.contains("after-rotation"),
+        "written into the rotated file: {old}"
+    );
+    assert!(daemon.terminate().success());
+}

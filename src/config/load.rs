@@ -941,7 +941,9 @@ impl Loader {
         {
             self.error(&path, "must list at least one application");
         }
-        let mut apps = Vec::new();
+        let mut apps: Vec<Application> = Vec::new();
+        // Where each application's token was given, for duplicate-token errors.
+        let mut token_at: Vec<KeyPath> = Vec::new();
         let mut seen: HashMap<String, Loc> = HashMap::new();
         for i in 0..len {
             let item = path.index(i);
@@ -963,6 +965,11 @@ impl Loader {
                 seen.insert(app_id.clone(), self.root.value_loc(&id_path));
                 self.app_ids.push(app_id.clone());
             }
+            let token_path = if raw.token_file.is_some() && raw.token.is_none() {
+                item.key("token_file")
+            } else {
+                item.key("token")
+            };
             let token = match (raw.token, raw.token_file) {
                 (Some(_), Some(_)) => {
                     self.key_error(
@@ -988,9 +995,36 @@ impl Loader {
                 }
                 (None, Some(file)) => self.token_file(&item.key("token_file"), &file),
             };
-            if let Some(token) = token {
-                apps.push(Application::new(app_id, Secret::new(token)));
+            let Some(token) = token.filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            // Two applications with one token: the header names the token's application,
+            // so the second one's events would always get 401.
+            if let Some(first) = apps.iter().position(|a| a.token.expose() == &token) {
+                let line = self.root.value_loc(&token_at[first]).line;
+                let msg = format!(
+                    "the same token as application {} (line {line}); each application needs \
+                     its own token, or the second one's webhooks are refused",
+                    self.shown(&path.index(first).key("app_id"), &apps[first].app_id)
+                );
+                self.error(&token_path, msg);
+                continue;
             }
+            let app = Application::new(app_id, Secret::new(token));
+            if app.uses_demo_token() {
+                self.warn(
+                    &token_path,
+                    format!(
+                        "this is the shipped demo token `{demo}` (also used when \
+                         FACEIO_TOKEN is set but empty): anyone can post events with it; set \
+                         the real token. `run` refuses it unless listen is loopback or \
+                         --allow-demo-token is given",
+                        demo = super::DEMO_TOKEN
+                    ),
+                );
+            }
+            apps.push(app);
+            token_at.push(token_path);
         }
         apps
     }
@@ -1000,9 +1034,24 @@ impl Loader {
             self.error(path, "must not be empty");
             return None;
         }
-        match std::fs::read_to_string(self.resolve(file)) {
+        let resolved = self.resolve(file);
+        match std::fs::read_to_string(&resolved) {
             Ok(content) => {
-                let token = content.trim_end().to_owned();
+                // Trimmed on both sides, like the header's token.
+                let token = content.trim().to_owned();
+                if let Ok(meta) = std::fs::metadata(&resolved) {
+                    use std::os::unix::fs::PermissionsExt as _;
+                    let mode = meta.permissions().mode() & 0o777;
+                    if mode & 0o044 != 0 {
+                        self.warn(
+                            path,
+                            format!(
+                                "the token file is readable by group or others (mode {mode:04o}); \
+                                 make it readable by its owner only (chmod 600)"
+                            ),
+                        );
+                    }
+                }
                 if token.is_empty() {
                     self.error(path, "the token file is empty");
                     None
@@ -1052,7 +1101,37 @@ impl Loader {
                 out.push(d);
             }
         }
+        self.same_files(&out);
         out
+    }
+
+    /// Two file destinations writing one file would cut each other's lines (each repairs
+    /// a tail the other is writing when it opens or reopens): an error at the second,
+    /// however the paths are spelled (`..`, symlinked directories).
+    fn same_files(&mut self, destinations: &[DestinationConfig]) {
+        let mut seen: Vec<(PathBuf, &str)> = Vec::new();
+        for d in destinations {
+            let DestinationKind::File(f) = &d.kind else {
+                continue;
+            };
+            let key = same_file_key(&f.path);
+            match seen.iter().find(|(k, _)| *k == key) {
+                Some((_, first)) => {
+                    let path = top("destinations").key(&d.name).key("path");
+                    let first_line = self
+                        .root
+                        .value_loc(&top("destinations").key(first).key("path"))
+                        .line;
+                    let msg = format!(
+                        "the same file as destination `{first}` (line {first_line}); two destinations \
+                         writing one file would cut each other's lines: use one destination, \
+                         or another file"
+                    );
+                    self.error(&path, msg);
+                }
+                None => seen.push((key, &d.name)),
+            }
+        }
     }
 
     fn destination(&mut self, name: &str, path: &KeyPath) -> Option<DestinationConfig> {
@@ -1134,7 +1213,7 @@ impl Loader {
                     raw.rate_limit,
                     4,
                 );
-                let mut ok = self.check_url(&path.key("url"), &raw.url, false);
+                let mut ok = self.check_url(&path.key("url"), &raw.url, true);
                 let mut headers = Vec::new();
                 for (hname, value) in raw.headers.unwrap_or_default() {
                     let hpath = path.key("headers").key(&hname);
@@ -1300,8 +1379,8 @@ impl Loader {
         })
     }
 
-    /// An http(s) URL; for a Slack webhook URL, a warning when it would travel in clear
-    /// text. Messages never show the URL.
+    /// An http(s) URL; with `warn_cleartext` (Slack and HTTP destinations), a warning
+    /// when it would travel in clear text to another machine. Messages never show the URL.
     fn check_url(&mut self, path: &KeyPath, text: &str, warn_cleartext: bool) -> bool {
         let url = match reqwest::Url::parse(text.trim()) {
             Ok(url) => url,
@@ -1321,7 +1400,7 @@ impl Loader {
         if warn_cleartext && url.scheme() == "http" && !is_loopback(&url) {
             self.warn(
                 path,
-                "plain http to a host that is not loopback: this URL is a credential and would cross the network unencrypted; use https",
+                "plain http to a host that is not loopback: the URL (often a credential), the headers and every event would cross the network unencrypted; use https",
             );
         }
         true
@@ -1666,6 +1745,31 @@ fn delivery_defaults() -> DeliveryConfig {
     }
 }
 
+/// What identifies a file for [`Loader::same_files`]: the path with `.` and `..` removed,
+/// then made canonical (symlinks resolved) as far as it exists: the whole file, or its
+/// directory.
+fn same_file_key(path: &Path) -> PathBuf {
+    let mut lexical = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                lexical.pop();
+            }
+            other => lexical.push(other),
+        }
+    }
+    if let Ok(p) = std::fs::canonicalize(&lexical) {
+        return p;
+    }
+    if let (Some(dir), Some(name)) = (lexical.parent(), lexical.file_name())
+        && let Ok(dir) = std::fs::canonicalize(dir)
+    {
+        return dir.join(name);
+    }
+    lexical
+}
+
 /// An address (as a /32 or /128 network) or a CIDR network.
 fn parse_net(text: &str) -> Option<IpNet> {
     let t = text.trim();
@@ -1808,7 +1912,22 @@ fn describe_match(m: &MatchConfig) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::same_socket;
+    use super::{same_file_key, same_socket};
+
+    #[test]
+    fn one_file_reached_through_a_symlinked_directory_is_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let a = same_file_key(&real.join("events.jsonl"));
+        assert_eq!(a, same_file_key(&dir.path().join("link/events.jsonl")));
+        assert_eq!(
+            a,
+            same_file_key(&dir.path().join("link/./x/../events.jsonl"))
+        );
+        assert_ne!(a, same_file_key(&real.join("other.jsonl")));
+    }
 
     #[test]
     fn listen_addresses_clash_on_the_same_port_of_one_address_or_a_wildcard() {

@@ -237,7 +237,43 @@ pub struct Application {
     token_digest: [u8; 32],
 }
 
+/// The token the shipped `relay.yaml` falls back to (`${FACEIO_TOKEN:-demo-token-change-me}`,
+/// which also applies when the variable is set but empty). It is public: `check` and `run`
+/// warn about it, and `run` refuses it on a non-loopback `listen` unless told otherwise.
+pub const DEMO_TOKEN: &str = "demo-token-change-me";
+
+impl Config {
+    /// The applications that use [`DEMO_TOKEN`].
+    pub fn demo_token_apps(&self) -> Vec<&str> {
+        self.applications
+            .iter()
+            .filter(|a| a.uses_demo_token())
+            .map(|a| a.app_id.as_str())
+            .collect()
+    }
+
+    /// Why `run` must refuse this config unless `--allow-demo-token`: an application
+    /// uses the public demo token while `listen` (the address in force, `listen`) is
+    /// reachable from other machines.
+    pub fn demo_token_refusal(&self, listen: SocketAddr) -> Option<String> {
+        let apps = self.demo_token_apps();
+        (!apps.is_empty() && !listen.ip().to_canonical().is_loopback()).then(|| {
+            format!(
+                "application(s) {} use the public demo token `{DEMO_TOKEN}` while listen is {listen}, \
+                 reachable from other machines: anyone could post events. Set FACEIO_TOKEN to \
+                 the real token (or use token_file), or pass --allow-demo-token to run anyway",
+                apps.join(", ")
+            )
+        })
+    }
+}
+
 impl Application {
+    /// Whether the token is the shipped [`DEMO_TOKEN`].
+    pub fn uses_demo_token(&self) -> bool {
+        self.token.expose() == DEMO_TOKEN
+    }
+
     pub fn new(app_id: impl Into<String>, token: Secret) -> Self {
         use sha2::Digest;
         let token_digest = sha2::Sha256::digest(token.expose().as_bytes()).into();

@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, DestinationConfig};
 use crate::destinations::{self, Destination};
 use crate::store::{Store, StoreError};
-use crate::telemetry::events::OrphansDeadLettered;
+use crate::telemetry::events::{OrphansDeadLettered, ReplayDecided};
 use crate::telemetry::metrics::Metrics;
 
 pub use worker::Dispatcher;
@@ -206,6 +206,14 @@ impl Deliveries {
                 }
             }
         }
+        // A store used by one daemon: this process owns every destination, so files are
+        // opened now and a bad path fails the start or the reload before anything
+        // changes. With a shared store each dispatcher opens its file once it owns it.
+        if !self.store.shared() {
+            for (_, destination) in &build {
+                destination.acquire().await?;
+            }
+        }
         for destination in keep {
             if let Err(e) = destination.reopen().await {
                 tracing::warn!(error = %e, "cannot reopen a file destination");
@@ -216,6 +224,23 @@ impl Deliveries {
         let _sweeping = self.sweeping.lock().await;
         let wakers = self.swap(config, build, &mut applied);
         Ok((wakers, applied))
+    }
+
+    /// Reopens the files of every running destination (log rotation). A SIGHUP whose
+    /// config is refused still does this: logrotate sends it whatever the file says.
+    pub async fn reopen(&self) {
+        let running: Vec<Arc<dyn Destination>> = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|r| Arc::clone(&r.destination))
+            .collect();
+        for destination in running {
+            if let Err(e) = destination.reopen().await {
+                tracing::warn!(error = %e, "cannot reopen a file destination");
+            }
+        }
     }
 
     /// Stops removed and changed dispatchers and starts the `build`t ones.
@@ -297,6 +322,45 @@ impl Deliveries {
         };
         *self.wakers.lock().unwrap_or_else(|p| p.into_inner()) = wakers.clone();
         wakers
+    }
+
+    /// Decides the replay requests `dead-letters replay` recorded: dead letters of a
+    /// destination this process runs now (or, in a shared store, another live relay
+    /// announced) are queued again and their dispatchers woken; the others stay dead
+    /// letters with the reason. Under the sweep lock, like the sweep: a destination a
+    /// reload removes is either running when its requests are decided (and its new
+    /// pending deliveries are then swept by that reload) or refused, never left pending
+    /// without a dispatcher.
+    pub async fn decide_replays(&self) -> Result<(), StoreError> {
+        let _sweeping = self.sweeping.lock().await;
+        let running = self.running_names();
+        let running: Vec<&str> = running.iter().map(String::as_str).collect();
+        let decided = tokio::time::timeout(SWEEP_TIMEOUT, self.store.decide_replays(&running))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "deciding replay requests timed out".into(),
+                ))
+            })?;
+        let wakers = self.wakers();
+        for (destination, count) in &decided.replayed {
+            ReplayDecided {
+                destination,
+                count: *count,
+                replayed: true,
+            }
+            .emit();
+            wakers.wake(destination);
+        }
+        for (destination, count) in &decided.refused {
+            ReplayDecided {
+                destination,
+                count: *count,
+                replayed: false,
+            }
+            .emit();
+        }
+        Ok(())
     }
 
     /// Moves pending deliveries for destinations not in `config` to the dead letters.

@@ -128,10 +128,22 @@ impl Dispatcher {
     pub async fn run(self) {
         let shared = &self.shared;
         while let Some(ownership) = self.acquire().await {
+            // Opened only by the owner (a file another relay owns is never touched).
+            if let Err(e) = shared.destination.acquire().await {
+                tracing::warn!(destination = %shared.name, error = %format!("{e:#}"),
+                    "cannot open this destination; giving it up and asking again every poll interval");
+                drop(ownership);
+                tokio::select! {
+                    () = tokio::time::sleep(self.poll_interval) => continue,
+                    () = shared.shutdown.soft.cancelled() => break,
+                }
+            }
             self.dispatch(&ownership).await;
             if !ownership.is_lost() {
                 break;
             }
+            // Closed at once: another relay may take it over (and repair the file).
+            shared.destination.release().await;
             tracing::warn!(destination = %shared.name,
                 "lost ownership of this destination (store connection failed); asking again");
         }

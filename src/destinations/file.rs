@@ -44,8 +44,11 @@ enum FileCommand {
 /// A JSON Lines file destination.
 pub struct FileDestination {
     path: PathBuf,
-    /// Queue to the writer thread; the thread ends when this is dropped.
-    writer: mpsc::UnboundedSender<FileCommand>,
+    /// Queue to the writer thread while the file is open here; the thread ends when this
+    /// is dropped. `None` until this process owns the destination ([`Destination::acquire`]):
+    /// with a shared store another relay may be writing the file, and opening it repairs
+    /// (cuts) a tail that relay may be in the middle of writing.
+    writer: std::sync::Mutex<Option<mpsc::UnboundedSender<FileCommand>>>,
 }
 
 #[derive(Serialize)]
@@ -56,19 +59,54 @@ struct Line<'a> {
 }
 
 impl FileDestination {
-    /// Opens (creating it and its directory), repairs a torn last line, and starts the
-    /// writer thread.
+    /// A destination for `path` that has not touched the file yet: it is opened once
+    /// this process owns the destination ([`Destination::acquire`]).
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            writer: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Opens at once (creating it and its directory), repairs a torn last line, and
+    /// starts the writer thread: for a process that owns the file.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let file = open_repaired(path)?;
-        let (writer, rx) = mpsc::unbounded_channel();
-        let thread_path = path.to_path_buf();
+        let me = Self::new(path);
+        me.open_now()?;
+        Ok(me)
+    }
+
+    /// Whether the file is open here (this process owns the destination).
+    pub fn is_open(&self) -> bool {
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Opens and repairs the file and starts its writer, unless already open.
+    fn open_now(&self) -> anyhow::Result<()> {
+        if self.is_open() {
+            return Ok(());
+        }
+        let file = open_repaired(&self.path)?;
+        self.start_writer(file)
+    }
+
+    /// Starts the writer thread on `file`, unless a writer runs already (then `file` is
+    /// closed unused).
+    fn start_writer(&self, file: File) -> anyhow::Result<()> {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if writer.is_some() {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let thread_path = self.path.clone();
         std::thread::Builder::new()
             .name("file-writer".into())
             .spawn(move || write_loop(thread_path, file, rx))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            writer,
-        })
+        *writer = Some(tx);
+        Ok(())
     }
 
     async fn send(
@@ -76,9 +114,17 @@ impl FileDestination {
         make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> FileCommand,
     ) -> Result<(), DeliveryError> {
         let (reply, rx) = oneshot::channel();
-        self.writer
-            .send(make(reply))
-            .map_err(|_| DeliveryError::retryable("file writer stopped"))?;
+        let sent = match &*self.writer.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(writer) => writer.send(make(reply)).is_ok(),
+            None => {
+                return Err(DeliveryError::retryable(
+                    "the file is not open: this relay does not own the destination",
+                ));
+            }
+        };
+        if !sent {
+            return Err(DeliveryError::retryable("file writer stopped"));
+        }
         rx.await
             .map_err(|_| DeliveryError::retryable("file writer stopped"))?
             .map_err(|e| {
@@ -239,7 +285,30 @@ impl Destination for FileDestination {
     }
 
     async fn reopen(&self) -> Result<(), DeliveryError> {
+        // Not open here: another relay owns the file; reopening would repair it under
+        // that relay's writes.
+        if !self.is_open() {
+            return Ok(());
+        }
         self.send(|reply| FileCommand::Reopen { reply }).await
+    }
+
+    async fn acquire(&self) -> anyhow::Result<()> {
+        if self.is_open() {
+            return Ok(());
+        }
+        // Opening, syncing directories and repairing block: off the runtime's threads.
+        let path = self.path.clone();
+        let file = tokio::task::spawn_blocking(move || open_repaired(&path))
+            .await
+            .map_err(|e| anyhow::anyhow!("opening {} failed: {e}", self.path.display()))??;
+        self.start_writer(file)
+    }
+
+    async fn release(&self) {
+        // Lines already queued are still written and synced by the writer thread, which
+        // then ends and closes the file.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 

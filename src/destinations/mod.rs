@@ -21,7 +21,7 @@ pub use file::FileDestination;
 pub use http::HttpDestination;
 pub use slack::SlackDestination;
 
-use crate::config::{DestinationConfig, DestinationKind, Secret};
+use crate::config::{DestinationConfig, DestinationKind};
 use crate::store::Delivery;
 
 /// Why an attempt failed, and whether trying again can help.
@@ -72,6 +72,17 @@ pub trait Destination: Send + Sync {
     async fn reopen(&self) -> Result<(), DeliveryError> {
         Ok(())
     }
+
+    /// Called once this process owns the destination, before its first attempt (and
+    /// again after ownership comes back). File destinations open (and repair) their file
+    /// here, so a relay that does not own one never opens it. Idempotent.
+    async fn acquire(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Called when this process loses ownership of the destination: file destinations
+    /// close their file (the new owner may repair it).
+    async fn release(&self) {}
 }
 
 /// Builds the destination a config describes.
@@ -79,7 +90,8 @@ pub fn build(config: &DestinationConfig) -> anyhow::Result<Arc<dyn Destination>>
     Ok(match &config.kind {
         DestinationKind::Slack(c) => Arc::new(SlackDestination::new(config, c)?),
         DestinationKind::Http(c) => Arc::new(HttpDestination::new(config, c)?),
-        DestinationKind::File(c) => Arc::new(FileDestination::open(&c.path)?),
+        // Opened by `acquire`, once this process owns the destination.
+        DestinationKind::File(c) => Arc::new(FileDestination::new(&c.path)),
     })
 }
 
@@ -94,11 +106,18 @@ fn http_client(
     let redirects = if follow_redirects {
         // Only 307 and 308 repeat the POST with its body; on 301, 302 and 303 an HTTP
         // client sends a GET without the event, which would then count as delivered. Those
-        // are answered as they are (a permanent failure naming the status).
+        // are answered as they are (a permanent failure naming the status). And only
+        // within the configured URL's origin (see `same_origin`): the request carries
+        // the configured headers and the signature, which must not go to another host.
         reqwest::redirect::Policy::custom(|attempt| {
             let status = attempt.status();
-            if status != reqwest::StatusCode::TEMPORARY_REDIRECT
-                && status != reqwest::StatusCode::PERMANENT_REDIRECT
+            let origin_kept = attempt
+                .previous()
+                .first()
+                .is_some_and(|from| same_origin(from, attempt.url()));
+            if (status != reqwest::StatusCode::TEMPORARY_REDIRECT
+                && status != reqwest::StatusCode::PERMANENT_REDIRECT)
+                || !origin_kept
             {
                 attempt.stop()
             } else if attempt.previous().len() > MAX_REDIRECTS {
@@ -117,6 +136,17 @@ fn http_client(
         .user_agent(concat!("faceio-relay/", env!("CARGO_PKG_VERSION")))
         .pool_max_idle_per_host(config.concurrency)
         .build()
+}
+
+/// Whether a redirect from `from` (the configured URL) to `to` may be followed: the same
+/// scheme, host and port. So every header (`Authorization` and the other configured
+/// headers, the signature headers) goes only where the configuration sends it: reqwest
+/// would drop `Authorization` on a cross-host hop but keep custom headers such as an API
+/// key, and an `https` to `http` hop would send everything in clear text.
+fn same_origin(from: &reqwest::Url, to: &reqwest::Url) -> bool {
+    from.scheme() == to.scheme()
+        && from.host_str() == to.host_str()
+        && from.port_or_known_default() == to.port_or_known_default()
 }
 
 /// Classifies a transport error. Every reqwest error before a response (connect, timeout,
@@ -152,20 +182,51 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// Strings a destination must never echo into a log line or a dead letter: its URL (and
 /// the URL's path and query, which carry credentials for Slack and many APIs), header
-/// values and signing secret. Some servers quote the request back in their error body.
+/// values and signing secret. Some servers quote the request back in their error body,
+/// and not always as sent: PHP's `json_encode` writes `https:\/\/hooks.slack.com\/…`,
+/// other encoders `\u002F`, and a URL inside a URL or a form is percent-encoded
+/// (`https%3A%2F%2F…`, either hex case). Each secret is matched in all those spellings,
+/// even mixed.
 #[derive(Default)]
 struct Redactor {
-    secrets: Vec<Secret>,
+    patterns: Vec<SecretPattern>,
 }
+
+/// A compiled pattern that matches one secret; its `Debug` (none) never shows it.
+struct SecretPattern(regex::Regex);
 
 /// Shorter strings are not worth hiding (and would blank out ordinary words).
 const MIN_REDACTED_LEN: usize = 6;
 
 impl Redactor {
     fn add(&mut self, secret: &str) {
-        if secret.len() >= MIN_REDACTED_LEN {
-            self.secrets.push(Secret::new(secret.to_string()));
+        if secret.len() < MIN_REDACTED_LEN {
+            return;
         }
+        // Letters and digits are written as they are by every encoder; any other
+        // character may also come escaped.
+        let mut pattern = String::new();
+        for c in secret.chars() {
+            if c.is_ascii_alphanumeric() {
+                pattern.push(c);
+                continue;
+            }
+            let plain = regex::escape(c.encode_utf8(&mut [0; 4]));
+            if c.is_ascii() {
+                let code = c as u32;
+                // As is; JSON `\/`-style; JSON `\u00XX`; percent-encoded.
+                pattern.push_str(&format!(
+                    r"(?:{plain}|\\{plain}|\\u(?i:00{code:02x})|%(?i:{code:02x}))"
+                ));
+            } else {
+                pattern.push_str(&plain);
+            }
+        }
+        // A secret too long for the regex engine's limits is still matched as written.
+        let regex = regex::Regex::new(&pattern)
+            .or_else(|_| regex::Regex::new(&regex::escape(secret)))
+            .expect("an escaped literal is a valid pattern");
+        self.patterns.push(SecretPattern(regex));
     }
 
     fn add_url(&mut self, url: &reqwest::Url) {
@@ -178,8 +239,10 @@ impl Redactor {
 
     fn apply(&self, text: &str) -> String {
         let mut out = text.to_string();
-        for s in &self.secrets {
-            out = out.replace(s.expose().as_str(), "[redacted]");
+        for SecretPattern(p) in &self.patterns {
+            if let std::borrow::Cow::Owned(replaced) = p.replace_all(&out, "[redacted]") {
+                out = replaced;
+            }
         }
         out
     }
@@ -277,6 +340,81 @@ mod tests {
             assert!(!out.contains(s), "{s} in {out}");
         }
         assert!(out.ends_with("abc"), "short strings are left alone: {out}");
+    }
+
+    #[test]
+    fn redirects_stay_on_the_configured_origin() {
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        let from = url("https://api.example.com/hook?key=1");
+        for ok in [
+            "https://api.example.com/moved",
+            "https://api.example.com:443/v2/hook",
+            "https://API.example.com/moved",
+        ] {
+            assert!(same_origin(&from, &url(ok)), "{ok}");
+        }
+        for refused in [
+            "http://api.example.com/hook",
+            "https://evil.example.net/hook",
+            "https://api.example.com.evil.net/hook",
+            "https://api.example.com:8443/hook",
+            "https://sub.api.example.com/hook",
+        ] {
+            assert!(!same_origin(&from, &url(refused)), "{refused}");
+        }
+    }
+
+    fn slack_redactor() -> Redactor {
+        let mut r = Redactor::default();
+        r.add_url(
+            &reqwest::Url::parse("https://hooks.slack.com/services/T0/B0/XYZsecret?key=abc123")
+                .unwrap(),
+        );
+        r.add("Bearer sk-live-42");
+        r
+    }
+
+    #[test]
+    fn redaction_catches_the_json_escaped_forms() {
+        let r = slack_redactor();
+        for echoed in [
+            // PHP's json_encode
+            r#"{"error":"bad url https:\/\/hooks.slack.com\/services\/T0\/B0\/XYZsecret?key=abc123"}"#,
+            // \u escapes, either case
+            r#"{"url":"https:\u002f\u002Fhooks.slack.com\u002Fservices\u002FT0\u002FB0\u002FXYZsecret"}"#,
+            // only the path, escaped
+            r#"{"path":"\/services\/T0\/B0\/XYZsecret"}"#,
+            r#"{"auth":"Bearer\u0020sk-live-42"}"#,
+        ] {
+            let out = r.apply(echoed);
+            for s in ["XYZsecret", "sk-live-42"] {
+                assert!(!out.contains(s), "{s} in {out}");
+            }
+            assert!(out.contains("[redacted]"), "{out}");
+        }
+    }
+
+    #[test]
+    fn redaction_catches_the_percent_encoded_forms() {
+        let r = slack_redactor();
+        for echoed in [
+            "url=https%3A%2F%2Fhooks.slack.com%2Fservices%2FT0%2FB0%2FXYZsecret%3Fkey%3Dabc123",
+            "url=https%3a%2f%2fhooks.slack.com%2fservices%2fT0%2fB0%2fXYZsecret",
+            "next=%2Fservices%2FT0%2FB0%2FXYZsecret&q=key%3Dabc123",
+            // mixed: the scheme as is, the rest encoded
+            "https://hooks.slack.com%2Fservices%2FT0/B0%2FXYZsecret",
+            "auth=Bearer%20sk-live-42",
+        ] {
+            let out = r.apply(echoed);
+            for s in ["XYZsecret", "abc123", "sk-live-42"] {
+                assert!(!out.contains(s), "{s} in {out}");
+            }
+        }
+        // Text that only looks alike stays.
+        assert_eq!(
+            r.apply("services T0 B0 XYZsecrets"),
+            "services T0 B0 XYZsecrets"
+        );
     }
 
     #[test]

@@ -228,6 +228,55 @@ pub struct DeadLetter {
     pub event_name: String,
 }
 
+/// What the relays decided about one `dead-letters replay` ([`Store::replay_verdict`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplayVerdict {
+    /// Requests no relay has decided yet.
+    pub undecided: u64,
+    /// Queued for delivery again, per destination.
+    pub replayed: Vec<(String, u64)>,
+    /// Refused (still dead letters, with [`replay_refused_reason`]), per destination.
+    pub refused: Vec<(String, u64)>,
+    /// No longer dead letters when a relay looked (purged or replayed meanwhile).
+    pub gone: u64,
+}
+
+impl ReplayVerdict {
+    /// Adds one `(outcome, destination, count)` group as the stores read it (`None`:
+    /// undecided).
+    pub(crate) fn add(&mut self, (outcome, destination, n): (Option<String>, String, u64)) {
+        match outcome.as_deref() {
+            None => self.undecided += n,
+            Some("replayed") => self.replayed.push((destination, n)),
+            Some("refused") => self.refused.push((destination, n)),
+            _ => self.gone += n,
+        }
+    }
+}
+
+/// What one [`Store::decide_replays`] did, per destination.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplayDecisions {
+    pub replayed: Vec<(String, u64)>,
+    pub refused: Vec<(String, u64)>,
+}
+
+/// Decided replay requests nobody collected (the asking command was interrupted) are
+/// deleted after this long.
+pub const REPLAY_RECORD_TTL: Duration = Duration::from_secs(3600);
+
+/// The text around the destination's name in a refused replay's `last_error`, kept in
+/// two parts so the stores can build it in SQL for many rows at once.
+pub const REPLAY_REFUSED: (&str, &str) = (
+    "replay refused: no running relay has destination ",
+    " in its config (add it and reload, then replay again; or purge these dead letters)",
+);
+
+/// The `last_error` of a dead letter whose replay a relay refused.
+pub fn replay_refused_reason(destination: &str) -> String {
+    format!("{}{destination}{}", REPLAY_REFUSED.0, REPLAY_REFUSED.1)
+}
+
 /// Backlog figures for one destination (metrics and `STATUS=`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DestinationStats {
@@ -291,9 +340,25 @@ pub trait Store: Send + Sync + 'static {
     /// One dead letter with the event body.
     async fn dead_letter(&self, id: i64) -> Result<Option<(DeadLetter, Bytes)>, StoreError>;
 
-    /// Makes the selected dead letters pending again, due now, with attempts reset.
-    /// Returns how many were replayed.
-    async fn replay(&self, selection: &Selection) -> Result<u64, StoreError>;
+    /// Asks the running relays to replay the selected dead letters (`dead-letters
+    /// replay`): records one request per dead letter under `batch` and changes nothing
+    /// else. A relay decides each request ([`Store::decide_replays`]). Returns how many
+    /// were requested.
+    async fn request_replay(&self, selection: &Selection, batch: &str) -> Result<u64, StoreError>;
+
+    /// What the relays decided so far about the requests of `batch`.
+    async fn replay_verdict(&self, batch: &str) -> Result<ReplayVerdict, StoreError>;
+
+    /// Deletes the decided requests of `batch` (the asker has read them). Undecided ones
+    /// stay, for a relay to decide when it runs.
+    async fn forget_replay(&self, batch: &str) -> Result<(), StoreError>;
+
+    /// Decides every undecided replay request, in the daemon: a dead letter of a
+    /// destination in `running` (the dispatchers this process runs now) or, in a shared
+    /// store, one another live relay has announced, becomes pending again, due now, with
+    /// attempts reset; any other stays a dead letter with the reason
+    /// [`replay_refused_reason`]. Returns how many of each, per destination.
+    async fn decide_replays(&self, running: &[&str]) -> Result<ReplayDecisions, StoreError>;
 
     /// Deletes the selected dead letters. Returns how many.
     async fn purge(&self, selection: &Selection) -> Result<u64, StoreError>;

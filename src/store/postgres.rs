@@ -97,8 +97,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ClaimRequest, DeadLetter, Delivery, DestinationStats, EventRow, Outcome, Ownership, Selection,
-    Store, StoreError, Wake,
+    ClaimRequest, DeadLetter, Delivery, DestinationStats, EventRow, Outcome, Ownership,
+    REPLAY_RECORD_TTL, REPLAY_REFUSED, ReplayDecisions, ReplayVerdict, Selection, Store,
+    StoreError, Wake,
 };
 use crate::config::PostgresConfig;
 use crate::ingress::VerifiedEvent;
@@ -116,6 +117,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "claim tokens and announcements",
         include_str!("../../migrations/postgres/0002_claim_tokens_and_announcements.sql"),
+    ),
+    (
+        3,
+        "replay requests",
+        include_str!("../../migrations/postgres/0003_replay_requests.sql"),
     ),
 ];
 
@@ -419,7 +425,8 @@ impl PostgresStore {
     /// Like [`PostgresStore::open`], for the `dead-letters` commands, but never creates
     /// or migrates the schema: a command run with a newer binary than the relays must not
     /// change the database under them (and one pointed at the wrong database must not
-    /// create tables there). The commands use only what version 1 of the schema has.
+    /// create tables there). The commands use only what version 1 of the schema has,
+    /// except `replay`, which needs version 3 (it says so when the relays are older).
     pub async fn open_admin(config: &PostgresConfig) -> Result<Self, StoreError> {
         let store = Self::connect(config).await?;
         let ready: bool = sqlx::query_scalar(
@@ -1389,16 +1396,143 @@ impl Store for PostgresStore {
         .map_err(unavailable)
     }
 
-    async fn replay(&self, selection: &Selection) -> Result<u64, StoreError> {
-        let q = selection_query(
-            "UPDATE deliveries SET state = 'pending', attempts = 0,
-             next_attempt_at = faceio_relay_now_ms(), updated_at = faceio_relay_now_ms(),
-             claimed_by = NULL, lease_until = NULL WHERE {filter}",
-            selection,
+    async fn request_replay(&self, selection: &Selection, batch: &str) -> Result<u64, StoreError> {
+        let mut c = self.conn().await?;
+        let r = sqlx::query_scalar::<_, bool>("SELECT to_regclass('replay_requests') IS NOT NULL")
+            .fetch_one(c.get())
+            .await;
+        if !c.finish(r)? {
+            return Err(StoreError::Unavailable(
+                "the relays on this database are older than this command: replay needs \
+                 schema version 3, which a relay of this version applies when it starts"
+                    .into(),
+            ));
+        }
+        // The selection binds $1 when it has a parameter; the batch comes after it.
+        let batch_param = if matches!(selection, Selection::All) {
+            "$1"
+        } else {
+            "$2"
+        };
+        let sql = format!(
+            "INSERT INTO replay_requests (delivery_id, batch, requested_at)
+             SELECT id, {batch_param}, faceio_relay_now_ms() FROM deliveries WHERE {{filter}}
+             ON CONFLICT (delivery_id) DO UPDATE SET batch = excluded.batch,
+                 requested_at = excluded.requested_at, outcome = NULL,
+                 destination = NULL, decided_at = NULL
+             WHERE replay_requests.outcome IS NOT NULL"
         );
+        let q = selection_query(&sql, selection).bind(batch.to_string());
         let mut c = self.conn().await?;
         let r = q.execute(c.get()).await;
         Ok(c.finish(r)?.rows_affected())
+    }
+
+    async fn replay_verdict(&self, batch: &str) -> Result<ReplayVerdict, StoreError> {
+        let mut c = self.conn().await?;
+        let r = sqlx::query(
+            "SELECT outcome, coalesce(destination, ''), count(*) FROM replay_requests
+             WHERE batch = $1 GROUP BY 1, 2 ORDER BY 2",
+        )
+        .bind(batch)
+        .fetch_all(c.get())
+        .await;
+        let mut verdict = ReplayVerdict::default();
+        for row in c.finish(r)? {
+            verdict.add((
+                row.get::<Option<String>, _>(0),
+                row.get::<String, _>(1),
+                row.get::<i64, _>(2) as u64,
+            ));
+        }
+        Ok(verdict)
+    }
+
+    async fn forget_replay(&self, batch: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let r = sqlx::query("DELETE FROM replay_requests WHERE batch = $1 AND outcome IS NOT NULL")
+            .bind(batch)
+            .execute(c.get())
+            .await;
+        c.finish(r)?;
+        Ok(())
+    }
+
+    async fn decide_replays(&self, running: &[&str]) -> Result<ReplayDecisions, StoreError> {
+        // A destination is run when this relay's dispatchers run it or another relay's
+        // announcement of it is live (this relay's own announcement may still name one a
+        // reload just removed). Requests another relay is deciding now are skipped.
+        let running: Vec<String> = running.iter().map(|k| k.to_string()).collect();
+        let mut c = self.conn().await?;
+        let r = sqlx::query(
+            "WITH req AS (
+                 SELECT r.delivery_id, d.destination, d.state FROM replay_requests r
+                 LEFT JOIN deliveries d ON d.id = r.delivery_id
+                 WHERE r.outcome IS NULL
+                 FOR UPDATE OF r SKIP LOCKED
+             ), verdict AS (
+                 SELECT delivery_id, destination,
+                     CASE WHEN state IS DISTINCT FROM 'dead' THEN 'gone'
+                          WHEN destination = ANY($1) OR EXISTS (
+                              SELECT 1 FROM relay_destinations a
+                              WHERE a.destination = req.destination AND a.instance <> $2
+                                AND a.alive_until > faceio_relay_now_ms()) THEN 'replayed'
+                          ELSE 'refused' END AS outcome
+                 FROM req
+             ), replayed AS (
+                 UPDATE deliveries d SET state = 'pending', attempts = 0,
+                     next_attempt_at = faceio_relay_now_ms(), updated_at = faceio_relay_now_ms(),
+                     claimed_by = NULL, lease_until = NULL
+                 FROM verdict v
+                 WHERE d.id = v.delivery_id AND v.outcome = 'replayed' AND d.state = 'dead'
+                 RETURNING d.id
+             ), refused AS (
+                 UPDATE deliveries d SET last_error = $3 || d.destination || $4,
+                     updated_at = faceio_relay_now_ms()
+                 FROM verdict v
+                 WHERE d.id = v.delivery_id AND v.outcome = 'refused' AND d.state = 'dead'
+                 RETURNING d.id
+             ), marked AS (
+                 UPDATE replay_requests r SET outcome = v.outcome, destination = v.destination,
+                     decided_at = faceio_relay_now_ms()
+                 FROM verdict v WHERE r.delivery_id = v.delivery_id
+             ), forgotten AS (
+                 DELETE FROM replay_requests
+                 WHERE outcome IS NOT NULL AND decided_at < faceio_relay_now_ms() - $5
+             )
+             SELECT outcome, destination, count(*) FROM verdict
+             WHERE outcome <> 'gone' GROUP BY 1, 2 ORDER BY 2",
+        )
+        .bind(&running)
+        .bind(&self.instance)
+        .bind(REPLAY_REFUSED.0)
+        .bind(REPLAY_REFUSED.1)
+        .bind(millis(REPLAY_RECORD_TTL))
+        .fetch_all(c.get())
+        .await;
+        let mut decided = ReplayDecisions::default();
+        for row in c.finish(r)? {
+            let group = (row.get::<String, _>(1), row.get::<i64, _>(2) as u64);
+            if row.get::<String, _>(0) == "replayed" {
+                decided.replayed.push(group);
+            } else {
+                decided.refused.push(group);
+            }
+        }
+        if !decided.replayed.is_empty() {
+            // Wake the relays that own them (as a new delivery does); a failure costs a poll.
+            let names: Vec<&str> = decided.replayed.iter().map(|(d, _)| d.as_str()).collect();
+            let mut c = self.conn().await?;
+            let r = sqlx::query("SELECT pg_notify($1, dest) FROM unnest($2::text[]) AS dest")
+                .bind(CHANNEL)
+                .bind(&names)
+                .execute(c.get())
+                .await;
+            if let Err(e) = c.finish(r) {
+                tracing::debug!(error = %e, "cannot notify the other relays of replayed deliveries");
+            }
+        }
+        Ok(decided)
     }
 
     async fn purge(&self, selection: &Selection) -> Result<u64, StoreError> {

@@ -8,6 +8,10 @@
 //! - `deliveries(id, event_id, destination, state, attempts, next_attempt_at, last_error,
 //!   updated_at)`: one row per (event, destination); `state` is `pending`, `done` or
 //!   `dead`. Times are Unix milliseconds.
+//! - `replay_requests(delivery_id, batch, requested_at, outcome, destination, decided_at)`:
+//!   dead letters `dead-letters replay` asked to send again; the daemon decides each one
+//!   (`replayed` or `refused`) by the destinations it runs. Added without a version bump
+//!   (`CREATE TABLE IF NOT EXISTS`): older binaries open the file and ignore it.
 //!
 //! # Group commit
 //! All writes go through one writer thread that owns the write connection. It takes every
@@ -34,7 +38,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    DeadLetter, Delivery, DestinationStats, EventRow, Outcome, Selection, Store, StoreError,
+    DeadLetter, Delivery, DestinationStats, EventRow, Outcome, REPLAY_RECORD_TTL, REPLAY_REFUSED,
+    ReplayDecisions, ReplayVerdict, Selection, Store, StoreError,
 };
 use crate::ingress::VerifiedEvent;
 use crate::ingress::verify::now_ms;
@@ -87,6 +92,17 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS replay_requests (
+    delivery_id  INTEGER PRIMARY KEY,
+    batch        TEXT NOT NULL,
+    requested_at INTEGER NOT NULL,
+    outcome      TEXT CHECK (outcome IN ('replayed', 'refused', 'gone')),
+    destination  TEXT,
+    decided_at   INTEGER
+);
+CREATE INDEX IF NOT EXISTS replay_requests_batch ON replay_requests (batch);
+CREATE INDEX IF NOT EXISTS replay_requests_undecided
+    ON replay_requests (delivery_id) WHERE outcome IS NULL;
 ";
 
 type AdminFn = Box<dyn FnOnce(&Transaction<'_>) -> rusqlite::Result<u64> + Send>;
@@ -673,18 +689,159 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn replay(&self, selection: &Selection) -> Result<u64, StoreError> {
-        let (filter, values) = selection_sql(selection);
+    async fn request_replay(&self, selection: &Selection, batch: &str) -> Result<u64, StoreError> {
+        let (filter, mut values) = selection_sql(selection);
+        values.insert(0, rusqlite::types::Value::Text(batch.to_string()));
         self.admin(move |tx| {
             let now = now_ms();
+            // A request already decided but not yet collected is asked again; one still
+            // undecided stays with the batch that asked first.
             let sql = format!(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = {now},
-                 updated_at = {now} WHERE {filter}"
+                "INSERT INTO replay_requests (delivery_id, batch, requested_at)
+                 SELECT id, ?, {now} FROM deliveries WHERE {filter} AND true
+                 ON CONFLICT (delivery_id) DO UPDATE SET batch = excluded.batch,
+                     requested_at = excluded.requested_at, outcome = NULL,
+                     destination = NULL, decided_at = NULL
+                 WHERE replay_requests.outcome IS NOT NULL"
             );
             tx.execute(&sql, rusqlite::params_from_iter(values))
                 .map(|n| n as u64)
         })
         .await
+    }
+
+    async fn replay_verdict(&self, batch: &str) -> Result<ReplayVerdict, StoreError> {
+        let batch = batch.to_string();
+        self.read_slow(move |conn| {
+            let mut verdict = ReplayVerdict::default();
+            let mut q = conn.prepare(
+                "SELECT outcome, coalesce(destination, ''), count(*) FROM replay_requests
+                 WHERE batch = ?1 GROUP BY 1, 2 ORDER BY 2",
+            )?;
+            let rows = q.query_map([&batch], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?;
+            for row in rows {
+                verdict.add(row?);
+            }
+            Ok(verdict)
+        })
+        .await
+    }
+
+    async fn forget_replay(&self, batch: &str) -> Result<(), StoreError> {
+        let batch = batch.to_string();
+        self.admin(move |tx| {
+            tx.execute(
+                "DELETE FROM replay_requests WHERE batch = ?1 AND outcome IS NOT NULL",
+                [&batch],
+            )
+            .map(|n| n as u64)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn decide_replays(&self, running: &[&str]) -> Result<ReplayDecisions, StoreError> {
+        // Polled every poll interval: look on the read connection first, so an idle
+        // relay never queues a (synced) write for it.
+        let any = self
+            .read(|conn| {
+                conn.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM replay_requests WHERE outcome IS NULL)",
+                    [],
+                    |r| r.get::<_, bool>(0),
+                )
+            })
+            .await?;
+        if !any {
+            return Ok(ReplayDecisions::default());
+        }
+        let running: Vec<rusqlite::types::Value> = running
+            .iter()
+            .map(|k| rusqlite::types::Value::Text(k.to_string()))
+            .collect();
+        let decided = Arc::new(Mutex::new(ReplayDecisions::default()));
+        let found = Arc::clone(&decided);
+        self.admin(move |tx| {
+            let now = now_ms();
+            let undecided = "SELECT delivery_id FROM replay_requests WHERE outcome IS NULL";
+            // Requests for rows that are no longer dead letters (purged, or replayed by
+            // a request of another batch) have nothing to decide.
+            tx.execute(
+                &format!(
+                    "UPDATE replay_requests SET outcome = 'gone', decided_at = {now}
+                     WHERE outcome IS NULL AND NOT EXISTS (SELECT 1 FROM deliveries d
+                         WHERE d.id = replay_requests.delivery_id AND d.state = 'dead')"
+                ),
+                [],
+            )?;
+            tx.execute(
+                "UPDATE replay_requests SET destination = (SELECT d.destination
+                     FROM deliveries d WHERE d.id = replay_requests.delivery_id)
+                 WHERE outcome IS NULL",
+                [],
+            )?;
+            let marks = vec!["?"; running.len()].join(", ");
+            let known = format!("destination IN ({marks})");
+            let counts = |tx: &Transaction<'_>, filter: &str, params: &[rusqlite::types::Value]| {
+                tx.prepare(&format!(
+                    "SELECT destination, count(*) FROM replay_requests
+                     WHERE outcome IS NULL AND {filter} GROUP BY destination"
+                ))?
+                .query_map(rusqlite::params_from_iter(params), |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            };
+            let replayed = counts(tx, &known, &running)?;
+            tx.execute(
+                &format!(
+                    "UPDATE deliveries SET state = 'pending', attempts = 0,
+                     next_attempt_at = {now}, updated_at = {now}
+                     WHERE state = 'dead' AND {known} AND id IN ({undecided})"
+                ),
+                rusqlite::params_from_iter(&running),
+            )?;
+            tx.execute(
+                &format!(
+                    "UPDATE replay_requests SET outcome = 'replayed', decided_at = {now}
+                     WHERE outcome IS NULL AND {known}"
+                ),
+                rusqlite::params_from_iter(&running),
+            )?;
+            let refused = counts(tx, "true", &[])?;
+            tx.execute(
+                &format!(
+                    "UPDATE deliveries SET last_error = ?1 || destination || ?2,
+                     updated_at = {now} WHERE state = 'dead' AND id IN ({undecided})"
+                ),
+                params![REPLAY_REFUSED.0, REPLAY_REFUSED.1],
+            )?;
+            tx.execute(
+                &format!(
+                    "UPDATE replay_requests SET outcome = 'refused', decided_at = {now}
+                     WHERE outcome IS NULL"
+                ),
+                [],
+            )?;
+            let forgotten = now - REPLAY_RECORD_TTL.as_millis() as i64;
+            tx.execute(
+                "DELETE FROM replay_requests WHERE outcome IS NOT NULL AND decided_at < ?1",
+                [forgotten],
+            )?;
+            *found.lock().unwrap_or_else(|p| p.into_inner()) =
+                ReplayDecisions { replayed, refused };
+            Ok(0)
+        })
+        .await?;
+        Ok(std::mem::take(
+            &mut *decided.lock().unwrap_or_else(|p| p.into_inner()),
+        ))
     }
 
     async fn purge(&self, selection: &Selection) -> Result<u64, StoreError> {
@@ -842,6 +999,7 @@ mod tests {
     use super::*;
     use crate::config::{Application, Secret};
     use crate::ingress::verify::{authenticate, verify};
+    use crate::store::replay_refused_reason;
 
     fn app() -> Vec<Application> {
         vec![Application::new("fioa1", Secret::new("t".into()))]
@@ -934,10 +1092,25 @@ mod tests {
 
         assert_eq!(
             store
-                .replay(&Selection::Destination("b".into()))
+                .request_replay(&Selection::Destination("b".into()), "batch-1")
                 .await
                 .unwrap(),
             1
+        );
+        // Asked for, not yet decided: still a dead letter.
+        assert!(store.due("b", now_ms(), 10).await.unwrap().is_empty());
+        assert_eq!(store.replay_verdict("batch-1").await.unwrap().undecided, 1);
+        let decided = store.decide_replays(&["a", "b"]).await.unwrap();
+        assert_eq!(decided.replayed, [("b".to_string(), 1)]);
+        let verdict = store.replay_verdict("batch-1").await.unwrap();
+        assert_eq!(
+            (verdict.undecided, verdict.replayed),
+            (0, vec![("b".to_string(), 1)])
+        );
+        store.forget_replay("batch-1").await.unwrap();
+        assert_eq!(
+            store.replay_verdict("batch-1").await.unwrap(),
+            Default::default()
         );
         let replayed = store.due("b", now_ms(), 10).await.unwrap();
         assert_eq!(replayed[0].attempts, 0, "attempts start over");
@@ -953,6 +1126,41 @@ mod tests {
             .unwrap();
         assert_eq!(store.purge(&Selection::Ids(vec![b.id])).await.unwrap(), 1);
         assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_replay_of_a_destination_the_daemon_does_not_run_is_refused() {
+        let (_dir, store) = open();
+        store
+            .insert_event(&event("AUTH"), &["kept", "gone"])
+            .await
+            .unwrap();
+        for name in ["kept", "gone"] {
+            let d = store.due(name, now_ms(), 10).await.unwrap().remove(0);
+            let dead = Outcome::Dead {
+                attempts: 3,
+                error: "HTTP 500".into(),
+            };
+            store.record(&d, dead).await.unwrap();
+        }
+        assert_eq!(store.request_replay(&Selection::All, "b").await.unwrap(), 2);
+        // Nothing to decide twice; the daemon runs only `kept`.
+        let decided = store.decide_replays(&["kept"]).await.unwrap();
+        assert_eq!(decided.replayed, [("kept".to_string(), 1)]);
+        assert_eq!(decided.refused, [("gone".to_string(), 1)]);
+        assert_eq!(
+            store.decide_replays(&["kept"]).await.unwrap(),
+            Default::default()
+        );
+        assert_eq!(store.due("kept", now_ms(), 10).await.unwrap().len(), 1);
+        assert!(store.due("gone", now_ms(), 10).await.unwrap().is_empty());
+        let dead = store.dead_letters(None, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].last_error, replay_refused_reason("gone"));
+        assert_eq!(dead[0].attempts, 3, "a refused replay keeps its history");
+        let verdict = store.replay_verdict("b").await.unwrap();
+        assert_eq!(verdict.refused, [("gone".to_string(), 1)]);
+        assert_eq!(verdict.replayed, [("kept".to_string(), 1)]);
     }
 
     #[tokio::test]

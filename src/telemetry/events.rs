@@ -262,3 +262,29 @@ impl ConnectionClosed {
             .inc();
     }
 }
+
+/// A relay decided the `dead-letters replay` requests of one destination: queued again
+/// (it runs the destination) or refused (no running relay does; they stay dead letters).
+pub struct ReplayDecided<'a> {
+    pub destination: &'a str,
+    pub count: u64,
+    pub replayed: bool,
+}
+
+impl ReplayDecided<'_> {
+    pub fn emit(&self) {
+        if self.replayed {
+            tracing::info!(
+                destination = %self.destination,
+                count = self.count,
+                "dead letters queued again on request (dead-letters replay)"
+            );
+        } else {
+            tracing::warn!(
+                destination = %self.destination,
+                count = self.count,
+                "replay of dead letters refused: no running relay has this destination; they stay dead letters"
+            );
+        }
+    }
+}
