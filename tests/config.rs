@@ -507,7 +507,8 @@ fn summary_describes_the_config() {
     let summary = config.summary();
     for expected in [
         "listen 0.0.0.0:8443 (http, webhook path /faceio/webhook)",
-        "admin 127.0.0.1:9090 (/metrics, /healthz, /readyz)",
+        "admin 127.0.0.1:9090 (/metrics with admin.token, /healthz, /readyz)",
+        "clients: named by trusted proxies 127.0.0.1/32, ::1/128, 10.1.0.0/16 (PROXY header, then X-Forwarded-For); 16 connections each, closed after 30s idle",
         "retention 30days",
         "applications (2): fioa1234, fiob5678",
         "team-slack: slack, concurrency 4",
@@ -667,4 +668,29 @@ fn token_files_are_trimmed_and_warned_about_when_others_can_read_them() {
         assert_eq!((w.line, w.column), (2, 34));
         assert!(!w.to_string().contains("tok-from-file"), "{w}");
     }
+}
+
+#[test]
+fn the_demo_token_is_refused_behind_a_reverse_proxy_too() {
+    let file = std::path::PathBuf::from("/etc/faceio-relay/relay.yaml");
+    let load = |extra: &str| {
+        let text = format!(
+            "listen: 127.0.0.1:8080\napplications: [{{ app_id: fioa1, token: demo-token-change-me }}]\n{extra}"
+        );
+        load_str(&text, &file, &test_env).unwrap().0
+    };
+    let local = load("");
+    assert_eq!(
+        local.demo_token_refusal(local.listen),
+        None,
+        "loopback, no proxy"
+    );
+    let proxied = load("ingress:\n  trusted_proxies: [127.0.0.1]\n");
+    let why = proxied
+        .demo_token_refusal(proxied.listen)
+        .expect("refused behind a reverse proxy");
+    assert!(
+        why.contains("trusted_proxies") && why.contains("--allow-demo-token"),
+        "{why}"
+    );
 }

@@ -1814,7 +1814,31 @@ impl Config {
             "listen {} ({scheme}, webhook path {})",
             self.listen, self.webhook_path
         );
+        let i = &self.ingress;
+        let clients = if i.trusted_proxies.is_empty() {
+            "the TCP peer".to_string()
+        } else {
+            let nets: Vec<String> = i.trusted_proxies.iter().map(|n| n.to_string()).collect();
+            let via = if i.proxy_protocol {
+                "PROXY header, then X-Forwarded-For"
+            } else {
+                "X-Forwarded-For"
+            };
+            format!("named by trusted proxies {} ({via})", nets.join(", "))
+        };
+        let _ = writeln!(
+            s,
+            "clients: {clients}; {} connections each, closed after {} idle",
+            i.max_connections_per_ip,
+            humantime::format_duration(i.idle_timeout)
+        );
         match self.admin_listen {
+            Some(a) if self.admin.token.is_some() => {
+                let _ = writeln!(
+                    s,
+                    "admin {a} (/metrics with admin.token, /healthz, /readyz)"
+                );
+            }
             Some(a) => {
                 let _ = writeln!(s, "admin {a} (/metrics, /healthz, /readyz)");
             }

@@ -253,15 +253,23 @@ impl Config {
     }
 
     /// Why `run` must refuse this config unless `--allow-demo-token`: an application
-    /// uses the public demo token while `listen` (the address in force, `listen`) is
-    /// reachable from other machines.
+    /// uses the public demo token while the webhook is reachable from other machines:
+    /// `listen` (the address in force) is not loopback, or `ingress.trusted_proxies` says a
+    /// reverse proxy forwards the internet to a loopback `listen`.
     pub fn demo_token_refusal(&self, listen: SocketAddr) -> Option<String> {
         let apps = self.demo_token_apps();
-        (!apps.is_empty() && !listen.ip().to_canonical().is_loopback()).then(|| {
+        let exposed = if !listen.ip().to_canonical().is_loopback() {
+            format!("listen is {listen}, reachable from other machines")
+        } else if !self.ingress.trusted_proxies.is_empty() {
+            format!("listen is {listen} behind the reverse proxies in ingress.trusted_proxies")
+        } else {
+            return None;
+        };
+        (!apps.is_empty()).then(|| {
             format!(
-                "application(s) {} use the public demo token `{DEMO_TOKEN}` while listen is {listen}, \
-                 reachable from other machines: anyone could post events. Set FACEIO_TOKEN to \
-                 the real token (or use token_file), or pass --allow-demo-token to run anyway",
+                "application(s) {} use the public demo token `{DEMO_TOKEN}` while {exposed}: \
+                 anyone could post events. Set FACEIO_TOKEN to the real token (or use \
+                 token_file), or pass --allow-demo-token to run anyway",
                 apps.join(", ")
             )
         })

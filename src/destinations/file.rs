@@ -41,14 +41,26 @@ enum FileCommand {
     },
 }
 
+/// The queue to one file's writer thread; the thread ends when the last handle is
+/// dropped.
+struct Writer(mpsc::UnboundedSender<FileCommand>);
+
+/// The files this process has open, by path: one writer per file. A destination rebuilt
+/// by a reload (new limits, same path) takes over the running writer instead of opening
+/// and repairing the file while the old writer may be in the middle of a line.
+static OPEN_FILES: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Weak<Writer>>>,
+> = std::sync::LazyLock::new(Default::default);
+
 /// A JSON Lines file destination.
 pub struct FileDestination {
     path: PathBuf,
-    /// Queue to the writer thread while the file is open here; the thread ends when this
-    /// is dropped. `None` until this process owns the destination ([`Destination::acquire`]):
-    /// with a shared store another relay may be writing the file, and opening it repairs
-    /// (cuts) a tail that relay may be in the middle of writing.
-    writer: std::sync::Mutex<Option<mpsc::UnboundedSender<FileCommand>>>,
+    /// The writer while the file is open here (shared with an earlier destination for the
+    /// same path, see [`OPEN_FILES`]). `None` until this process owns the destination
+    /// ([`Destination::acquire`]): with a shared store another relay may be writing the
+    /// file, and opening it repairs (cuts) a tail that relay may be in the middle of
+    /// writing.
+    writer: std::sync::Mutex<Option<std::sync::Arc<Writer>>>,
 }
 
 #[derive(Serialize)]
@@ -86,11 +98,23 @@ impl FileDestination {
 
     /// Opens and repairs the file and starts its writer, unless already open.
     fn open_now(&self) -> anyhow::Result<()> {
-        if self.is_open() {
+        if self.is_open() || self.share_running_writer() {
             return Ok(());
         }
         let file = open_repaired(&self.path)?;
         self.start_writer(file)
+    }
+
+    /// Takes over the writer this process already runs for the same path, if any.
+    fn share_running_writer(&self) -> bool {
+        let open = OPEN_FILES.lock().unwrap_or_else(|p| p.into_inner());
+        match open.get(&self.path).and_then(std::sync::Weak::upgrade) {
+            Some(running) => {
+                *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Starts the writer thread on `file`, unless a writer runs already (then `file` is
@@ -105,7 +129,12 @@ impl FileDestination {
         std::thread::Builder::new()
             .name("file-writer".into())
             .spawn(move || write_loop(thread_path, file, rx))?;
-        *writer = Some(tx);
+        let running = std::sync::Arc::new(Writer(tx));
+        OPEN_FILES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.path.clone(), std::sync::Arc::downgrade(&running));
+        *writer = Some(running);
         Ok(())
     }
 
@@ -115,7 +144,7 @@ impl FileDestination {
     ) -> Result<(), DeliveryError> {
         let (reply, rx) = oneshot::channel();
         let sent = match &*self.writer.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(writer) => writer.send(make(reply)).is_ok(),
+            Some(writer) => writer.0.send(make(reply)).is_ok(),
             None => {
                 return Err(DeliveryError::retryable(
                     "the file is not open: this relay does not own the destination",
@@ -294,7 +323,7 @@ impl Destination for FileDestination {
     }
 
     async fn acquire(&self) -> anyhow::Result<()> {
-        if self.is_open() {
+        if self.is_open() || self.share_running_writer() {
             return Ok(());
         }
         // Opening, syncing directories and repairing block: off the runtime's threads.
@@ -399,6 +428,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_rebuilt_destination_takes_over_the_running_writer_instead_of_repairing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let running = FileDestination::open(&path).unwrap();
+        running.deliver(&delivery("first")).await.unwrap();
+        // The running writer is in the middle of a line (its write is not finished):
+        // a second open would take that for a crash's torn tail and cut it.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"id\":\"half").unwrap();
+        // A reload rebuilds the destination (same path, other limits) while the old one
+        // still runs.
+        let rebuilt = FileDestination::new(&path);
+        rebuilt.acquire().await.unwrap();
+        let now = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            now.ends_with("{\"id\":\"half"),
+            "the running writer's line was cut: {now}"
+        );
+        f.write_all(b"\"}\n").unwrap();
+        rebuilt.deliver(&delivery("second")).await.unwrap();
+        let lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        drop(running);
+    }
+
+    #[tokio::test]
     async fn reopen_follows_a_rotated_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
@@ -419,8 +478,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         std::fs::write(&path, "{\"id\":\"a\"}\n{\"id\":\"b\",\"ev").unwrap();
-        let _dest = FileDestination::open(&path).unwrap();
+        let dest = FileDestination::open(&path).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"id\":\"a\"}\n");
+        // Closed (a crash, a restart): the next open repairs again.
+        drop(dest);
 
         std::fs::write(&path, "no newline at all").unwrap();
         let _dest = FileDestination::open(&path).unwrap();

@@ -24,6 +24,26 @@ use ipnet::IpNet;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub IpAddr);
 
+/// Lets a request end its connection (a request extension, like [`ClientAddr`]): a
+/// source past its failed-request budget is answered 429 and disconnected, on HTTP/2
+/// too, where a `Connection: close` header does not exist.
+#[derive(Debug, Clone, Default)]
+pub struct ConnControl {
+    close: tokio_util::sync::CancellationToken,
+}
+
+impl ConnControl {
+    /// Asks the connection to close once the answer under way is sent.
+    pub fn close(&self) {
+        self.close.cancel();
+    }
+
+    /// Resolves once [`ConnControl::close`] was called.
+    pub async fn closing(&self) {
+        self.close.cancelled().await;
+    }
+}
+
 /// The header a trusted proxy appends the address of its own peer to.
 pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
@@ -52,15 +72,16 @@ pub fn forwarded_client(conn_client: IpAddr, headers: &HeaderMap, proxies: &[IpN
     if !trusted(client, proxies) {
         return client;
     }
-    // Several header lines form one list, in order (RFC 9110 5.3).
-    let hops: Vec<&str> = headers
+    // Several header lines form one list, in order (RFC 9110 5.3). Lines are split as
+    // bytes: a line is not skipped because the client put a byte that is not text into
+    // its part of it (a proxy appends the address it saw to that same line).
+    let hops: Vec<&[u8]> = headers
         .get_all(X_FORWARDED_FOR)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .collect();
     for hop in hops.iter().rev() {
-        let Some(ip) = parse_hop(hop) else {
+        let Some(ip) = std::str::from_utf8(hop).ok().and_then(parse_hop) else {
             return client;
         };
         client = ip.to_canonical();
@@ -189,6 +210,22 @@ mod tests {
                 "{value}"
             );
         }
+    }
+
+    #[test]
+    fn a_client_cannot_hide_the_address_the_proxy_appended_behind_bytes_that_are_not_text() {
+        let proxies = nets(&["127.0.0.1/32"]);
+        let mut h = HeaderMap::new();
+        // nginx's `$proxy_add_x_forwarded_for`: the client's header, then the address
+        // nginx saw, on one line.
+        h.append(
+            X_FORWARDED_FOR,
+            axum::http::HeaderValue::from_bytes(b"1.1.1.1\x80, 203.0.113.7").unwrap(),
+        );
+        assert_eq!(
+            forwarded_client(ip("127.0.0.1"), &h, &proxies),
+            ip("203.0.113.7")
+        );
     }
 
     #[test]

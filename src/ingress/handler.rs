@@ -15,7 +15,7 @@ use governor::{DefaultKeyedRateLimiter, RateLimiter};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
-use super::client::{ClientAddr, source_key};
+use super::client::{ClientAddr, ConnControl, source_key};
 use super::server::ConnPolicy;
 use super::verify::{self, Rejection};
 use crate::config::{Config, RateLimit};
@@ -159,6 +159,7 @@ pub fn router(state: Arc<IngressState>) -> axum::Router {
 async fn method_not_allowed(
     State(state): State<Arc<IngressState>>,
     Extension(ClientAddr(ip)): Extension<ClientAddr>,
+    Extension(conn): Extension<ConnControl>,
 ) -> Response {
     let refusal = Refusal {
         status: StatusCode::METHOD_NOT_ALLOWED,
@@ -166,7 +167,7 @@ async fn method_not_allowed(
         message: "use POST",
         detail: "not a POST",
     };
-    charged(&state, ip, refusal, "not a POST")
+    charged(&state, ip, &conn, refusal, "not a POST")
 }
 
 /// Any other path (the path is not logged: a mistyped URL may carry a secret). Charged
@@ -175,6 +176,7 @@ async fn method_not_allowed(
 async fn not_found(
     State(state): State<Arc<IngressState>>,
     Extension(ClientAddr(ip)): Extension<ClientAddr>,
+    Extension(conn): Extension<ConnControl>,
 ) -> Response {
     let refusal = Refusal {
         status: StatusCode::NOT_FOUND,
@@ -182,7 +184,7 @@ async fn not_found(
         message: "no such endpoint",
         detail: "not the webhook path",
     };
-    charged(&state, ip, refusal, "not the webhook path")
+    charged(&state, ip, &conn, refusal, "not the webhook path")
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -234,6 +236,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 async fn webhook(
     State(state): State<Arc<IngressState>>,
     Extension(ClientAddr(ip)): Extension<ClientAddr>,
+    Extension(conn): Extension<ConnControl>,
     request: Request,
 ) -> Response {
     let started = Instant::now();
@@ -256,7 +259,7 @@ async fn webhook(
         .map(|v| v.as_bytes());
     let auth = match verify::authenticate(&live.config.applications, auth_header) {
         Ok(auth) => auth,
-        Err(why) => return auth_failed(&state, ip, &why),
+        Err(why) => return auth_failed(&state, ip, &conn, &why),
     };
 
     if !is_json(&parts.headers) {
@@ -323,7 +326,7 @@ async fn webhook(
             }
             .answer(&state, ip);
         }
-        Err(why) => return auth_failed(&state, ip, &why),
+        Err(why) => return auth_failed(&state, ip, &conn, &why),
     };
 
     let targets = live.router.route(event.payload());
@@ -367,7 +370,7 @@ async fn webhook(
 }
 
 /// A failed authentication: 401, or 429 once this source has failed too often.
-fn auth_failed(state: &IngressState, ip: IpAddr, why: &Rejection) -> Response {
+fn auth_failed(state: &IngressState, ip: IpAddr, conn: &ConnControl, why: &Rejection) -> Response {
     let detail = why.to_string();
     let refusal = Refusal {
         status: StatusCode::UNAUTHORIZED,
@@ -375,12 +378,19 @@ fn auth_failed(state: &IngressState, ip: IpAddr, why: &Rejection) -> Response {
         message: "authentication failed",
         detail: &detail,
     };
-    charged(state, ip, refusal, &detail)
+    charged(state, ip, conn, refusal, &detail)
 }
 
 /// A refusal charged to the source's failed-request budget: answered as `refusal` while
-/// the budget lasts, then 429 with `Connection: close`.
-fn charged(state: &IngressState, ip: IpAddr, refusal: Refusal<'_>, detail: &str) -> Response {
+/// the budget lasts, then 429 and the connection closed (HTTP/1: `Connection: close`;
+/// HTTP/2: GOAWAY, through `conn`).
+fn charged(
+    state: &IngressState,
+    ip: IpAddr,
+    conn: &ConnControl,
+    refusal: Refusal<'_>,
+    detail: &str,
+) -> Response {
     if state
         .auth_failures
         .load()
@@ -406,6 +416,7 @@ fn charged(state: &IngressState, ip: IpAddr, refusal: Refusal<'_>, detail: &str)
         header::CONNECTION,
         header::HeaderValue::from_static("close"),
     );
+    conn.close();
     r
 }
 

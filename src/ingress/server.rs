@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use super::client::{ClientAddr, PerSource, forwarded_client};
+use super::client::{ClientAddr, ConnControl, PerSource, forwarded_client};
 use crate::config::{AdminConfig, IngressConfig};
 use crate::telemetry::events::ConnectionClosed;
 use crate::telemetry::metrics::{ListenerLabels, Metrics};
@@ -408,20 +408,39 @@ async fn serve_http<I>(
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
+    let control = ConnControl::default();
     let service = {
         let app = shared.app.clone();
         let live = Arc::clone(&shared.policy);
         let activity = Arc::clone(&activity);
+        let control = control.clone();
+        // A second less than the idle timeout, so the client stops first.
+        let keep_alive = hyper::header::HeaderValue::from_str(&format!(
+            "timeout={}",
+            policy.idle_timeout.as_secs().saturating_sub(1).max(1)
+        ))
+        .expect("digits are a valid header value");
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let in_flight = activity.start();
             let mut req = req.map(axum::body::Body::new);
             let client = forwarded_client(conn_client, req.headers(), &live.load().trusted_proxies);
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             req.extensions_mut().insert(ClientAddr(client));
+            req.extensions_mut().insert(control.clone());
+            let http1 = req.version() < hyper::Version::HTTP_2;
+            let keep_alive = keep_alive.clone();
             let answer = app.clone().oneshot(req);
             async move {
-                let response = answer.await;
+                let mut response = answer.await;
                 drop(in_flight);
+                if http1 && let Ok(r) = &mut response {
+                    // Tells a client's connection pool to stop reusing the connection
+                    // before the relay closes it for idleness, so a request is never sent
+                    // into a closing socket (FACEIO does not retry).
+                    r.headers_mut()
+                        .entry(hyper::header::HeaderName::from_static("keep-alive"))
+                        .or_insert(keep_alive);
+                }
                 response
             }
         })
@@ -436,17 +455,19 @@ async fn serve_http<I>(
             }
             return;
         }
-        () = activity.idle_for(idle) => true,
-        () = shared.shutdown.cancelled() => false,
+        () = activity.idle_for(idle) => Some("idle"),
+        () = control.closing() => Some("too_many_failures"),
+        () = shared.shutdown.cancelled() => None,
     };
-    if idled {
+    if let Some(reason) = idled {
         ConnectionClosed {
             listener: shared.limits.name,
             peer: conn_client,
-            reason: "idle",
+            reason,
         }
         .emit(&shared.metrics);
     }
+    let idled = idled.is_some();
     conn.as_mut().graceful_shutdown();
     loop {
         tokio::select! {

@@ -762,6 +762,11 @@ async fn insert_events(
     let mut batch = Vec::with_capacity(MAX_INSERT_BATCH);
     // One inserter gathers at a time; the others write meanwhile.
     while next_group(&queue, &mut batch, MAX_INSERT_BATCH, &stop).await {
+        // Ingress gave up on these (`store_timeout`) and answered 503: not stored.
+        batch.retain(|p| !p.done.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let written: Vec<Result<(), StoreError>> = match write_group(&pool, &batch).await {
             Ok(()) => batch.iter().map(|_| Ok(())).collect(),
             // PostgreSQL refused the statement (not the connection): find the event it

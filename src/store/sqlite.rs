@@ -358,12 +358,8 @@ fn writer_loop(
             }
             synchronous_full = want_full;
         }
-        let size = batch.len() as u64;
-        match run_batch(c, batch) {
-            Ok(()) => {
-                stats.commits.fetch_add(1, Ordering::Relaxed);
-                stats.commands.fetch_add(size, Ordering::Relaxed);
-            }
+        match run_batch(c, batch, stats) {
+            Ok(()) => {}
             Err(e) => {
                 tracing::error!(error = %e, "store commit failed; reopening the database");
                 conn = None;
@@ -381,7 +377,12 @@ enum Pending {
     ),
 }
 
-fn run_batch(conn: &mut Connection, batch: Vec<Command>) -> Result<(), String> {
+fn run_batch(
+    conn: &mut Connection,
+    batch: Vec<Command>,
+    stats: &WriterStats,
+) -> Result<(), String> {
+    let size = batch.len() as u64;
     let mut results = Vec::with_capacity(batch.len());
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
@@ -407,6 +408,10 @@ fn run_batch(conn: &mut Connection, batch: Vec<Command>) -> Result<(), String> {
             continue;
         }
         match cmd {
+            // Ingress gave up waiting (`store_timeout`) and answered 503: the event is not
+            // stored, so that 503 means "not stored" and no delivery appears after the
+            // time a reload's sweep allows for requests under way.
+            Command::Insert { reply, .. } if reply.is_closed() => {}
             Command::Insert { event, reply } => {
                 let r = in_savepoint(&tx, |sp| insert(sp, &event, now).map(|_| ()));
                 results.push(Pending::Unit(reply, r));
@@ -431,6 +436,12 @@ fn run_batch(conn: &mut Connection, batch: Vec<Command>) -> Result<(), String> {
     } else {
         tx.commit().map_err(|e| e.to_string())
     };
+    // Counted before anyone hears of the commit, so a caller that has its answer sees it
+    // in the figures.
+    if committed.is_ok() {
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.commands.fetch_add(size, Ordering::Relaxed);
+    }
     for p in results {
         match p {
             Pending::Unit(reply, r) => {
@@ -1161,6 +1172,25 @@ mod tests {
         let verdict = store.replay_verdict("b").await.unwrap();
         assert_eq!(verdict.refused, [("gone".to_string(), 1)]);
         assert_eq!(verdict.replayed, [("kept".to_string(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn an_insert_ingress_gave_up_on_is_not_stored() {
+        let (dir, store) = open();
+        // Another process holds the write lock: the insert waits, and ingress gives up
+        // (its `store_timeout`) and answers 503.
+        let blocker = Connection::open(dir.path().join("db/relay.db")).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(100),
+            store.insert_event(&event("AUTH"), &["a"]),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the insert waited for the lock");
+        blocker.execute_batch("ROLLBACK").unwrap();
+        // The next one is stored; the one answered 503 is not.
+        store.insert_event(&event("AUTH"), &["a"]).await.unwrap();
+        assert_eq!(store.due("a", now_ms(), 10).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

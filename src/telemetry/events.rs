@@ -245,13 +245,14 @@ pub struct ConnectionClosed {
     pub listener: &'static str,
     /// The client address (after a PROXY header), or the TCP peer.
     pub peer: IpAddr,
-    /// `per_ip_cap`, `idle`, `handshake_timeout`, `handshake_failed`, `no_request`.
+    /// `per_ip_cap`, `idle`, `too_many_failures`, `handshake_timeout`, `handshake_failed`,
+    /// `no_request`.
     pub reason: &'static str,
 }
 
 impl ConnectionClosed {
     pub fn emit(&self, metrics: &Metrics) {
-        tracing::debug!(listener = self.listener, peer = %self.peer, reason = self.reason,
+        tracing::debug!(listener = %self.listener, peer = %self.peer, reason = %self.reason,
             "connection closed by the relay");
         metrics
             .connections_closed

@@ -204,7 +204,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed_by_relay",
-            "Connections the relay refused or closed, by listener and reason (per_ip_cap, idle, handshake_timeout, handshake_failed, no_request)",
+            "Connections the relay refused or closed, by listener and reason (per_ip_cap, idle, too_many_failures, handshake_timeout, handshake_failed, no_request)",
             m.connections_closed.clone(),
         );
         Self { registry, ..m }
