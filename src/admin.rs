@@ -30,7 +30,7 @@ use axum::routing::get;
 use serde_json::json;
 
 use crate::config::Secret;
-use crate::ingress::verify::now_ms;
+use crate::event::now_ms;
 use crate::store::{DestinationStats, Store};
 use crate::telemetry::metrics::{DestinationLabels, Metrics};
 

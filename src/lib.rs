@@ -2,9 +2,11 @@
 //!
 //! # Layout
 //! The life of one event, top to bottom:
-//! - [`ingress`]: the HTTP endpoint. Checks the `WWW-Authenticate` token (constant time,
-//!   before reading the body), the content type, the size, the payload; the result is a
-//!   [`ingress::VerifiedEvent`], the only thing the store accepts.
+//! - [`event`]: the event itself. [`event::verify`] checks the `WWW-Authenticate` token
+//!   (constant time) and the payload; the result is an [`event::VerifiedEvent`], the only
+//!   thing the store accepts. Every stage below imports the event from here.
+//! - [`ingress`]: the HTTP endpoint. Checks the token before reading the body, the
+//!   content type and the size, then hands token and body to [`event::verify`].
 //! - [`routing`]: compiled `routes:`; decides which destinations get the event.
 //! - [`store`]: writes the event and one pending delivery per destination in one
 //!   transaction, synced to disk (group commit) before ingress answers 200. SQLite by
@@ -34,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod destinations;
+pub mod event;
 pub mod ingress;
 mod relay;
 pub mod routing;

@@ -683,7 +683,7 @@ async fn housekeeping(
             }
             () = stop.cancelled() => return,
         }
-        let cutoff = ingress::verify::now_ms() - retention.as_millis() as i64;
+        let cutoff = crate::event::now_ms() - retention.as_millis() as i64;
         match store.prune(cutoff).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "pruned delivered events past retention"),

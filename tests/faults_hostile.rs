@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use faceio_relay::config::{Application, DestinationKind, Secret, load_str};
 use faceio_relay::destinations::{DeliveryError, SlackDestination};
-use faceio_relay::ingress::verify::{Rejection, authenticate, verify};
+use faceio_relay::event::verify::{Rejection, authenticate, verify};
 use faceio_relay::store::Delivery;
 
 const APP: &str = "fioa-hostile";

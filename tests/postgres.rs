@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use faceio_relay::config::{Application, PostgresConfig, Secret, StoreBackend};
-use faceio_relay::ingress::VerifiedEvent;
-use faceio_relay::ingress::verify::{authenticate, now_ms, verify};
+use faceio_relay::event::VerifiedEvent;
+use faceio_relay::event::now_ms;
+use faceio_relay::event::verify::{authenticate, verify};
 use faceio_relay::store::postgres::PostgresStore;
 use faceio_relay::store::{ClaimRequest, Delivery, Outcome, Selection, Store, Wake};
 

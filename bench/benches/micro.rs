@@ -11,7 +11,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 use faceio_relay::config::{Config, DestinationKind, load_str};
 use faceio_relay::destinations::SlackDestination;
-use faceio_relay::ingress::verify::{authenticate, verify};
+use faceio_relay::event::verify::{authenticate, verify};
 use faceio_relay::routing::Router;
 use faceio_relay::store::Delivery;
 

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use faceio_relay::config::{Application, Secret};
-use faceio_relay::ingress::verify::{Rejection, authenticate, verify};
+use faceio_relay::event::verify::{Rejection, authenticate, verify};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -233,7 +233,7 @@ pub struct Application {
     /// The application's webhook token (`token` or `token_file`).
     pub token: Secret,
     /// SHA-256 of the token, computed once: ingress compares digests (see
-    /// [`crate::ingress::verify::authenticate`]).
+    /// [`crate::event::verify::authenticate`]).
     token_digest: [u8; 32],
 }
 

@@ -14,7 +14,7 @@ use super::retry::{self, Next};
 use super::{InFlight, Shutdown};
 use crate::config::{DestinationConfig, RetryPolicy};
 use crate::destinations::{DeliveryError, Destination};
-use crate::ingress::verify::now_ms;
+use crate::event::now_ms;
 use crate::store::{ClaimRequest, Delivery, Outcome, Ownership, Store, StoreError};
 use crate::telemetry::events::{AttemptResult, DeliveryAttempted, RateLimitWait};
 use crate::telemetry::metrics::Metrics;

@@ -17,9 +17,9 @@ use serde_json::json;
 
 use super::client::{ClientAddr, ConnControl, source_key};
 use super::server::ConnPolicy;
-use super::verify::{self, Rejection};
 use crate::config::{Config, RateLimit};
 use crate::delivery::Wakers;
+use crate::event::verify::{self, Rejection};
 use crate::routing::Router;
 use crate::store::Store;
 use crate::telemetry::events::{EventAccepted, EventRejected};

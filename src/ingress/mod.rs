@@ -5,8 +5,11 @@
 //!   and synced the event with its deliveries. If the store errors or takes longer than
 //!   `store_timeout`, the answer is 503; the sender never gets a 200 for an event that
 //!   could be lost.
-//! - **Unverified data never reaches the store.** The store takes a [`VerifiedEvent`],
-//!   which only [`verify::verify`] makes, after [`verify::authenticate`].
+//! - **Unverified data never reaches the store.** The store takes a
+//!   [`VerifiedEvent`](crate::event::VerifiedEvent), which only
+//!   [`event::verify::verify`](crate::event::verify::verify) makes, after
+//!   [`event::verify::authenticate`](crate::event::verify::authenticate); ingress calls
+//!   them, it does not build events.
 //! - **The token is checked before the body is read**, so an unauthenticated client
 //!   cannot make the relay read or parse anything.
 //! - **No answer leaks why authentication failed**; the log says why, without the token.
@@ -23,9 +26,7 @@ pub mod client;
 mod handler;
 mod server;
 pub mod tls;
-pub mod verify;
 
 pub use handler::{IngressState, router};
 pub use server::{ConnPolicy, ListenerLimits, serve};
 pub use tls::{TlsError, TlsHandle};
-pub use verify::{Payload, VerifiedEvent};

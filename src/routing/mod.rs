@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::config::{AgeRange, Config, MatchConfig};
-use crate::ingress::Payload;
+use crate::event::Payload;
 
 /// A compiled route.
 #[derive(Debug, Clone)]
@@ -123,7 +123,7 @@ pub fn matches(m: &MatchConfig, p: &Payload) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingress::verify::{Age, Details};
+    use crate::event::{Age, Details};
 
     fn payload(event: &str, ip: &str, gender: Option<&str>, age: Option<Age>) -> Payload {
         Payload {

@@ -43,7 +43,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{StoreBackend, StoreConfig};
-use crate::ingress::VerifiedEvent;
+use crate::event::VerifiedEvent;
 
 /// The columns of one event insert and its destinations, owned so the insert can cross
 /// threads (SQLite's writer) and tasks (PostgreSQL's inserters).

@@ -102,8 +102,8 @@ use super::{
     StoreError, Wake,
 };
 use crate::config::PostgresConfig;
-use crate::ingress::VerifiedEvent;
-use crate::ingress::verify::now_ms;
+use crate::event::VerifiedEvent;
+use crate::event::now_ms;
 
 /// The schema migrations, shipped in the binary. Additive only (see
 /// `migrations/postgres/0002_*.sql`): relays of older versions run on the newer schema.

@@ -41,8 +41,8 @@ use super::{
     DeadLetter, Delivery, DestinationStats, EventRow, Outcome, REPLAY_RECORD_TTL, REPLAY_REFUSED,
     ReplayDecisions, ReplayVerdict, Selection, Store, StoreError,
 };
-use crate::ingress::VerifiedEvent;
-use crate::ingress::verify::now_ms;
+use crate::event::VerifiedEvent;
+use crate::event::now_ms;
 
 /// The schema version this build writes (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 1;
@@ -1009,7 +1009,7 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use crate::config::{Application, Secret};
-    use crate::ingress::verify::{authenticate, verify};
+    use crate::event::verify::{authenticate, verify};
     use crate::store::replay_refused_reason;
 
     fn app() -> Vec<Application> {

@@ -1,84 +1,21 @@
-//! Turning an HTTP request into a [`VerifiedEvent`].
+//! Turning a request's token and body into a [`VerifiedEvent`].
 //!
 //! This is the only place a `VerifiedEvent` can be made: its fields are private and its
 //! constructor is private to this module, so an event that skipped the token check or the
-//! payload check cannot reach the store (the store only takes `&VerifiedEvent`).
+//! payload check cannot reach the store (the store only takes `&VerifiedEvent`). Ingress
+//! calls [`authenticate`] and [`verify`]; it never builds an event itself.
 //!
 //! Order matters and is fixed here: the token is checked first (before the body is parsed),
 //! in constant time against every configured application, and names the application; the
 //! payload is then parsed and its `appId` must be that application.
-
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::{Payload, now_ms};
 use crate::config::Application;
-
-/// The FACEIO payload fields the relay reads. Everything else in the body (a linked
-/// `payload` object on some plans, future fields) is kept in the original bytes and
-/// forwarded untouched.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Payload {
-    /// `ENROLL`, `AUTH`, `DELETION`, or any future event name.
-    pub event_name: String,
-    /// The user's unique Facial ID.
-    pub facial_id: String,
-    /// Public ID of the FACEIO application that sent it.
-    pub app_id: String,
-    /// Public IP of the browser that ran fio.js.
-    pub client_ip: String,
-    /// Filled on enrollment only.
-    #[serde(default)]
-    pub details: Option<Details>,
-}
-
-/// `details`: present on `ENROLL`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-pub struct Details {
-    /// Operation date, `YYYY-MM-DD` UTC.
-    #[serde(default)]
-    pub timestamp: Option<String>,
-    /// `male` or `female`.
-    #[serde(default)]
-    pub gender: Option<String>,
-    /// Age approximation; FACEIO has sent it both as a number and as a string.
-    #[serde(default)]
-    pub age: Option<Age>,
-}
-
-/// An age that arrived as a number or a string.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum Age {
-    Number(f64),
-    Text(String),
-}
-
-impl Age {
-    /// The age as a number, when it is one (`"31"` counts).
-    pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            Self::Number(n) => Some(*n),
-            Self::Text(s) => s.trim().parse().ok(),
-        }
-    }
-}
-
-impl Payload {
-    /// `details.age` as a number, if present and numeric.
-    pub fn age(&self) -> Option<f64> {
-        self.details.as_ref()?.age.as_ref()?.as_f64()
-    }
-
-    /// `details.gender`, if present.
-    pub fn gender(&self) -> Option<&str> {
-        self.details.as_ref()?.gender.as_deref()
-    }
-}
 
 /// Why a request was not turned into an event. The HTTP answer for each is decided in
 /// `ingress::server`; the variants carry what the log needs and never a token.
@@ -227,14 +164,6 @@ fn contains_nul(value: &serde_json::Value) -> bool {
         Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
         Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
-}
-
-/// Wall-clock Unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
