@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
-use crate::config::Config;
+use crate::config::{Config, IngressConfig};
 use crate::delivery::{Applied, Deliveries, Shutdown, Sweep};
 use crate::ingress::{IngressState, TlsHandle};
 use crate::store::{Store, Wake};
@@ -55,6 +55,45 @@ const ADMIN_CLOSE: Duration = Duration::from_secs(1);
 fn announcement_ttl(config: &Config) -> Duration {
     (config.delivery.poll_interval * ANNOUNCEMENT_POLLS).max(ANNOUNCEMENT_TTL)
 }
+
+/// A setting that changes only on restart: a reload names it in a warning when the new
+/// config differs, and keeps the running value so the config in force describes the
+/// process.
+struct RestartOnly {
+    /// How the warning names it.
+    name: &'static str,
+    /// Whether `new` (first) asks for another value than `old` (second).
+    differs: fn(&Config, &Config) -> bool,
+    /// Puts `old`'s (second) value back into `new` (first).
+    keep: fn(&mut Config, &Config),
+}
+
+/// One entry of [`RESTART_ONLY`]: the warning's name and the field's path in [`Config`].
+macro_rules! restart_only {
+    ($name:literal, $($field:ident).+) => {
+        RestartOnly {
+            name: $name,
+            differs: |new, old| new.$($field).+ != old.$($field).+,
+            // `Clone::clone` rather than `.clone()`: some fields are `Copy`.
+            keep: |new, old| new.$($field).+ = Clone::clone(&old.$($field).+),
+        }
+    };
+}
+
+/// Every restart-only setting, in the order the reload warning lists them.
+const RESTART_ONLY: &[RestartOnly] = &[
+    restart_only!("listen", listen),
+    restart_only!("admin_listen", admin_listen),
+    restart_only!("admin", admin),
+    restart_only!("webhook_path", webhook_path),
+    restart_only!("store.path", store.path),
+    restart_only!("store.backend/url/pool_size", store.backend),
+    restart_only!("store.retention", store.retention),
+    restart_only!("ingress.max_connections", ingress.max_connections),
+    restart_only!("ingress.header_timeout", ingress.header_timeout),
+    restart_only!("log_format", log_format),
+    restart_only!("tls", tls),
+];
 
 /// A running relay: ingress, admin endpoint, dispatchers and store.
 pub struct Relay {
@@ -174,53 +213,11 @@ impl Relay {
         let stop_ingress = CancellationToken::new();
         let ingress_up = Arc::new(AtomicBool::new(true));
         let admin = admin_listener.map(|listener| {
-            let destinations: Arc<dyn Fn() -> Vec<String> + Send + Sync> = {
-                let current = Arc::clone(&current);
-                Arc::new(move || {
-                    current
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .destinations
-                        .iter()
-                        .map(|d| d.name.clone())
-                        .collect()
-                })
-            };
-            let app = admin::router(Arc::new(AdminState::new(
-                Arc::clone(&metrics),
-                Arc::clone(&store),
-                Arc::clone(&ingress_up),
-                destinations,
-                config.admin.token.as_ref(),
-            )));
-            let stop = CancellationToken::new();
-            let task = tokio::spawn({
-                let stop = stop.clone();
-                let limits = ingress::ListenerLimits::admin(&config.admin);
-                let policy = Arc::new(ArcSwap::from_pointee(ingress::ConnPolicy::admin(
-                    &config.admin,
-                )));
-                let metrics = Arc::clone(&metrics);
-                async move {
-                    ingress::serve(
-                        listener,
-                        app,
-                        limits,
-                        policy,
-                        metrics,
-                        stop,
-                        ADMIN_CLOSE,
-                        None,
-                    )
-                    .await;
-                }
-            });
-            (stop, task)
+            start_admin(listener, &config, &metrics, &store, &ingress_up, &current)
         });
         let app = ingress::router(Arc::clone(&ingress_state));
         let limits = ingress::ListenerLimits::ingress(&config.ingress);
-        let drain =
-            config.ingress.body_timeout + config.ingress.store_timeout + Duration::from_secs(1);
+        let drain = drain_time(&config.ingress);
         let ingress = tokio::spawn({
             let stop = stop_ingress.clone();
             let acceptor = tls.as_ref().map(TlsHandle::acceptor);
@@ -285,57 +282,20 @@ impl Relay {
     /// warning. On error nothing changes.
     pub async fn reload(&self, new: Config) -> anyhow::Result<String> {
         let old = Arc::clone(&self.current.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut kept = Vec::new();
-        if new.listen != old.listen {
-            kept.push("listen");
-        }
-        if new.admin_listen != old.admin_listen {
-            kept.push("admin_listen");
-        }
-        if new.admin != old.admin {
-            kept.push("admin");
-        }
-        if new.webhook_path != old.webhook_path {
-            kept.push("webhook_path");
-        }
-        if new.store.path != old.store.path {
-            kept.push("store.path");
-        }
-        if new.store.backend != old.store.backend {
-            kept.push("store.backend/url/pool_size");
-        }
-        if new.store.retention != old.store.retention {
-            kept.push("store.retention");
-        }
-        if new.ingress.max_connections != old.ingress.max_connections {
-            kept.push("ingress.max_connections");
-        }
-        if new.ingress.header_timeout != old.ingress.header_timeout {
-            kept.push("ingress.header_timeout");
-        }
-        if new.log_format != old.log_format {
-            kept.push("log_format");
-        }
-        if new.tls != old.tls {
-            kept.push("tls");
-        }
+        let kept: Vec<&str> = RESTART_ONLY
+            .iter()
+            .filter(|setting| (setting.differs)(&new, &old))
+            .map(|setting| setting.name)
+            .collect();
         if !kept.is_empty() {
             tracing::warn!(settings = %kept.join(", "),
                 "these settings change only on restart; the running values are kept");
         }
         let mut new = new;
         // Keep what cannot change live, so the config in force describes the process.
-        new.listen = old.listen;
-        new.admin_listen = old.admin_listen;
-        new.admin = old.admin.clone();
-        new.webhook_path = old.webhook_path.clone();
-        new.store.path = old.store.path.clone();
-        new.store.backend = old.store.backend.clone();
-        new.store.retention = old.store.retention;
-        new.ingress.max_connections = old.ingress.max_connections;
-        new.ingress.header_timeout = old.ingress.header_timeout;
-        new.log_format = old.log_format;
-        new.tls = old.tls.clone();
+        for setting in RESTART_ONLY {
+            (setting.keep)(&mut new, &old);
+        }
         let new = Arc::new(new);
 
         self.reload_certificate().await;
@@ -455,6 +415,61 @@ impl Relay {
     }
 }
 
+/// Builds the admin endpoint (`/metrics`, `/healthz`, `/readyz`) and serves it on
+/// `listener` with the `admin:` limits, until the returned token is cancelled. `/readyz`
+/// follows `ingress_up`; the destinations it reports are those of the config in force.
+fn start_admin(
+    listener: TcpListener,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    store: &Arc<dyn Store>,
+    ingress_up: &Arc<AtomicBool>,
+    current: &Arc<Mutex<Arc<Config>>>,
+) -> (CancellationToken, JoinHandle<()>) {
+    let destinations: Arc<dyn Fn() -> Vec<String> + Send + Sync> = {
+        let current = Arc::clone(current);
+        Arc::new(move || {
+            current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .destinations
+                .iter()
+                .map(|d| d.name.clone())
+                .collect()
+        })
+    };
+    let app = admin::router(Arc::new(AdminState::new(
+        Arc::clone(metrics),
+        Arc::clone(store),
+        Arc::clone(ingress_up),
+        destinations,
+        config.admin.token.as_ref(),
+    )));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        let limits = ingress::ListenerLimits::admin(&config.admin);
+        let policy = Arc::new(ArcSwap::from_pointee(ingress::ConnPolicy::admin(
+            &config.admin,
+        )));
+        let metrics = Arc::clone(metrics);
+        async move {
+            ingress::serve(
+                listener,
+                app,
+                limits,
+                policy,
+                metrics,
+                stop,
+                ADMIN_CLOSE,
+                None,
+            )
+            .await;
+        }
+    });
+    (stop, task)
+}
+
 /// How long requests admitted before a reload can still be storing events: each one
 /// has at most its config's `body_timeout` and `store_timeout` once its handler starts
 /// (it reads the routes then). A sweep of removed destinations waits past this, or a
@@ -462,30 +477,33 @@ impl Relay {
 /// the sweep, with no dispatcher to take it (until the next start sweeps it).
 #[derive(Debug, Default)]
 struct RequestHorizon {
-    /// The latest moment a request admitted under a replaced config may still store.
+    /// The latest moment a request admitted under a replaced config may still store
+    /// (with [`SWEEP_MARGIN`]).
     until: Option<Instant>,
 }
 
-/// Slack added to a request's limits before a sweep: scheduling, the answer's write.
+/// Slack added to a request's limits (before a sweep, and to ingress's drain at
+/// shutdown): scheduling, the answer's write.
 const SWEEP_MARGIN: Duration = Duration::from_secs(1);
+
+/// How long a request admitted under `limits` may still be reading its body and storing
+/// its event once its handler starts, with [`SWEEP_MARGIN`]: ingress waits this long for
+/// the requests under way at shutdown, and a sweep after a reload waits past it.
+fn drain_time(limits: &IngressConfig) -> Duration {
+    limits.body_timeout + limits.store_timeout + SWEEP_MARGIN
+}
 
 impl RequestHorizon {
     /// Records that `old` limits were replaced by `new` at `now`; returns how long from
     /// `now` until every request admitted so far has stored or given up: the larger of
     /// the old and new limits, and of any earlier config's still in reach.
-    fn replaced(
-        &mut self,
-        old: &crate::config::IngressConfig,
-        new: &crate::config::IngressConfig,
-        now: Instant,
-    ) -> Duration {
-        let span = |l: &crate::config::IngressConfig| l.body_timeout + l.store_timeout;
-        let old_until = now + span(old);
+    fn replaced(&mut self, old: &IngressConfig, new: &IngressConfig, now: Instant) -> Duration {
+        let old_until = now + drain_time(old);
         let until = self.until.map_or(old_until, |u| u.max(old_until));
         self.until = Some(until);
         // Requests admitted from now on use `new`; one admitted just before the swap
         // used `old`.
-        (until - now).max(span(new)) + SWEEP_MARGIN
+        (until - now).max(drain_time(new))
     }
 }
 
@@ -695,7 +713,6 @@ async fn housekeeping(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::IngressConfig;
 
     fn limits(body: u64, store: u64) -> IngressConfig {
         let (config, _) = crate::config::load_str(
