@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, DestinationConfig};
-use crate::destinations::{self, Destination};
+use crate::destinations::{self, Destination, SetupError};
 use crate::store::{Store, StoreError};
 use crate::telemetry::events::{OrphansDeadLettered, ReplayDecided};
 use crate::telemetry::metrics::Metrics;
@@ -191,7 +191,7 @@ impl Deliveries {
     /// rebuilt, new ones start, removed ones stop (their pending deliveries are for
     /// [`Deliveries::dead_letter_orphans`]). Every destination is built before anything
     /// changes, so an error leaves the old set running.
-    pub async fn apply(&self, config: &Config) -> anyhow::Result<(Wakers, Applied)> {
+    pub async fn apply(&self, config: &Config) -> Result<(Wakers, Applied), SetupError> {
         let poll = config.delivery.poll_interval;
         let mut keep = Vec::new();
         let mut build = Vec::new();

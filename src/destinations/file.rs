@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{DeliveryError, Destination};
+use super::{DeliveryError, Destination, SetupError};
 use crate::store::Delivery;
 
 /// Most lines appended with one sync.
@@ -82,7 +82,7 @@ impl FileDestination {
 
     /// Opens at once (creating it and its directory), repairs a torn last line, and
     /// starts the writer thread: for a process that owns the file.
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
+    pub fn open(path: &Path) -> Result<Self, SetupError> {
         let me = Self::new(path);
         me.open_now()?;
         Ok(me)
@@ -97,7 +97,7 @@ impl FileDestination {
     }
 
     /// Opens and repairs the file and starts its writer, unless already open.
-    fn open_now(&self) -> anyhow::Result<()> {
+    fn open_now(&self) -> Result<(), SetupError> {
         if self.is_open() || self.share_running_writer() {
             return Ok(());
         }
@@ -119,7 +119,7 @@ impl FileDestination {
 
     /// Starts the writer thread on `file`, unless a writer runs already (then `file` is
     /// closed unused).
-    fn start_writer(&self, file: File) -> anyhow::Result<()> {
+    fn start_writer(&self, file: File) -> Result<(), SetupError> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         if writer.is_some() {
             return Ok(());
@@ -204,7 +204,7 @@ fn flush(
     buf.clear();
 }
 
-fn open_repaired(path: &Path) -> anyhow::Result<File> {
+fn open_repaired(path: &Path) -> Result<File, SetupError> {
     let parent = |p: &Path| -> PathBuf {
         match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -218,14 +218,21 @@ fn open_repaired(path: &Path) -> anyhow::Result<File> {
         .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
         .map(Path::to_path_buf)
         .collect();
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|error| SetupError::File {
+        action: "cannot create",
+        path: dir.clone(),
+        error,
+    })?;
     let mut file = OpenOptions::new()
         .create(true)
         .read(true)
         .append(true)
         .open(path)
-        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+        .map_err(|error| SetupError::File {
+            action: "cannot open",
+            path: path.to_path_buf(),
+            error,
+        })?;
     // The file's name (and any new directory's) must be durable too, or its first synced
     // lines could vanish with it in a power cut. Synced on every open (start and
     // rotation only): a file created by a run that crashed before syncing is covered.
@@ -233,8 +240,11 @@ fn open_repaired(path: &Path) -> anyhow::Result<File> {
     for d in &created {
         sync_dir(&parent(d))?;
     }
-    let keep = complete_length(&mut file)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let keep = complete_length(&mut file).map_err(|error| SetupError::File {
+        action: "cannot read",
+        path: path.to_path_buf(),
+        error,
+    })?;
     let len = file.metadata()?.len();
     if keep < len {
         tracing::warn!(path = %path.display(), cut = len - keep, "cut a torn last line left by a crash");
@@ -246,12 +256,13 @@ fn open_repaired(path: &Path) -> anyhow::Result<File> {
 
 /// Syncs a directory's entries. A filesystem that cannot sync directories (EINVAL) has
 /// nothing more to offer, and is not an error.
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+fn sync_dir(dir: &Path) -> Result<(), SetupError> {
     match File::open(dir).and_then(|d| d.sync_all()) {
-        Err(e) if e.kind() != std::io::ErrorKind::InvalidInput => Err(anyhow::anyhow!(
-            "cannot sync directory {}: {e}",
-            dir.display()
-        )),
+        Err(error) if error.kind() != std::io::ErrorKind::InvalidInput => Err(SetupError::File {
+            action: "cannot sync directory",
+            path: dir.to_path_buf(),
+            error,
+        }),
         _ => Ok(()),
     }
 }
@@ -322,7 +333,7 @@ impl Destination for FileDestination {
         self.send(|reply| FileCommand::Reopen { reply }).await
     }
 
-    async fn acquire(&self) -> anyhow::Result<()> {
+    async fn acquire(&self) -> Result<(), SetupError> {
         if self.is_open() || self.share_running_writer() {
             return Ok(());
         }
@@ -330,7 +341,10 @@ impl Destination for FileDestination {
         let path = self.path.clone();
         let file = tokio::task::spawn_blocking(move || open_repaired(&path))
             .await
-            .map_err(|e| anyhow::anyhow!("opening {} failed: {e}", self.path.display()))??;
+            .map_err(|error| SetupError::OpenTask {
+                path: self.path.clone(),
+                error,
+            })??;
         self.start_writer(file)
     }
 

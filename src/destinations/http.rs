@@ -18,7 +18,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 
 use super::{
-    DeliveryError, Destination, Redactor, drain, http_client, status_error, transport_error,
+    DeliveryError, Destination, Redactor, SetupError, drain, http_client, status_error,
+    transport_error,
 };
 use crate::config::{DestinationConfig, HttpConfig, Secret};
 use crate::store::Delivery;
@@ -36,12 +37,10 @@ struct Signer {
 
 impl Signer {
     /// `whsec_<base64>` secrets are decoded (the spec's format); anything else is used raw.
-    fn new(secret: &Secret) -> anyhow::Result<Self> {
+    fn new(secret: &Secret) -> Result<Self, SetupError> {
         let s = secret.expose();
         let key = match s.strip_prefix("whsec_") {
-            Some(b64) => BASE64
-                .decode(b64)
-                .map_err(|_| anyhow::anyhow!("signing_secret: whsec_ value is not valid base64"))?,
+            Some(b64) => BASE64.decode(b64).map_err(|_| SetupError::SigningSecret)?,
             None => s.as_bytes().to_vec(),
         };
         Ok(Self {
@@ -75,23 +74,22 @@ pub struct HttpDestination {
 }
 
 impl HttpDestination {
-    pub fn new(common: &DestinationConfig, config: &HttpConfig) -> anyhow::Result<Self> {
+    pub fn new(common: &DestinationConfig, config: &HttpConfig) -> Result<Self, SetupError> {
+        let invalid = |reason: String| SetupError::Invalid {
+            destination: common.name.clone(),
+            reason,
+        };
         let url = reqwest::Url::parse(config.url.expose())
-            .map_err(|e| anyhow::anyhow!("destination {}: invalid url: {e}", common.name))?;
+            .map_err(|e| invalid(format!("invalid url: {e}")))?;
         let mut headers = HeaderMap::new();
         let content_type = HeaderValue::from_str(&config.content_type)
-            .map_err(|_| anyhow::anyhow!("destination {}: invalid content_type", common.name))?;
+            .map_err(|_| invalid("invalid content_type".into()))?;
         headers.insert(CONTENT_TYPE, content_type);
         for (name, value) in &config.headers {
-            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                anyhow::anyhow!("destination {}: invalid header name {name}", common.name)
-            })?;
-            let mut value = HeaderValue::from_str(value.expose()).map_err(|_| {
-                anyhow::anyhow!(
-                    "destination {}: invalid value for header {name}",
-                    common.name
-                )
-            })?;
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(format!("invalid header name {name}")))?;
+            let mut value = HeaderValue::from_str(value.expose())
+                .map_err(|_| invalid(format!("invalid value for header {name}")))?;
             value.set_sensitive(true);
             headers.insert(name, value);
         }
@@ -106,7 +104,7 @@ impl HttpDestination {
             .map(|b| {
                 JsonBody::new(b).map_err(|errors| {
                     let list: Vec<String> = errors.iter().map(|e| e.message.clone()).collect();
-                    anyhow::anyhow!("destination {}: {}", common.name, list.join("; "))
+                    invalid(list.join("; "))
                 })
             })
             .transpose()?;

@@ -12,6 +12,7 @@ mod file;
 mod http;
 mod slack;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -59,6 +60,42 @@ impl DeliveryError {
     }
 }
 
+/// Why a destination could not be built from its config, or made ready to deliver (its
+/// file opened). Start and reload report it before anything changes; a dispatcher whose
+/// file cannot be opened asks again every poll interval. Like [`DeliveryError`], the
+/// texts never hold a URL, a header value or a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A setting the HTTP library or the template engine refuses (config validation
+    /// catches these first; this is the last line).
+    #[error("destination {destination}: {reason}")]
+    Invalid { destination: String, reason: String },
+    /// `signing_secret` starts with `whsec_` but the rest is not base64.
+    #[error("signing_secret: whsec_ value is not valid base64")]
+    SigningSecret,
+    /// The HTTP client could not be built (TLS setup).
+    #[error(transparent)]
+    Client(#[from] reqwest::Error),
+    /// A file destination's file or directory could not be created, opened, read or
+    /// synced. `error` is not a `source`: its text is already in the message.
+    #[error("{action} {}: {error}", .path.display())]
+    File {
+        /// `cannot create`, `cannot open`, `cannot read`, `cannot sync directory`.
+        action: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// Any other I/O while opening or repairing a file (its writer thread not started).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The blocking task that opens a file did not finish (it panicked or was cancelled).
+    #[error("opening {} failed: {error}", .path.display())]
+    OpenTask {
+        path: PathBuf,
+        error: tokio::task::JoinError,
+    },
+}
+
 /// One kind of destination.
 #[async_trait]
 pub trait Destination: Send + Sync {
@@ -76,7 +113,7 @@ pub trait Destination: Send + Sync {
     /// Called once this process owns the destination, before its first attempt (and
     /// again after ownership comes back). File destinations open (and repair) their file
     /// here, so a relay that does not own one never opens it. Idempotent.
-    async fn acquire(&self) -> anyhow::Result<()> {
+    async fn acquire(&self) -> Result<(), SetupError> {
         Ok(())
     }
 
@@ -86,7 +123,7 @@ pub trait Destination: Send + Sync {
 }
 
 /// Builds the destination a config describes.
-pub fn build(config: &DestinationConfig) -> anyhow::Result<Arc<dyn Destination>> {
+pub fn build(config: &DestinationConfig) -> Result<Arc<dyn Destination>, SetupError> {
     Ok(match &config.kind {
         DestinationKind::Slack(c) => Arc::new(SlackDestination::new(config, c)?),
         DestinationKind::Http(c) => Arc::new(HttpDestination::new(config, c)?),

@@ -12,7 +12,8 @@
 use async_trait::async_trait;
 
 use super::{
-    DeliveryError, Destination, Redactor, drain, http_client, status_error, transport_error,
+    DeliveryError, Destination, Redactor, SetupError, drain, http_client, status_error,
+    transport_error,
 };
 use crate::config::{DestinationConfig, Secret, SlackConfig};
 use crate::store::Delivery;
@@ -31,14 +32,17 @@ pub struct SlackDestination {
 }
 
 impl SlackDestination {
-    pub fn new(common: &DestinationConfig, config: &SlackConfig) -> anyhow::Result<Self> {
-        let url = reqwest::Url::parse(config.webhook_url.expose()).map_err(|e| {
-            anyhow::anyhow!("destination {}: invalid webhook_url: {e}", common.name)
-        })?;
+    pub fn new(common: &DestinationConfig, config: &SlackConfig) -> Result<Self, SetupError> {
+        let invalid = |reason: String| SetupError::Invalid {
+            destination: common.name.clone(),
+            reason,
+        };
+        let url = reqwest::Url::parse(config.webhook_url.expose())
+            .map_err(|e| invalid(format!("invalid webhook_url: {e}")))?;
         let message = SlackMessage::new(config.text.as_deref(), config.blocks.as_ref()).map_err(
             |errors| {
                 let list: Vec<String> = errors.iter().map(|e| e.message.clone()).collect();
-                anyhow::anyhow!("destination {}: {}", common.name, list.join("; "))
+                invalid(list.join("; "))
             },
         )?;
         let mut redactor = Redactor::default();
