@@ -1,6 +1,6 @@
 //! The `relay.yaml` schema as serde structs, section by section, exactly as written in the
 //! file (strings not yet parsed, defaults not yet applied). Every struct rejects unknown
-//! keys. The loader deserializes each section and each element separately (see `load.rs`)
+//! keys. The loader deserializes each section and each element separately (see `load/`)
 //! and then validates them into the typed [`super::Config`].
 //!
 //! The top level (`listen`, `webhook_path`, `ingress`, `store`, `applications`,
