@@ -111,17 +111,17 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "initial",
-        include_str!("../../migrations/postgres/0001_initial.sql"),
+        include_str!("../../../migrations/postgres/0001_initial.sql"),
     ),
     (
         2,
         "claim tokens and announcements",
-        include_str!("../../migrations/postgres/0002_claim_tokens_and_announcements.sql"),
+        include_str!("../../../migrations/postgres/0002_claim_tokens_and_announcements.sql"),
     ),
     (
         3,
         "replay requests",
-        include_str!("../../migrations/postgres/0003_replay_requests.sql"),
+        include_str!("../../../migrations/postgres/0003_replay_requests.sql"),
     ),
 ];
 
