@@ -81,7 +81,7 @@
 //! which on a dead network path holds a pool slot for as long as TCP retransmits.
 //!
 //! # Layout
-//! - `conn.rs`: session settings, time limits, and the [`Conn`] that closes a hung
+//! - `conn.rs`: session settings, time limits, and the `Conn` that closes a hung
 //!   connection instead of returning it.
 //! - `migrations.rs`: the schema migrations and applying them on start.
 //! - `locks.rs`: the lock connection and destination ownership.
