@@ -1,0 +1,331 @@
+//! The group writers: inserter tasks that write every waiting event in one statement, and
+//! the recorder task that writes every waiting outcome in one statement.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgPool;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{conn, unavailable};
+use super::wakes::Notices;
+use crate::store::{EventRow, StoreError};
+
+/// Most events written by one insert statement.
+pub const MAX_INSERT_BATCH: usize = 256;
+
+/// Events waiting for an inserter before `insert_event` waits for room (and outcomes
+/// waiting for a recorder before `record` does). Four groups' worth: bodies are at most
+/// `max_body` each, so this also bounds the memory a slow database can pin.
+pub(super) const INSERT_QUEUE: usize = 1024;
+
+/// Most outcomes written by one statement.
+const MAX_OUTCOME_BATCH: usize = 256;
+
+/// Longest one group insert may take before its connection is dropped and its events
+/// answered with an error (ingress has answered 503 long before).
+const INSERT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One event waiting to be written, and who waits for it.
+pub(super) struct PendingInsert {
+    pub(super) row: EventRow,
+    pub(super) done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// One outcome waiting to be written, and who waits for it.
+pub(super) struct PendingOutcome {
+    pub(super) id: i64,
+    /// The claim the outcome is for (`claim_seq`).
+    pub(super) seq: i64,
+    /// The new state: `done`, `dead`, or `pending` for a retry.
+    pub(super) state: &'static str,
+    pub(super) attempts: i32,
+    /// A retry's delay from now (ms); the database adds it to its own clock.
+    pub(super) delay_ms: i64,
+    pub(super) error: Option<String>,
+    pub(super) done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Queues `item` for its writer task and waits for the writer's answer.
+pub(super) async fn hand_over<T>(
+    queue: &tokio::sync::mpsc::Sender<T>,
+    item: T,
+    answer: tokio::sync::oneshot::Receiver<Result<(), StoreError>>,
+) -> Result<(), StoreError> {
+    let closed = || unavailable("the store is closing");
+    queue.send(item).await.map_err(|_| closed())?;
+    answer.await.map_err(|_| closed())?
+}
+
+/// A queue several tasks take groups from.
+pub(super) type SharedQueue<T> = Arc<Mutex<tokio::sync::mpsc::Receiver<T>>>;
+
+/// Takes every item waiting in `queue` (at least one, at most `max`) into `batch`, one
+/// task at a time; `false` when `stop` fired or the store is gone.
+async fn next_group<T>(
+    queue: &SharedQueue<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+    stop: &CancellationToken,
+) -> bool {
+    let mut queue = tokio::select! {
+        q = queue.lock() => q,
+        () = stop.cancelled() => return false,
+    };
+    tokio::select! {
+        n = queue.recv_many(batch, max) => n > 0,
+        () = stop.cancelled() => false,
+    }
+}
+
+/// An inserter: takes every event waiting (up to [`MAX_INSERT_BATCH`]) and writes them in
+/// one statement, until `stop` (events still queued then are answered with an error: the
+/// relay is closing the store, ingress no longer answers 200).
+pub(super) async fn insert_events(
+    pool: PgPool,
+    queue: SharedQueue<PendingInsert>,
+    notices: Arc<Notices>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_INSERT_BATCH);
+    // One inserter gathers at a time; the others write meanwhile.
+    while next_group(&queue, &mut batch, MAX_INSERT_BATCH, &stop).await {
+        // Ingress gave up on these (`store_timeout`) and answered 503: not stored.
+        batch.retain(|p| !p.done.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let written: Vec<Result<(), StoreError>> = match write_group(&pool, &batch).await {
+            Ok(()) => batch.iter().map(|_| Ok(())).collect(),
+            // PostgreSQL refused the statement (not the connection): find the event it
+            // refused by writing them one by one.
+            Err(Refused::Statement(_)) if batch.len() > 1 => {
+                let mut each = Vec::with_capacity(batch.len());
+                let mut unreachable = None;
+                for one in &batch {
+                    // Once the database stops answering, the rest fail without a try.
+                    if let Some(e) = &unreachable {
+                        each.push(Err(StoreError::Unavailable(reason(e))));
+                        continue;
+                    }
+                    match write_group(&pool, std::slice::from_ref(one)).await {
+                        Ok(()) => each.push(Ok(())),
+                        Err(Refused::Statement(e)) => each.push(Err(e)),
+                        Err(Refused::Unreachable(e)) => {
+                            each.push(Err(StoreError::Unavailable(reason(&e))));
+                            unreachable = Some(e);
+                        }
+                    }
+                }
+                each
+            }
+            // The database is unreachable or slow: every event of the group fails alike.
+            Err(e) => {
+                let e = reason(&e.into_error());
+                batch
+                    .iter()
+                    .map(|_| Err(StoreError::Unavailable(e.clone())))
+                    .collect()
+            }
+        };
+        let mut committed: HashSet<String> = HashSet::new();
+        for (pending, result) in batch.drain(..).zip(written) {
+            if result.is_ok() {
+                committed.extend(pending.row.destinations.iter().cloned());
+            }
+            // The caller may have given up waiting (its answer was a 503); the event is
+            // stored all the same, and delivered: at least once.
+            let _ = pending.done.send(result);
+        }
+        // Committed: now tell the other relays (in the background, see `send_notices`).
+        if !committed.is_empty() {
+            notices
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(committed);
+            notices.ready.notify_one();
+        }
+    }
+}
+
+/// The text of a store error without its "store unavailable: " prefix, to build another
+/// `Unavailable` from it.
+fn reason(e: &StoreError) -> String {
+    match e {
+        StoreError::Unavailable(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Why a group of events was not written.
+enum Refused {
+    /// PostgreSQL ran the statement and refused it (a constraint, a value): another
+    /// group without the offending event can succeed.
+    Statement(StoreError),
+    /// No connection, a broken one, or no answer in time: any statement would fail.
+    Unreachable(StoreError),
+}
+
+impl Refused {
+    fn into_error(self) -> StoreError {
+        match self {
+            Refused::Statement(e) | Refused::Unreachable(e) => e,
+        }
+    }
+}
+
+/// The recorder: writes every outcome waiting (up to [`MAX_OUTCOME_BATCH`]) with one
+/// statement, committed without waiting for the WAL flush (see the module docs). A
+/// failed group fails every outcome in it; their attempts retry them.
+pub(super) async fn record_outcomes(
+    pool: PgPool,
+    instance: String,
+    queue: SharedQueue<PendingOutcome>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_OUTCOME_BATCH);
+    while next_group(&queue, &mut batch, MAX_OUTCOME_BATCH, &stop).await {
+        let written =
+            tokio::time::timeout(INSERT_TIMEOUT, write_outcomes(&pool, &instance, &batch))
+                .await
+                .unwrap_or_else(|_| Err(unavailable("recording outcomes timed out")));
+        match written {
+            Ok(applied) => {
+                for pending in batch.drain(..) {
+                    if !applied.contains(&pending.id) {
+                        tracing::debug!(
+                            delivery = pending.id,
+                            "outcome dropped: the delivery was claimed again or is no longer pending"
+                        );
+                    }
+                    let _ = pending.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let e = reason(&e);
+                for pending in batch.drain(..) {
+                    let _ = pending.done.send(Err(StoreError::Unavailable(e.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Writes a group of outcomes in one statement; returns the IDs it applied to (an
+/// outcome whose claim is no longer on its row applies to nothing).
+async fn write_outcomes(
+    pool: &PgPool,
+    instance: &str,
+    outcomes: &[PendingOutcome],
+) -> Result<HashSet<i64>, StoreError> {
+    let ids: Vec<i64> = outcomes.iter().map(|o| o.id).collect();
+    let seqs: Vec<i64> = outcomes.iter().map(|o| o.seq).collect();
+    let states: Vec<&str> = outcomes.iter().map(|o| o.state).collect();
+    let attempts: Vec<i32> = outcomes.iter().map(|o| o.attempts).collect();
+    let delays: Vec<i64> = outcomes.iter().map(|o| o.delay_ms).collect();
+    // PostgreSQL text cannot hold U+0000 (it would refuse the whole group, again at every
+    // retry); a destination's error text may carry one.
+    let errors: Vec<Option<Cow<'_, str>>> = outcomes
+        .iter()
+        .map(|o| {
+            o.error.as_deref().map(|e| match e.contains('\0') {
+                true => Cow::Owned(e.replace('\0', "\u{FFFD}")),
+                false => Cow::Borrowed(e),
+            })
+        })
+        .collect();
+    let mut c = conn(pool).await?;
+    // Committed without waiting for the WAL flush, as outcomes are in SQLite: the
+    // statement's own transaction turns `synchronous_commit` off for itself.
+    let r = sqlx::query_scalar::<_, i64>(
+        "UPDATE deliveries AS d SET
+             state = u.state,
+             attempts = u.attempts,
+             next_attempt_at = CASE WHEN u.state = 'pending'
+                                    THEN faceio_relay_now_ms() + u.delay
+                                    ELSE d.next_attempt_at END,
+             last_error = u.error,
+             updated_at = faceio_relay_now_ms(), claimed_by = NULL, lease_until = NULL
+         FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::int[], $6::bigint[], $7::text[])
+                  AS u(id, seq, state, attempts, delay, error),
+              (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+         WHERE d.id = u.id AND d.state = 'pending' AND d.claimed_by = $1 AND d.claim_seq = u.seq
+         RETURNING d.id",
+    )
+    .bind(instance)
+    .bind(&ids)
+    .bind(&seqs)
+    .bind(&states)
+    .bind(&attempts)
+    .bind(&delays)
+    .bind(&errors)
+    .fetch_all(c.get())
+    .await;
+    Ok(c.finish(r)?.into_iter().collect())
+}
+
+/// Writes `events` and their deliveries, due now on the database's clock, in one
+/// statement (its own transaction).
+async fn write_group(pool: &PgPool, events: &[PendingInsert]) -> Result<(), Refused> {
+    let rows = || events.iter().map(|e| &e.row);
+    let col = |f: fn(&EventRow) -> &str| -> Vec<&str> { rows().map(f).collect() };
+    let received: Vec<i64> = rows().map(|e| e.received_at).collect();
+    let payloads = rows()
+        .map(|e| std::str::from_utf8(&e.body))
+        .collect::<Result<Vec<&str>, _>>()
+        .map_err(|e| Refused::Statement(unavailable(e)))?;
+    let (mut event_ids, mut destinations) = (Vec::new(), Vec::new());
+    for e in rows() {
+        for d in &e.destinations {
+            event_ids.push(e.id.as_str());
+            destinations.push(d.as_str());
+        }
+    }
+    let write = async {
+        let mut c = conn(pool).await.map_err(Refused::Unreachable)?;
+        let r = sqlx::query(
+            "WITH e AS (
+                 INSERT INTO events (id, received_at, app_id, event_name, facial_id, client_ip, payload)
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[],
+                                      $5::text[], $6::text[], $7::text[])
+             )
+             INSERT INTO deliveries (event_id, destination, state, attempts, next_attempt_at, updated_at)
+             SELECT ev, dest, 'pending', 0, clock.now, clock.now
+             FROM unnest($8::text[], $9::text[]) WITH ORDINALITY AS d(ev, dest, n),
+                  (SELECT faceio_relay_now_ms() AS now) AS clock
+             ORDER BY d.n",
+        )
+        .bind(col(|e| &e.id))
+        .bind(&received)
+        .bind(col(|e| &e.app_id))
+        .bind(col(|e| &e.event_name))
+        .bind(col(|e| &e.facial_id))
+        .bind(col(|e| &e.client_ip))
+        .bind(&payloads)
+        .bind(&event_ids)
+        .bind(&destinations)
+        .execute(c.get())
+        .await;
+        // Refused for its data (class 22) or a constraint (class 23): another group
+        // without the offending event can succeed. Anything else (shutdown, a timeout,
+        // serialization, resources) would fail every statement alike.
+        let refused_statement = matches!(&r, Err(sqlx::Error::Database(db))
+            if db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")));
+        match c.finish(r) {
+            Ok(_) => Ok(()),
+            Err(e) if refused_statement => Err(Refused::Statement(e)),
+            Err(e) => Err(Refused::Unreachable(e)),
+        }
+    };
+    tokio::time::timeout(INSERT_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refused::Unreachable(unavailable(
+                "writing events timed out",
+            )))
+        })
+}

@@ -1,0 +1,549 @@
+//! The embedded SQLite store (the default backend).
+//!
+//! # On disk
+//! One database file in WAL mode, plus `-wal`/`-shm` beside it and a `.lock` file the
+//! daemon holds exclusively. Tables (documented for `sqlite3` users in the README):
+//! - `events(id, received_at, app_id, event_name, facial_id, client_ip, payload)`:
+//!   one row per accepted webhook; `payload` is the body exactly as FACEIO sent it.
+//! - `deliveries(id, event_id, destination, state, attempts, next_attempt_at, last_error,
+//!   updated_at)`: one row per (event, destination); `state` is `pending`, `done` or
+//!   `dead`. Times are Unix milliseconds.
+//! - `replay_requests(delivery_id, batch, requested_at, outcome, destination, decided_at)`:
+//!   dead letters `dead-letters replay` asked to send again; the daemon decides each one
+//!   (`replayed` or `refused`) by the destinations it runs. Added without a version bump
+//!   (`CREATE TABLE IF NOT EXISTS`): older binaries open the file and ignore it.
+//!
+//! # Group commit
+//! All writes go through one writer thread that owns the write connection. It takes every
+//! command waiting in its queue, runs them in one transaction (each in its own savepoint,
+//! so one bad command fails alone) and commits once. A batch containing an event insert
+//! commits with `synchronous=FULL`, which fsyncs the WAL: that one fsync makes every event
+//! in the batch durable, so throughput grows with concurrency instead of being capped at
+//! one fsync per request. Batches holding only outcomes commit with `synchronous=NORMAL`
+//! (no fsync; see the invariants in the parent module).
+//!
+//! If a commit fails with an I/O error (full disk, failed fsync), the write connection is
+//! closed and reopened for the next batch: after a failed fsync the page cache cannot be
+//! trusted, and SQLite recovers from the WAL on open.
+//!
+//! # Layout
+//! - `mod.rs`: opening (the daemon lock, the schema) and the reader connections.
+//! - `writer.rs`: the writer thread and its group commit.
+//! - `queries.rs`: the [`Store`] implementation.
+//!
+//! [`Store`]: super::Store
+
+mod queries;
+mod writer;
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+use self::writer::{Command, QUEUE_DEPTH, writer_loop};
+use super::StoreError;
+
+pub use self::writer::WriterStats;
+
+/// The schema version this build writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+/// How long a statement waits for another process (the `dead-letters` commands) to release
+/// the write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    id          TEXT PRIMARY KEY,
+    received_at INTEGER NOT NULL,
+    app_id      TEXT NOT NULL,
+    event_name  TEXT NOT NULL,
+    facial_id   TEXT NOT NULL,
+    client_ip   TEXT NOT NULL,
+    payload     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id              INTEGER PRIMARY KEY,
+    event_id        TEXT NOT NULL,
+    destination     TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'done', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_error      TEXT,
+    updated_at      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due
+    ON deliveries (destination, next_attempt_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_dead
+    ON deliveries (updated_at) WHERE state = 'dead';
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
+CREATE INDEX IF NOT EXISTS deliveries_done
+    ON deliveries (updated_at) WHERE state = 'done';
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replay_requests (
+    delivery_id  INTEGER PRIMARY KEY,
+    batch        TEXT NOT NULL,
+    requested_at INTEGER NOT NULL,
+    outcome      TEXT CHECK (outcome IN ('replayed', 'refused', 'gone')),
+    destination  TEXT,
+    decided_at   INTEGER
+);
+CREATE INDEX IF NOT EXISTS replay_requests_batch ON replay_requests (batch);
+CREATE INDEX IF NOT EXISTS replay_requests_undecided
+    ON replay_requests (delivery_id) WHERE outcome IS NULL;
+";
+
+/// SQLite-backed [`Store`](super::Store).
+pub struct SqliteStore {
+    /// Shared with the writer thread.
+    stats: Arc<WriterStats>,
+    /// Queue to the writer thread (group commit).
+    writer: mpsc::Sender<Command>,
+    /// Connection for the dispatchers' reads; WAL lets it read while the writer writes.
+    reader: Arc<Mutex<Connection>>,
+    /// Connection for slower reads (backlog figures, dead-letter listings), so they
+    /// never hold up a dispatcher.
+    slow_reader: Arc<Mutex<Connection>>,
+    /// Held for the daemon's lifetime: an exclusive lock on `<db>.lock`.
+    _lock: Option<File>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database for the daemon, taking the exclusive lock.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(|e| open_err(path, e))?;
+        }
+        // One lock per database, however it is named (symlinks, `..`, relative paths).
+        let canonical = match (path.parent(), path.file_name()) {
+            (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => fs::canonicalize(dir)
+                .map_err(|e| open_err(path, e))?
+                .join(name),
+            _ => path.to_path_buf(),
+        };
+        let lock_path = lock_path(&canonical);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| open_err(path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    path: path.display().to_string(),
+                    lock: lock_path.display().to_string(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(open_err(path, e)),
+        }
+        Self::start(path, Some(lock))
+    }
+
+    /// Opens an existing database for the `dead-letters` commands, without the daemon lock.
+    pub fn open_admin(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Open {
+                path: path.display().to_string(),
+                reason: "no such file (has the relay run with this config yet?)".into(),
+            });
+        }
+        Self::start(path, None)
+    }
+
+    fn start(path: &Path, lock: Option<File>) -> Result<Self, StoreError> {
+        let conn = open_connection(path)?;
+        migrate(&conn).map_err(|e| open_err(path, e))?;
+        let reader = open_connection(path)?;
+        let slow_reader = open_connection(path)?;
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let path_buf = path.to_path_buf();
+        let stats = Arc::new(WriterStats::default());
+        let writer_stats = Arc::clone(&stats);
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(path_buf, Some(conn), rx, &writer_stats))
+            .map_err(|e| open_err(path, e))?;
+        Ok(Self {
+            stats,
+            writer: tx,
+            reader: Arc::new(Mutex::new(reader)),
+            slow_reader: Arc::new(Mutex::new(slow_reader)),
+            _lock: lock,
+        })
+    }
+
+    /// Writer counters (commits and the commands they carried).
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    /// Commands waiting for the writer.
+    pub fn queued(&self) -> usize {
+        self.writer.max_capacity() - self.writer.capacity()
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        Self::read_on(Arc::clone(&self.reader), f).await
+    }
+
+    async fn read_slow<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        Self::read_on(Arc::clone(&self.slow_reader), f).await
+    }
+
+    async fn read_on<T, F>(reader: Arc<Mutex<Connection>>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn).map_err(unavailable)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    async fn admin<F>(&self, f: F) -> Result<u64, StoreError>
+    where
+        F: FnOnce(&Transaction<'_>) -> rusqlite::Result<u64> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Command::Admin {
+                run: Box::new(f),
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+fn open_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Open {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+pub(super) fn unavailable(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+pub(super) fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(|e| open_err(path, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
+        .and_then(|()| conn.pragma_update(None, "synchronous", "FULL"))
+        .map_err(|e| open_err(path, e))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<(), String> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "schema version {version} was written by a newer faceio-relay (this one knows {SCHEMA_VERSION})"
+        ));
+    }
+    conn.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::{Application, Secret};
+    use crate::event::verify::{authenticate, verify};
+    use crate::event::{VerifiedEvent, now_ms};
+    use crate::store::replay_refused_reason;
+    use crate::store::{Outcome, Selection, Store};
+
+    fn app() -> Vec<Application> {
+        vec![Application::new("fioa1", Secret::new("t".into()))]
+    }
+
+    fn event(name: &str) -> VerifiedEvent {
+        let apps = app();
+        let auth = authenticate(&apps, Some(b"t")).unwrap();
+        let body = format!(
+            r#"{{"eventName":"{name}","facialId":"f","appId":"fioa1","clientIp":"1.2.3.4"}}"#
+        );
+        verify(auth, Bytes::from(body)).unwrap()
+    }
+
+    fn open() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db/relay.db")).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn an_inserted_event_is_due_for_each_destination() {
+        let (_dir, store) = open();
+        let ev = event("ENROLL");
+        store.insert_event(&ev, &["a", "b"]).await.unwrap();
+        let due_a = store.due("a", now_ms(), 10).await.unwrap();
+        assert_eq!(due_a.len(), 1);
+        assert_eq!(due_a[0].event_id, ev.id());
+        assert_eq!(due_a[0].body, ev.body());
+        assert_eq!(store.due("b", now_ms(), 10).await.unwrap().len(), 1);
+        assert!(store.due("c", now_ms(), 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn outcomes_move_deliveries_through_retry_done_and_dead() {
+        let (_dir, store) = open();
+        store
+            .insert_event(&event("AUTH"), &["a", "b"])
+            .await
+            .unwrap();
+        let a = store.due("a", now_ms(), 10).await.unwrap().remove(0);
+        let later = now_ms() + 60_000;
+        store
+            .record(
+                &a,
+                Outcome::Retry {
+                    attempts: 1,
+                    next_attempt_at_ms: later,
+                    error: "HTTP 500".into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            store.due("a", now_ms(), 10).await.unwrap().is_empty(),
+            "not due before its time"
+        );
+        assert_eq!(
+            store.next_due_after("a", now_ms()).await.unwrap(),
+            Some(later)
+        );
+        assert_eq!(store.next_due_after("a", later).await.unwrap(), None);
+        let again = store.due("a", later, 10).await.unwrap();
+        assert_eq!(again[0].attempts, 1);
+        store
+            .record(&a, Outcome::Done { attempts: 2 })
+            .await
+            .unwrap();
+        assert_eq!(store.next_due_after("a", 0).await.unwrap(), None);
+
+        let b = store.due("b", now_ms(), 10).await.unwrap().remove(0);
+        store
+            .record(
+                &b,
+                Outcome::Dead {
+                    attempts: 1,
+                    error: "HTTP 404: channel_not_found".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let dead = store.dead_letters(None, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].id, b.id);
+        assert_eq!(dead[0].last_error, "HTTP 404: channel_not_found");
+        assert_eq!(dead[0].event_name, "AUTH");
+        let (shown, body) = store.dead_letter(b.id).await.unwrap().unwrap();
+        assert_eq!(shown, dead[0]);
+        assert!(body.starts_with(b"{"));
+
+        assert_eq!(
+            store
+                .request_replay(&Selection::Destination("b".into()), "batch-1")
+                .await
+                .unwrap(),
+            1
+        );
+        // Asked for, not yet decided: still a dead letter.
+        assert!(store.due("b", now_ms(), 10).await.unwrap().is_empty());
+        assert_eq!(store.replay_verdict("batch-1").await.unwrap().undecided, 1);
+        let decided = store.decide_replays(&["a", "b"]).await.unwrap();
+        assert_eq!(decided.replayed, [("b".to_string(), 1)]);
+        let verdict = store.replay_verdict("batch-1").await.unwrap();
+        assert_eq!(
+            (verdict.undecided, verdict.replayed),
+            (0, vec![("b".to_string(), 1)])
+        );
+        store.forget_replay("batch-1").await.unwrap();
+        assert_eq!(
+            store.replay_verdict("batch-1").await.unwrap(),
+            Default::default()
+        );
+        let replayed = store.due("b", now_ms(), 10).await.unwrap();
+        assert_eq!(replayed[0].attempts, 0, "attempts start over");
+        store
+            .record(
+                &b,
+                Outcome::Dead {
+                    attempts: 1,
+                    error: "again".into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.purge(&Selection::Ids(vec![b.id])).await.unwrap(), 1);
+        assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_replay_of_a_destination_the_daemon_does_not_run_is_refused() {
+        let (_dir, store) = open();
+        store
+            .insert_event(&event("AUTH"), &["kept", "gone"])
+            .await
+            .unwrap();
+        for name in ["kept", "gone"] {
+            let d = store.due(name, now_ms(), 10).await.unwrap().remove(0);
+            let dead = Outcome::Dead {
+                attempts: 3,
+                error: "HTTP 500".into(),
+            };
+            store.record(&d, dead).await.unwrap();
+        }
+        assert_eq!(store.request_replay(&Selection::All, "b").await.unwrap(), 2);
+        // Nothing to decide twice; the daemon runs only `kept`.
+        let decided = store.decide_replays(&["kept"]).await.unwrap();
+        assert_eq!(decided.replayed, [("kept".to_string(), 1)]);
+        assert_eq!(decided.refused, [("gone".to_string(), 1)]);
+        assert_eq!(
+            store.decide_replays(&["kept"]).await.unwrap(),
+            Default::default()
+        );
+        assert_eq!(store.due("kept", now_ms(), 10).await.unwrap().len(), 1);
+        assert!(store.due("gone", now_ms(), 10).await.unwrap().is_empty());
+        let dead = store.dead_letters(None, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].last_error, replay_refused_reason("gone"));
+        assert_eq!(dead[0].attempts, 3, "a refused replay keeps its history");
+        let verdict = store.replay_verdict("b").await.unwrap();
+        assert_eq!(verdict.refused, [("gone".to_string(), 1)]);
+        assert_eq!(verdict.replayed, [("kept".to_string(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn an_insert_ingress_gave_up_on_is_not_stored() {
+        let (dir, store) = open();
+        // Another process holds the write lock: the insert waits, and ingress gives up
+        // (its `store_timeout`) and answers 503.
+        let blocker = Connection::open(dir.path().join("db/relay.db")).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(100),
+            store.insert_event(&event("AUTH"), &["a"]),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the insert waited for the lock");
+        blocker.execute_batch("ROLLBACK").unwrap();
+        // The next one is stored; the one answered 503 is not.
+        store.insert_event(&event("AUTH"), &["a"]).await.unwrap();
+        assert_eq!(store.due("a", now_ms(), 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_inserts_share_commits() {
+        let (dir, store) = open();
+        let store = Arc::new(store);
+        // Another process holds the write lock, so the writer stalls on its first batch
+        // while the other inserts queue up behind it.
+        let blocker = Connection::open(dir.path().join("db/relay.db")).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.insert_event(&event("AUTH"), &["a"]).await })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Every insert is either queued or in the writer's stalled first batch.
+        while store.queued() as u64 + store.stats().taken.load(Ordering::Relaxed) < 200 {
+            assert!(std::time::Instant::now() < deadline, "inserts never queued");
+            tokio::task::yield_now().await;
+        }
+        blocker.execute_batch("ROLLBACK").unwrap();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let commits = store.stats().commits.load(Ordering::Relaxed);
+        assert_eq!(store.stats().commands.load(Ordering::Relaxed), 200);
+        // The stalled first batch, then everything that queued meanwhile in one commit.
+        assert!(
+            commits <= 2,
+            "200 inserts took {commits} commits: no group commit"
+        );
+        assert_eq!(store.due("a", now_ms(), 1000).await.unwrap().len(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_second_daemon_cannot_open_the_same_store() {
+        let (dir, _store) = open();
+        let err = SqliteStore::open(&dir.path().join("db/relay.db"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        // The admin commands can.
+        SqliteStore::open_admin(&dir.path().join("db/relay.db")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn orphans_are_dead_lettered_and_old_done_rows_pruned() {
+        let (_dir, store) = open();
+        store
+            .insert_event(&event("AUTH"), &["kept", "removed"])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.dead_letter_orphans(&["kept"]).await.unwrap(),
+            [("removed".to_string(), 1)]
+        );
+        let dead = store.dead_letters(None, 10).await.unwrap();
+        assert_eq!(dead[0].destination, "removed");
+        assert!(dead[0].last_error.contains("no longer in the config"));
+
+        let kept = store.due("kept", now_ms(), 10).await.unwrap().remove(0);
+        store
+            .record(&kept, Outcome::Done { attempts: 1 })
+            .await
+            .unwrap();
+        // The dead letter keeps its event; the done delivery goes.
+        assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1);
+        assert_eq!(store.dead_letters(None, 10).await.unwrap().len(), 1);
+        store.purge(&Selection::All).await.unwrap();
+        assert_eq!(
+            store.prune(now_ms() + 1).await.unwrap(),
+            1,
+            "now the event goes too"
+        );
+    }
+}
