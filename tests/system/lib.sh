@@ -45,14 +45,19 @@ debian_mirror() {
 
 # The cached root file system, built with debootstrap when missing (or when the package
 # list changed: the list is part of the directory name). Sets ROOTFS. It is only ever
-# booted with --volatile=overlay, so runs never change it.
+# booted with --volatile=overlay, so runs never change it. Takes the cache's lock for
+# the rest of the run: systemd-nspawn locks the tree it boots, so a second run (another
+# checkout's CI) waits here for the first to finish instead of failing.
 ensure_rootfs() {
   local key
   key=$(printf '%s %s' "$ROOTFS_SUITE" "$ROOTFS_PACKAGES" | sha256sum | cut -c1-12)
   ROOTFS=$CACHE_DIR/$ROOTFS_SUITE-minbase-$key
   mkdir -p "$CACHE_DIR"
-  exec {lock}>"$CACHE_DIR/.lock"
-  flock "$lock"
+  exec {CACHE_LOCK}>"$CACHE_DIR/.lock"
+  if ! flock -n "$CACHE_LOCK"; then
+    say "waiting for another system test to finish with $CACHE_DIR"
+    flock -w 1200 "$CACHE_LOCK" || fail "another system test kept $CACHE_DIR locked for 20 minutes"
+  fi
   if [ ! -x "$ROOTFS/usr/lib/systemd/systemd" ]; then
     local mirror started
     mirror=$(debian_mirror)
@@ -75,8 +80,6 @@ ensure_rootfs() {
   else
     say "root file system: $ROOTFS (cached)"
   fi
-  flock -u "$lock"
-  exec {lock}>&-
 }
 
 # Boots the container: systemd-nspawn --boot on an overlay of the cached root file
@@ -85,7 +88,7 @@ ensure_rootfs() {
 # and the test's receiver bind fixed ports, which must not meet the host's). Extra
 # arguments are passed to systemd-nspawn (bind mounts). Sets NSPAWN_PID and CT_PID.
 boot_container() {
-  local machine=faceio-relay-systest
+  local machine=relay-systest-$$
   # systemd-nspawn keeps its state under /run/systemd/nspawn, which must be a tmpfs;
   # /run is not one on this machine kind.
   mkdir -p /run/systemd/nspawn
@@ -104,7 +107,9 @@ boot_container() {
       fail "systemd-nspawn exited while booting (console above)"
     }
     [ "$(now_ms)" -lt "$deadline" ] || fail "the container's init did not appear within ${BOOT_LIMIT_S}s"
-    CT_PID=$(pgrep -P "$NSPAWN_PID" || true)
+    # systemd-nspawn forks helpers first; the container's init is the child that
+    # has exec'd systemd.
+    CT_PID=$(pgrep -P "$NSPAWN_PID" -x systemd || true)
     [ -n "$CT_PID" ] || sleep 0.1
   done
   # Until systemd's private socket exists, systemctl cannot ask.
@@ -347,4 +352,23 @@ post_event() {
 # relay.yaml uses ${VAR}s from it, every command that reads relay.yaml needs them.
 relay_cli() {
   ct /bin/sh -c 'set -a; if [ -r /etc/faceio-relay/env ]; then . /etc/faceio-relay/env; fi; exec faceio-relay "$@"' sh "$@"
+}
+
+# After a start that must fail for a configuration reason (since journal_mark): the
+# relay logged TEXT, exited 78 (EX_CONFIG), and systemd did not restart it
+# (RestartPreventExitStatus=78): one attempt, the unit failed, not a crash loop.
+# Called once `systemctl start`/`restart` has returned: the job is done, so a restart
+# systemd meant to make would show as `activating` (auto-restart) by now.
+expect_failed_once() {
+  wait_journal "$1"
+  journal_since | grep -E -- "$1|faceio-relay.service: |nothing was started" | show
+  local attempts
+  attempts=$(journal_since | grep -cF -- "$1" || true)
+  [ "$attempts" = 1 ] || fail "$attempts start attempts: systemd restarted a relay that fails for its configuration"
+  [ "$(ct systemctl is-active faceio-relay)" = failed ] || fail "the unit is not failed"
+  [ "$(unit_prop ExecMainStatus)" = 78 ] || fail "the relay exited $(unit_prop ExecMainStatus), not 78 (EX_CONFIG)"
+  [ "$(unit_prop NRestarts)" = 0 ] || fail "systemd restarted it $(unit_prop NRestarts) times"
+  # Clears the failure and the start rate limit (StartLimitBurst=), so the test's many
+  # starts are not refused later.
+  ct systemctl reset-failed faceio-relay
 }
