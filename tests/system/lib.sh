@@ -112,12 +112,13 @@ boot_container() {
     CT_PID=$(pgrep -P "$NSPAWN_PID" -x systemd || true)
     [ -n "$CT_PID" ] || sleep 0.1
   done
-  # Until systemd's private socket exists, systemctl cannot ask.
+  # Until systemd's private socket exists, systemctl cannot ask: it says "offline" (or
+  # that it cannot connect) at once.
   local state
   while :; do
     state=$(timeout 5 nsenter -t "$CT_PID" -a -- /usr/bin/systemctl is-system-running --wait 2>&1 || true)
     case $state in
-      "Failed to connect to bus"* | "") ;;
+      *"Failed to connect to bus"* | *offline* | "") ;;
       *) break ;;
     esac
     [ "$(now_ms)" -lt "$deadline" ] || break
