@@ -25,6 +25,13 @@ macro_rules! out {
     }};
 }
 
+/// `run`'s exit status when the configuration keeps the relay from starting (an
+/// invalid file, the demo token refused, a destination or certificate that cannot be
+/// set up): `EX_CONFIG` of sysexits.h. The unit's `RestartPreventExitStatus=78` stops
+/// systemd from restarting a relay that would fail the same way again; other failures
+/// (a port in use, an unreachable PostgreSQL) exit 1 and are retried.
+pub const EXIT_CONFIG: u8 = 78;
+
 const EXAMPLES: &str = "\
 Examples:
   faceio-relay check --config relay.yaml              validate before a restart
@@ -192,19 +199,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check => Ok(check(&cli.config)),
         Command::Run(args) => {
             let Some(config) = load_or_report(&cli.config) else {
-                return Ok(ExitCode::FAILURE);
+                return Ok(ExitCode::from(EXIT_CONFIG));
             };
             if !args.allow_demo_token
                 && let Some(why) = config.demo_token_refusal(config.listen)
             {
                 eprintln!("error: {why}");
                 eprintln!("{}: nothing was started", cli.config.display());
-                return Ok(ExitCode::FAILURE);
+                return Ok(ExitCode::from(EXIT_CONFIG));
             }
             let (logs, _flush) =
                 crate::telemetry::init(config.log_format, config.log_level.as_deref());
-            crate::service::run(&cli.config, config, logs, args.allow_demo_token).await?;
-            Ok(ExitCode::SUCCESS)
+            match crate::service::run(&cli.config, config, logs, args.allow_demo_token).await {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) if e.is::<crate::StartRefused>() => {
+                    eprintln!("error: {e:#}");
+                    eprintln!("{}: nothing was started", cli.config.display());
+                    Ok(ExitCode::from(EXIT_CONFIG))
+                }
+                Err(e) => Err(e),
+            }
         }
         Command::Simulate(args) => {
             let (_, _flush) = crate::telemetry::init(LogFormat::Text, None);

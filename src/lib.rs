@@ -45,4 +45,4 @@ pub mod store;
 pub mod telemetry;
 pub mod template;
 
-pub use relay::{Relay, StatusSource, run};
+pub use relay::{Relay, StartRefused, StatusSource, run};

@@ -95,6 +95,15 @@ const RESTART_ONLY: &[RestartOnly] = &[
     restart_only!("tls", tls),
 ];
 
+/// Why [`Relay::start`] refused to start when the cause is in the configuration and
+/// starting again cannot change it: a destination that cannot be set up (a file the
+/// service may not open or create) or a TLS certificate that cannot be loaded. `run`
+/// exits with [`crate::cli::EXIT_CONFIG`] for it, which the systemd unit does not
+/// restart; other start failures (a port in use, an unreachable store) are retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct StartRefused(pub anyhow::Error);
+
 /// A running relay: ingress, admin endpoint, dispatchers and store.
 pub struct Relay {
     /// The address ingress actually listens on (resolves a configured port 0).
@@ -135,7 +144,12 @@ impl Relay {
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let config = Arc::new(config);
         // Certificate problems are reported before anything else is started.
-        let tls = config.tls.as_ref().map(TlsHandle::load).transpose()?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(TlsHandle::load)
+            .transpose()
+            .map_err(|e| StartRefused(e.into()))?;
         let store = store::open(&config.store).await?;
         let metrics = Arc::new(Metrics::new());
         metrics.init_ingress();
@@ -151,7 +165,12 @@ impl Relay {
             tracker.clone(),
             delivery.clone(),
         ));
-        let (wakers, _) = deliveries.apply(&config).await?;
+        // Only destinations are built and their files opened here: its errors are the
+        // configuration's.
+        let (wakers, _) = deliveries
+            .apply(&config)
+            .await
+            .map_err(|e| StartRefused(e.into()))?;
         // Before any sweep here and any event accepted for them: the other relays must
         // know this one has these destinations.
         deliveries.announce(announcement_ttl(&config)).await?;

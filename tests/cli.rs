@@ -479,3 +479,56 @@ async fn the_demo_token_is_warned_about_and_refused_on_a_public_listen() {
     );
     child.kill().await.unwrap();
 }
+
+/// `run` that cannot start because of its configuration exits 78 (EX_CONFIG), which the
+/// unit's `RestartPreventExitStatus=78` does not restart: an invalid file, a file
+/// destination that cannot be created. A failure a restart may cure (the port in use)
+/// exits 1, which `Restart=on-failure` retries.
+#[tokio::test]
+async fn run_exits_78_when_the_config_stops_it_and_1_when_a_retry_may_help() {
+    let setup = Setup::new();
+
+    let config = setup.write_config("routes:\n  - to: [nowhere]\n");
+    let out = cli(&config, &["run"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "invalid config:\n{}",
+        out.all()
+    );
+    assert!(
+        out.stderr.contains("unknown destination `nowhere`"),
+        "{}",
+        out.all()
+    );
+
+    // Under a regular file: no directory can be made there, not even by root.
+    std::fs::write(setup.path("not-a-dir"), "").unwrap();
+    let outside = setup.path("not-a-dir").join("events.jsonl");
+    let config = setup.write_config(&format!(
+        "destinations:\n  audit:\n    type: file\n    path: {}\nroutes:\n  - to: [audit]\n",
+        outside.display()
+    ));
+    let out = cli(&config, &["run"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "unopenable file:\n{}",
+        out.all()
+    );
+    assert!(out.stderr.contains("not-a-dir"), "{}", out.all());
+    assert!(out.stderr.contains("nothing was started"), "{}", out.all());
+    assert!(!out.all().contains("faceio-relay ready"), "{}", out.all());
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = setup.write_config(TO_EVENTS_JSONL);
+    let yaml = std::fs::read_to_string(&config).unwrap().replacen(
+        "listen: 127.0.0.1:0\n",
+        &format!("listen: {}\n", taken.local_addr().unwrap()),
+        1,
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let out = cli(&config, &["run"]).await;
+    assert_eq!(out.status.code(), Some(1), "port in use:\n{}", out.all());
+    assert!(out.stderr.contains("cannot listen on"), "{}", out.all());
+}
