@@ -169,11 +169,6 @@ impl IngressConfig {
             proxy_protocol: false,
         }
     }
-
-    /// True when `ip` is one of `trusted_proxies`.
-    pub fn is_trusted_proxy(&self, ip: std::net::IpAddr) -> bool {
-        self.trusted_proxies.iter().any(|n| n.contains(&ip))
-    }
 }
 
 /// `store:` — where events and deliveries live.

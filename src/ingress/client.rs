@@ -59,7 +59,8 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
+/// Whether `ip` is one of `proxies`.
+pub fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
     proxies.iter().any(|n| n.contains(&ip))
 }
 
@@ -136,7 +137,8 @@ impl PerSource {
     }
 
     /// Connections open from `ip`'s source now.
-    pub fn open_from(&self, ip: IpAddr) -> usize {
+    #[cfg(test)]
+    fn open_from(&self, ip: IpAddr) -> usize {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         open.get(&source_key(ip)).copied().unwrap_or(0)
     }

@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use super::client::{ClientAddr, ConnControl, PerSource, forwarded_client};
+use super::client::{ClientAddr, ConnControl, PerSource, forwarded_client, trusted};
 use crate::config::{AdminConfig, IngressConfig};
 use crate::telemetry::events::ConnectionClosed;
 use crate::telemetry::metrics::{ListenerLabels, Metrics};
@@ -149,10 +149,6 @@ impl ConnPolicy {
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
         }
-    }
-
-    fn trusts(&self, ip: IpAddr) -> bool {
-        self.trusted_proxies.iter().any(|n| n.contains(&ip))
     }
 }
 
@@ -272,7 +268,7 @@ async fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
         }
         .emit(&shared.metrics)
     };
-    let from_proxy = policy.trusts(peer_ip);
+    let from_proxy = trusted(peer_ip, &policy.trusted_proxies);
     // The source is counted before anything is read: a connection that sends nothing
     // must not hold one of `max_connections` without counting against its source.
     // A proxy's own connections carry many clients and are not counted against one;
@@ -448,7 +444,7 @@ async fn serve_http<I>(
     let conn = shared.builder.serve_connection(io, service);
     tokio::pin!(conn);
     let idle = policy.idle_timeout;
-    let idled = tokio::select! {
+    let closed_by_relay = tokio::select! {
         ended = conn.as_mut() => {
             if let Err(e) = ended {
                 tracing::debug!(peer = %conn_client, error = %e, "connection ended with an error");
@@ -459,7 +455,7 @@ async fn serve_http<I>(
         () = control.closing() => Some("too_many_failures"),
         () = shared.shutdown.cancelled() => None,
     };
-    if let Some(reason) = idled {
+    if let Some(reason) = closed_by_relay {
         ConnectionClosed {
             listener: shared.limits.name,
             peer: conn_client,
@@ -467,13 +463,13 @@ async fn serve_http<I>(
         }
         .emit(&shared.metrics);
     }
-    let idled = idled.is_some();
+    let closed_by_relay = closed_by_relay.is_some();
     conn.as_mut().graceful_shutdown();
     loop {
         tokio::select! {
             _ = conn.as_mut() => return,
             () = shared.abort.cancelled() => return,
-            () = tokio::time::sleep(IDLE_CLOSE_GRACE), if idled => {
+            () = tokio::time::sleep(IDLE_CLOSE_GRACE), if closed_by_relay => {
                 // A request that raced the goodbye is let finish; otherwise the peer had
                 // its chance to read the GOAWAY.
                 if !activity.busy() {

@@ -143,6 +143,25 @@ impl SenderReport {
         self.statuses.iter().filter(|&&s| s != 200).count()
     }
 
+    /// Prints the figures under `label` and asserts what FACEIO must see under attack:
+    /// only 200s, with a p99 below `p99_bound`.
+    pub fn assert_unharmed(&self, label: &str, p99_bound: Duration) {
+        println!(
+            "{label}: {} requests, {} not 200, p99 {:?}",
+            self.statuses.len(),
+            self.non_200(),
+            self.p99()
+        );
+        assert_eq!(
+            self.non_200(),
+            0,
+            "{label}: {} of {} not answered 200",
+            self.non_200(),
+            self.statuses.len()
+        );
+        assert!(self.p99() < p99_bound, "{label}: p99 {:?}", self.p99());
+    }
+
     /// The 99th-percentile latency.
     pub fn p99(&self) -> Duration {
         let mut l = self.latencies.clone();
@@ -213,4 +232,31 @@ pub async fn open_ingress_connections_until(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// How many attacking connections are still open at `deadline`: `sockets` the relay has
+/// not closed, and client tasks (such as [`h2_idle`]) that have not ended.
+pub async fn still_open_at<S: AsyncRead + Unpin>(
+    deadline: Instant,
+    sockets: &mut [S],
+    tasks: Vec<JoinHandle<()>>,
+) -> usize {
+    // Every wait gets at least a moment, so a socket closed just in time is seen.
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(10))
+    };
+    let mut open = 0;
+    for s in sockets.iter_mut() {
+        if !closed_within(s, left()).await {
+            open += 1;
+        }
+    }
+    for t in tasks {
+        if tokio::time::timeout(left(), t).await.is_err() {
+            open += 1;
+        }
+    }
+    open
 }
