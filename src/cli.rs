@@ -310,51 +310,23 @@ fn check(path: &Path) -> ExitCode {
         Some(config) => {
             out!("{}: OK", path.display());
             out!("{}", config.summary());
-            slack_previews(&config);
+            previews(&config);
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,
     }
 }
 
-/// Shows what each Slack destination posts for each documented event, so the message
-/// is seen before the first real event.
-fn slack_previews(config: &Config) {
+/// Shows what each destination sends for each documented event, where its kind can
+/// say (Slack: the message), so the message is seen before the first real event.
+fn previews(config: &Config) {
     let app_id = config
         .applications
         .first()
         .map_or("fioa-sample", |a| a.app_id.as_str());
     for d in &config.destinations {
-        let config::DestinationKind::Slack(slack) = &d.kind else {
-            continue;
-        };
-        // The loader rendered these already; an error here would be a bug, said plainly.
-        let message = match crate::template::SlackMessage::new(
-            slack.text.as_deref(),
-            slack.blocks.as_ref(),
-        ) {
-            Ok(m) => m,
-            Err(errors) => {
-                out!("slack {}: cannot render: {errors:?}", d.name);
-                continue;
-            }
-        };
-        out!("slack {}: the message for each sample event:", d.name);
-        for (event, ctx) in crate::template::samples(app_id) {
-            match message.render(&ctx) {
-                Ok(rendered) => {
-                    let json = serde_json::to_string_pretty(&rendered.payload)
-                        .unwrap_or_else(|e| format!("(not printable: {e})"));
-                    out!("  {event}:");
-                    for line in json.lines() {
-                        out!("    {line}");
-                    }
-                    if let Some(why) = rendered.fallback {
-                        out!("    ({why})");
-                    }
-                }
-                Err(e) => out!("  {event}: cannot render: {e}"),
-            }
+        if let Some(preview) = d.kind.preview(&d.name, app_id) {
+            out!("{}", preview.trim_end());
         }
     }
 }

@@ -14,7 +14,10 @@
 //! - [`delivery`]: one dispatcher per destination takes due deliveries, applies the
 //!   destination's concurrency and rate limit, and records done / retry-at / dead.
 //! - [`destinations`]: one file per kind (`slack`, `http`, `file`) behind one trait;
-//!   each attempt is classified as success, retryable or permanent. Slack messages and
+//!   each attempt is classified as success, retryable or permanent. A kind's file also
+//!   holds its settings and their validation; [`config`] reaches them through the one
+//!   registry, [`destinations::DestinationKind`] (the way Vector's config builds its
+//!   sinks), and through nothing else. Slack messages and
 //!   HTTP bodies are built by [`template`] (mrkdwn escaping, missing fields empty).
 //!
 //! Around them: [`config`] (relay.yaml into typed values, every error at once),

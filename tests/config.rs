@@ -10,7 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use faceio_relay::config::{ConfigError, ConfigErrors, DestinationKind, Warning, load, load_str};
+use faceio_relay::config::{ConfigError, ConfigErrors, Warning, load, load_str};
+use faceio_relay::destinations::DestinationKind;
 
 /// The environment the fixtures are loaded with.
 fn test_env(name: &str) -> Option<String> {
@@ -514,6 +515,10 @@ fn summary_describes_the_config() {
         "team-slack: slack, concurrency 4",
         "crm: http, concurrency 8, timeout 5s, rate limit 50/s burst 100, retry 10 attempts 500ms..5m",
         "audit: file, concurrency 16",
+        // Each kind's own part, after the shared settings; never a URL or a header value.
+        "retry 20 attempts 1s..10m; text template",
+        "..5m; FACEIO body as sent, 2 headers, signed (Standard Webhooks), follows same-origin redirects",
+        "/data/events.jsonl",
         "enrollments: eventName ENROLL -> team-slack, crm",
         "details.age 18..65.5",
         "route-3: every event -> audit",
@@ -523,7 +528,15 @@ fn summary_describes_the_config() {
             "`{expected}` not in:\n{summary}"
         );
     }
-    assert!(!summary.contains("127.0.0.1:9000"), "{summary}");
+    for secret in [
+        "127.0.0.1:9000",
+        "hooks.example.test",
+        "Bearer",
+        "whsec_",
+        "X-Source",
+    ] {
+        assert!(!summary.contains(secret), "{secret} in {summary}");
+    }
 }
 
 #[test]

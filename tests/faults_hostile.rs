@@ -16,8 +16,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 
-use faceio_relay::config::{Application, DestinationKind, Secret, load_str};
-use faceio_relay::destinations::{DeliveryError, SlackDestination};
+use faceio_relay::config::{Application, Secret, load_str};
+use faceio_relay::destinations::{DeliveryError, DestinationKind, SlackDestination};
 use faceio_relay::event::verify::{Rejection, authenticate, verify};
 use faceio_relay::store::Delivery;
 

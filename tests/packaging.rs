@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use faceio_relay::config::{DEFAULT_CONFIG_PATH, DestinationKind, load_str};
+use faceio_relay::config::{DEFAULT_CONFIG_PATH, load_str};
+use faceio_relay::destinations::DestinationKind;
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)

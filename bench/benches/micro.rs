@@ -9,8 +9,8 @@ use std::path::Path;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 
-use faceio_relay::config::{Config, DestinationKind, load_str};
-use faceio_relay::destinations::SlackDestination;
+use faceio_relay::config::{Config, load_str};
+use faceio_relay::destinations::{DestinationKind, SlackDestination};
 use faceio_relay::event::verify::{authenticate, verify};
 use faceio_relay::routing::Router;
 use faceio_relay::store::Delivery;

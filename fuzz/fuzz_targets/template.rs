@@ -7,8 +7,8 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use faceio_relay::config::{DestinationKind, load_str};
-use faceio_relay::destinations::{DeliveryError, SlackDestination};
+use faceio_relay::config::load_str;
+use faceio_relay::destinations::{DeliveryError, DestinationKind, SlackDestination};
 use faceio_relay::store::Delivery;
 use libfuzzer_sys::fuzz_target;
 

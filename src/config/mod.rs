@@ -14,7 +14,7 @@
 mod de;
 mod interp;
 mod load;
-mod raw;
+pub(crate) mod raw;
 mod secret;
 mod suggest;
 mod yaml;
@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-pub use load::{ConfigError, ConfigErrors, Warning, load, load_str};
+pub use load::{ConfigError, ConfigErrors, KindContext, Warning, load, load_str};
 pub use secret::Secret;
 
 /// Where the daemon looks for its config when `--config` is not given.
@@ -308,8 +308,9 @@ impl std::fmt::Debug for Application {
 pub struct DestinationConfig {
     /// The key under `destinations:`.
     pub name: String,
-    /// What it is and its kind-specific settings.
-    pub kind: DestinationKind,
+    /// What it is and its kind-specific settings (each kind's module under
+    /// `destinations/` defines its own).
+    pub kind: crate::destinations::DestinationKind,
     /// Deliveries in flight at once (`concurrency`, default 4; file: 16).
     pub concurrency: usize,
     /// Per-request timeout (`timeout`, default 10s).
@@ -318,62 +319,6 @@ pub struct DestinationConfig {
     pub retry: RetryPolicy,
     /// Optional rate limit (`rate_limit: { per_second, burst }`).
     pub rate_limit: Option<RateLimit>,
-}
-
-/// Kind-specific destination settings (`type:`).
-#[derive(Debug, Clone, PartialEq)]
-pub enum DestinationKind {
-    Slack(SlackConfig),
-    Http(HttpConfig),
-    File(FileConfig),
-}
-
-impl DestinationKind {
-    /// `slack`, `http` or `file`, as written in `type:`.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            Self::Slack(_) => "slack",
-            Self::Http(_) => "http",
-            Self::File(_) => "file",
-        }
-    }
-}
-
-/// `type: slack`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SlackConfig {
-    /// Incoming-webhook URL; its path is the credential.
-    pub webhook_url: Secret,
-    /// minijinja template for `text` (already checked to compile and render the
-    /// samples); `None` = the default text.
-    pub text: Option<String>,
-    /// Block Kit `blocks` with templates in their strings (already checked); `None` =
-    /// none when `text` is set, the default blocks when neither is.
-    pub blocks: Option<serde_json::Value>,
-}
-
-/// `type: http`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HttpConfig {
-    /// Target URL (already checked to parse as http/https).
-    pub url: Secret,
-    /// Extra headers (names validated; values secret).
-    pub headers: Vec<(String, Secret)>,
-    /// Standard Webhooks signing secret (`whsec_<base64>` or raw).
-    pub signing_secret: Option<Secret>,
-    /// Follow redirects (`follow_redirects`, default false).
-    pub follow_redirects: bool,
-    /// `body:` template tree (already checked); `None` = the FACEIO body byte for byte.
-    pub body: Option<serde_json::Value>,
-    /// `Content-Type` (`content_type`, default `application/json`; a valid header value).
-    pub content_type: String,
-}
-
-/// `type: file`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FileConfig {
-    /// JSON Lines file, resolved against the config directory.
-    pub path: PathBuf,
 }
 
 /// `retry: { max_attempts, initial_delay, max_delay }`.

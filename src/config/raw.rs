@@ -10,7 +10,6 @@
 use std::fmt;
 use std::time::Duration;
 
-use indexmap::IndexMap;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
@@ -159,74 +158,57 @@ pub struct RawRateLimit {
 /// The store backends, as written in `backend:`.
 pub const STORE_BACKENDS: &[&str] = &["sqlite", "postgres"];
 
-/// The destination types, as written in `type:`.
-pub const DESTINATION_TYPES: &[&str] = &["slack", "http", "file"];
+/// The keys every destination kind shares, taken out of the kind's raw struct by the
+/// loader (which validates them the same way for every kind).
+pub struct CommonKeys {
+    pub timeout: Option<Dur>,
+    pub concurrency: Option<u64>,
+    pub retry: Option<RawRetry>,
+    pub rate_limit: Option<RawRateLimit>,
+}
 
-/// Declares a destination struct with the settings every type shares.
-macro_rules! destination {
+/// A destination kind's raw settings, as declared with [`destination_keys!`].
+pub trait RawDestination: serde::de::DeserializeOwned {
+    /// Moves the shared keys out.
+    fn take_common(&mut self) -> CommonKeys;
+}
+
+/// Declares a destination kind's raw struct: its own keys plus the ones every kind
+/// shares (`type`, `timeout`, `concurrency`, `retry`, `rate_limit`). Unknown keys are
+/// rejected. Used in each kind's file under `destinations/`.
+macro_rules! destination_keys {
     ($(#[$meta:meta])* $name:ident { $($body:tt)* }) => {
         $(#[$meta])*
-        #[derive(Deserialize)]
+        #[derive(::serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         pub struct $name {
-            /// `slack`, `http` or `file` (read by the loader to pick this struct).
+            /// The kind (read by the loader to pick this struct).
             #[serde(rename = "type")]
-            pub _type: de::IgnoredAny,
+            pub _type: ::serde::de::IgnoredAny,
             /// Per-request timeout (default `10s`, > 0).
-            pub timeout: Option<Dur>,
+            pub timeout: Option<$crate::config::raw::Dur>,
             /// Deliveries in flight at once, 1 to 1024 (default 4; `file`: 16, one sync each batch).
             pub concurrency: Option<u64>,
             /// Retry schedule (defaults: 20 attempts, `1s` initial delay, `10m` cap).
-            pub retry: Option<RawRetry>,
+            pub retry: Option<$crate::config::raw::RawRetry>,
             /// Optional rate limit.
-            pub rate_limit: Option<RawRateLimit>,
+            pub rate_limit: Option<$crate::config::raw::RawRateLimit>,
             $($body)*
+        }
+
+        impl $crate::config::raw::RawDestination for $name {
+            fn take_common(&mut self) -> $crate::config::raw::CommonKeys {
+                $crate::config::raw::CommonKeys {
+                    timeout: self.timeout.take(),
+                    concurrency: self.concurrency.take(),
+                    retry: self.retry.take(),
+                    rate_limit: self.rate_limit.take(),
+                }
+            }
         }
     };
 }
-
-destination! {
-    /// A destination with `type: slack`: a Slack incoming webhook.
-    RawSlack {
-        /// The incoming-webhook URL (its path is the credential), usually
-        /// `${SLACK_WEBHOOK_URL}`; http(s), and https unless the host is loopback.
-        pub webhook_url: String,
-        /// minijinja template of the message text, e.g.
-        /// `"New {{eventName}} for {{facialId}} from {{clientIp}}"` (default: built in).
-        /// Printed values are escaped for mrkdwn. With `blocks`, the notification text.
-        pub text: Option<String>,
-        /// Block Kit blocks (any YAML list of blocks), templates in every string value
-        /// (read from the located tree by the loader, for positions).
-        pub blocks: Option<de::IgnoredAny>,
-    }
-}
-
-destination! {
-    /// A destination with `type: http`: the event is POSTed as JSON.
-    RawHttp {
-        /// Target http(s) URL (may carry credentials: treated as a secret).
-        pub url: String,
-        /// Extra request headers; names must be valid header names, values are secrets.
-        pub headers: Option<IndexMap<String, String>>,
-        /// Standard Webhooks signing secret: `whsec_<base64>` or a raw secret.
-        pub signing_secret: Option<String>,
-        /// Follow redirects (default `false`).
-        pub follow_redirects: Option<bool>,
-        /// The request body as a YAML value with templates in its string leaves, sent as
-        /// JSON (default: the FACEIO body byte for byte). Read from the located tree.
-        pub body: Option<de::IgnoredAny>,
-        /// `Content-Type` of the request (default `application/json`).
-        pub content_type: Option<String>,
-    }
-}
-
-destination! {
-    /// A destination with `type: file`: events are appended as JSON Lines.
-    RawFile {
-        /// The file, relative to the config file's directory. Required.
-        pub path: String,
-    }
-}
+pub(crate) use destination_keys;
 
 /// One element of `routes:`.
 #[derive(Deserialize)]

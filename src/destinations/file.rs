@@ -24,8 +24,58 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{DeliveryError, Destination, SetupError};
+use super::{DeliveryError, Destination, KindConfig, SetupError};
+use crate::config::raw::destination_keys;
+use crate::config::{DestinationConfig, KindContext};
 use crate::store::Delivery;
+
+destination_keys! {
+    /// A destination with `type: file`, as written.
+    RawFile {
+        /// The file, relative to the config file's directory. Required.
+        pub path: String,
+    }
+}
+
+/// `type: file`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileConfig {
+    /// JSON Lines file, resolved against the config directory.
+    pub path: PathBuf,
+}
+
+impl KindConfig for FileConfig {
+    const TYPE: &'static str = "file";
+    /// Lines from concurrent attempts share one fsync (group commit).
+    const DEFAULT_CONCURRENCY: usize = 16;
+    type Raw = RawFile;
+
+    fn validate(raw: RawFile, cx: &mut KindContext<'_>) -> Option<Self> {
+        if raw.path.trim().is_empty() {
+            cx.error(&["path"], "must not be empty");
+            return None;
+        }
+        Some(FileConfig {
+            path: cx.resolve(&raw.path),
+        })
+    }
+
+    fn build(
+        &self,
+        _common: &DestinationConfig,
+    ) -> Result<std::sync::Arc<dyn Destination>, SetupError> {
+        // Opened by `acquire`, once this process owns the destination.
+        Ok(std::sync::Arc::new(FileDestination::new(&self.path)))
+    }
+
+    fn summary(&self) -> String {
+        format!("appends to {}", self.path.display())
+    }
+
+    fn exclusive_file(&self) -> Option<(&'static str, &Path)> {
+        Some(("path", &self.path))
+    }
+}
 
 /// Most lines appended with one sync.
 const MAX_LINES_PER_SYNC: usize = 1024;

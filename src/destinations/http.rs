@@ -8,6 +8,7 @@
 //! `webhook-timestamp` (Unix seconds) and `webhook-signature`
 //! (`v1,` + base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`, over the body as sent).
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -17,13 +18,147 @@ use hmac::{Hmac, Mac};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 
-use super::{
-    DeliveryError, Destination, Redactor, SetupError, drain, http_client, status_error,
-    transport_error,
-};
-use crate::config::{DestinationConfig, HttpConfig, Secret};
+use super::web::{Redactor, drain, http_client, status_error, transport_error};
+use super::{DeliveryError, Destination, KindConfig, SetupError};
+use crate::config::raw::destination_keys;
+use crate::config::{DestinationConfig, KindContext, Secret};
 use crate::store::Delivery;
 use crate::template::{self, JsonBody};
+
+destination_keys! {
+    /// A destination with `type: http`, as written.
+    RawHttp {
+        /// Target http(s) URL (may carry credentials: treated as a secret).
+        pub url: String,
+        /// Extra request headers; names must be valid header names, values are secrets.
+        pub headers: Option<indexmap::IndexMap<String, String>>,
+        /// Standard Webhooks signing secret: `whsec_<base64>` or a raw secret.
+        pub signing_secret: Option<String>,
+        /// Follow redirects (default `false`).
+        pub follow_redirects: Option<bool>,
+        /// The request body as a YAML value with templates in its string leaves, sent as
+        /// JSON (default: the FACEIO body byte for byte). Read from the located tree.
+        pub body: Option<serde::de::IgnoredAny>,
+        /// `Content-Type` of the request (default `application/json`).
+        pub content_type: Option<String>,
+    }
+}
+
+/// `content_type` when not set.
+const DEFAULT_CONTENT_TYPE: &str = "application/json";
+
+/// `type: http`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    /// Target URL (already checked to parse as http/https).
+    pub url: Secret,
+    /// Extra headers (names validated; values secret).
+    pub headers: Vec<(String, Secret)>,
+    /// Standard Webhooks signing secret (`whsec_<base64>` or raw).
+    pub signing_secret: Option<Secret>,
+    /// Follow redirects (`follow_redirects`, default false).
+    pub follow_redirects: bool,
+    /// `body:` template tree (already checked); `None` = the FACEIO body byte for byte.
+    pub body: Option<serde_json::Value>,
+    /// `Content-Type` (`content_type`, default `application/json`; a valid header value).
+    pub content_type: String,
+}
+
+impl KindConfig for HttpConfig {
+    const TYPE: &'static str = "http";
+    type Raw = RawHttp;
+
+    fn validate(raw: RawHttp, cx: &mut KindContext<'_>) -> Option<Self> {
+        let mut ok = cx.http_url(&["url"], &raw.url, true);
+        let mut headers = Vec::new();
+        for (name, value) in raw.headers.unwrap_or_default() {
+            if HeaderName::from_bytes(name.as_bytes()).is_err() {
+                cx.key_error(&["headers", &name], "invalid header name");
+                ok = false;
+            }
+            if HeaderValue::from_str(&value).is_err() {
+                cx.error(
+                    &["headers", &name],
+                    "invalid header value (only visible ASCII, spaces and tabs are allowed)",
+                );
+                ok = false;
+            }
+            headers.push((name, Secret::new(value)));
+        }
+        let body = raw.body.and_then(|_| cx.json(&["body"]));
+        if let Some(b) = &body {
+            ok &= cx.templates(JsonBody::new(b).err());
+        }
+        let content_type = raw
+            .content_type
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned());
+        if !content_type.contains('/') || HeaderValue::from_str(&content_type).is_err() {
+            cx.error(
+                &["content_type"],
+                "expected a media type such as `application/json`",
+            );
+            ok = false;
+        }
+        let signing_secret = raw.signing_secret.map(|s| {
+            ok &= check_signing_secret(cx, &s);
+            Secret::new(s)
+        });
+        ok.then(|| HttpConfig {
+            url: Secret::new(raw.url.trim().to_owned()),
+            headers,
+            signing_secret,
+            follow_redirects: raw.follow_redirects.unwrap_or(false),
+            body,
+            content_type,
+        })
+    }
+
+    fn build(&self, common: &DestinationConfig) -> Result<Arc<dyn Destination>, SetupError> {
+        Ok(Arc::new(HttpDestination::new(common, self)?))
+    }
+
+    fn summary(&self) -> String {
+        let mut parts = vec![if self.body.is_some() {
+            format!("body template as {}", self.content_type)
+        } else {
+            "FACEIO body as sent".to_string()
+        }];
+        if !self.headers.is_empty() {
+            parts.push(format!("{} headers", self.headers.len()));
+        }
+        if self.signing_secret.is_some() {
+            parts.push("signed (Standard Webhooks)".into());
+        }
+        if self.follow_redirects {
+            parts.push("follows same-origin redirects".into());
+        }
+        parts.join(", ")
+    }
+}
+
+/// `signing_secret`: not empty; after `whsec_`, non-empty base64.
+fn check_signing_secret(cx: &mut KindContext<'_>, secret: &str) -> bool {
+    let at = &["signing_secret"];
+    if secret.is_empty() {
+        cx.error(at, "must not be empty");
+        return false;
+    }
+    if let Some(b64) = secret.strip_prefix("whsec_") {
+        match BASE64.decode(b64) {
+            Ok(bytes) if !bytes.is_empty() => {}
+            Ok(_) => {
+                cx.error(at, "the part after `whsec_` is empty");
+                return false;
+            }
+            Err(_) => {
+                cx.error(at, "the part after `whsec_` must be valid base64");
+                return false;
+            }
+        }
+    }
+    true
+}
 
 /// Header carrying the relay's event ID on every request.
 pub const EVENT_ID_HEADER: &str = "x-faceio-relay-event-id";

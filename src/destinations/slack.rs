@@ -9,16 +9,107 @@
 //! invalid_payload`, `403 action_prohibited`, `404 channel_not_found` and `410
 //! channel_is_archived` are permanent (no retry can fix them); 5xx are retried.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
-use super::{
-    DeliveryError, Destination, Redactor, SetupError, drain, http_client, status_error,
-    transport_error,
-};
-use crate::config::{DestinationConfig, Secret, SlackConfig};
+use super::web::{Redactor, drain, http_client, status_error, transport_error};
+use super::{DeliveryError, Destination, KindConfig, SetupError};
+use crate::config::raw::destination_keys;
+use crate::config::{DestinationConfig, KindContext, Secret};
 use crate::store::Delivery;
 use crate::telemetry::events::SlackTemplateFallback;
 use crate::template::{self, SlackMessage};
+
+destination_keys! {
+    /// A destination with `type: slack`, as written.
+    RawSlack {
+        /// The incoming-webhook URL (its path is the credential), usually
+        /// `${SLACK_WEBHOOK_URL}`; http(s), and https unless the host is loopback.
+        pub webhook_url: String,
+        /// minijinja template of the message text, e.g.
+        /// `"New {{eventName}} for {{facialId}} from {{clientIp}}"` (default: built in).
+        /// Printed values are escaped for mrkdwn. With `blocks`, the notification text.
+        pub text: Option<String>,
+        /// Block Kit blocks (any YAML list of blocks), templates in every string value
+        /// (read from the located tree, for positions).
+        pub blocks: Option<serde::de::IgnoredAny>,
+    }
+}
+
+/// `type: slack`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlackConfig {
+    /// Incoming-webhook URL; its path is the credential.
+    pub webhook_url: Secret,
+    /// minijinja template for `text` (already checked to compile and render the
+    /// samples); `None` = the default text.
+    pub text: Option<String>,
+    /// Block Kit `blocks` with templates in their strings (already checked); `None` =
+    /// none when `text` is set, the default blocks when neither is.
+    pub blocks: Option<serde_json::Value>,
+}
+
+impl KindConfig for SlackConfig {
+    const TYPE: &'static str = "slack";
+    type Raw = RawSlack;
+
+    fn validate(raw: RawSlack, cx: &mut KindContext<'_>) -> Option<Self> {
+        let url_ok = cx.http_url(&["webhook_url"], &raw.webhook_url, true);
+        let blocks = raw.blocks.and_then(|_| cx.json(&["blocks"]));
+        let templates_ok =
+            cx.templates(SlackMessage::new(raw.text.as_deref(), blocks.as_ref()).err());
+        (url_ok && templates_ok).then(|| SlackConfig {
+            webhook_url: Secret::new(raw.webhook_url.trim().to_owned()),
+            text: raw.text,
+            blocks,
+        })
+    }
+
+    fn build(&self, common: &DestinationConfig) -> Result<Arc<dyn Destination>, SetupError> {
+        Ok(Arc::new(SlackDestination::new(common, self)?))
+    }
+
+    /// The message posted for each sample event.
+    fn preview(&self, name: &str, app_id: &str) -> Option<String> {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        // The loader rendered these already; an error here would be a bug, said plainly.
+        let message = match SlackMessage::new(self.text.as_deref(), self.blocks.as_ref()) {
+            Ok(m) => m,
+            Err(errors) => return Some(format!("slack {name}: cannot render: {errors:?}")),
+        };
+        let _ = writeln!(out, "slack {name}: the message for each sample event:");
+        for (event, ctx) in template::samples(app_id) {
+            match message.render(&ctx) {
+                Ok(rendered) => {
+                    let json = serde_json::to_string_pretty(&rendered.payload)
+                        .unwrap_or_else(|e| format!("(not printable: {e})"));
+                    let _ = writeln!(out, "  {event}:");
+                    for line in json.lines() {
+                        let _ = writeln!(out, "    {line}");
+                    }
+                    if let Some(why) = rendered.fallback {
+                        let _ = writeln!(out, "    ({why})");
+                    }
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "  {event}: cannot render: {e}");
+                }
+            }
+        }
+        Some(out)
+    }
+
+    fn summary(&self) -> String {
+        match (&self.text, &self.blocks) {
+            (None, None) => "default message".into(),
+            (Some(_), None) => "text template".into(),
+            (None, Some(_)) => "blocks template, default text".into(),
+            (Some(_), Some(_)) => "text and blocks templates".into(),
+        }
+    }
+}
 
 /// A Slack incoming-webhook destination.
 pub struct SlackDestination {

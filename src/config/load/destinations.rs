@@ -1,22 +1,18 @@
-//! `destinations:`: the settings every kind shares, and each kind's own (`slack`, `http`,
-//! `file`) validated into a [`DestinationConfig`].
+//! `destinations:`: the settings every kind shares, validated here the same way for
+//! every kind, and each kind's own keys, validated by the kind's module under
+//! `destinations/` through a [`KindContext`] (the registry
+//! [`crate::destinations::DestinationKind`] says which module reads which `type:`).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use base64::Engine as _;
-
 use super::{Loader, quoted, same_file_key, top};
 use crate::config::de::one_of;
-use crate::config::raw::{
-    DESTINATION_TYPES, Dur, RawFile, RawHttp, RawRateLimit, RawRetry, RawSlack,
-};
+use crate::config::raw::{CommonKeys, RawDestination};
 use crate::config::yaml::{KeyPath, Kind, Node};
-use crate::config::{
-    DestinationConfig, DestinationKind, FileConfig, HttpConfig, RateLimit, RetryPolicy, Secret,
-    SlackConfig,
-};
+use crate::config::{DestinationConfig, RateLimit, RetryPolicy};
+use crate::destinations::{DestinationKind, KindConfig};
 
 const MAX_CONCURRENCY: u64 = 1024;
 
@@ -64,18 +60,19 @@ impl Loader {
     /// a tail the other is writing when it opens or reopens): an error at the second,
     /// however the paths are spelled (`..`, symlinked directories).
     fn same_files(&mut self, destinations: &[DestinationConfig]) {
-        let mut seen: Vec<(PathBuf, &str)> = Vec::new();
+        // (what identifies the file, destination, its key naming the file)
+        let mut seen: Vec<(PathBuf, &str, &str)> = Vec::new();
         for d in destinations {
-            let DestinationKind::File(f) = &d.kind else {
+            let Some((file_key, file)) = d.kind.exclusive_file() else {
                 continue;
             };
-            let key = same_file_key(&f.path);
-            match seen.iter().find(|(k, _)| *k == key) {
-                Some((_, first)) => {
-                    let path = top("destinations").key(&d.name).key("path");
+            let key = same_file_key(file);
+            match seen.iter().find(|(k, _, _)| *k == key) {
+                Some((_, first, first_key)) => {
+                    let path = top("destinations").key(&d.name).key(file_key);
                     let first_line = self
                         .root
-                        .value_loc(&top("destinations").key(first).key("path"))
+                        .value_loc(&top("destinations").key(first).key(first_key))
                         .line;
                     let msg = format!(
                         "the same file as destination `{first}` (line {first_line}); two destinations \
@@ -84,7 +81,7 @@ impl Loader {
                     );
                     self.error(&path, msg);
                 }
-                None => seen.push((key, &d.name)),
+                None => seen.push((key, &d.name, file_key)),
             }
         }
     }
@@ -96,13 +93,15 @@ impl Loader {
             Kind::Map(_) => match node.get("type").map(|e| &e.value) {
                 None => Err(format!(
                     "missing required key `type` (one of {})",
-                    quoted(DESTINATION_TYPES)
+                    quoted(DestinationKind::TYPES)
                 )),
                 Some(v) => match &v.kind {
-                    Kind::Str(s) if DESTINATION_TYPES.contains(&s.as_str()) => Ok(s.clone()),
+                    Kind::Str(s) if DestinationKind::TYPES.contains(&s.as_str()) => Ok(s.clone()),
                     Kind::Str(s) => {
-                        let msg =
-                            format!("unknown destination type; {}", one_of(s, DESTINATION_TYPES));
+                        let msg = format!(
+                            "unknown destination type; {}",
+                            one_of(s, DestinationKind::TYPES)
+                        );
                         self.error(&type_path, msg);
                         return None;
                     }
@@ -125,139 +124,29 @@ impl Loader {
                 return None;
             }
         };
-        match kind.as_str() {
-            "slack" => {
-                let raw: RawSlack = self.de(path)?;
-                let common = self.common(
-                    path,
-                    raw.timeout,
-                    raw.concurrency,
-                    raw.retry,
-                    raw.rate_limit,
-                    4,
-                );
-                let url_path = path.key("webhook_url");
-                let url_ok = self.check_url(&url_path, &raw.webhook_url, true);
-                let blocks = raw
-                    .blocks
-                    .and_then(|_| self.node(&path.key("blocks")))
-                    .map(node_to_json);
-                let templates_ok = self.check_templates(
-                    path,
-                    crate::template::SlackMessage::new(raw.text.as_deref(), blocks.as_ref()).err(),
-                );
-                let common = common?;
-                (url_ok && templates_ok).then(|| {
-                    common.build(
-                        name,
-                        DestinationKind::Slack(SlackConfig {
-                            webhook_url: Secret::new(raw.webhook_url.trim().to_owned()),
-                            text: raw.text,
-                            blocks,
-                        }),
-                    )
-                })
-            }
-            "http" => {
-                let raw: RawHttp = self.de(path)?;
-                let common = self.common(
-                    path,
-                    raw.timeout,
-                    raw.concurrency,
-                    raw.retry,
-                    raw.rate_limit,
-                    4,
-                );
-                let mut ok = self.check_url(&path.key("url"), &raw.url, true);
-                let mut headers = Vec::new();
-                for (hname, value) in raw.headers.unwrap_or_default() {
-                    let hpath = path.key("headers").key(&hname);
-                    if hyper::header::HeaderName::from_bytes(hname.as_bytes()).is_err() {
-                        self.key_error(&hpath, "invalid header name");
-                        ok = false;
-                    }
-                    if hyper::header::HeaderValue::from_str(&value).is_err() {
-                        self.error(
-                            &hpath,
-                            "invalid header value (only visible ASCII, spaces and tabs are allowed)",
-                        );
-                        ok = false;
-                    }
-                    headers.push((hname, Secret::new(value)));
-                }
-                let body = raw
-                    .body
-                    .and_then(|_| self.node(&path.key("body")))
-                    .map(node_to_json);
-                if let Some(b) = &body {
-                    ok &= self.check_templates(path, crate::template::JsonBody::new(b).err());
-                }
-                let content_type = raw
-                    .content_type
-                    .map(|t| t.trim().to_owned())
-                    .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned());
-                if !content_type.contains('/')
-                    || hyper::header::HeaderValue::from_str(&content_type).is_err()
-                {
-                    self.error(
-                        &path.key("content_type"),
-                        "expected a media type such as `application/json`",
-                    );
-                    ok = false;
-                }
-                let signing_secret = match raw.signing_secret {
-                    None => None,
-                    Some(s) => {
-                        ok &= self.check_signing_secret(&path.key("signing_secret"), &s);
-                        Some(Secret::new(s))
-                    }
-                };
-                let common = common?;
-                ok.then(|| {
-                    common.build(
-                        name,
-                        DestinationKind::Http(HttpConfig {
-                            url: Secret::new(raw.url.trim().to_owned()),
-                            headers,
-                            signing_secret,
-                            follow_redirects: raw.follow_redirects.unwrap_or(false),
-                            body,
-                            content_type,
-                        }),
-                    )
-                })
-            }
-            _ => {
-                let raw: RawFile = self.de(path)?;
-                let common = self.common(
-                    path,
-                    raw.timeout,
-                    raw.concurrency,
-                    raw.retry,
-                    raw.rate_limit,
-                    // Lines from concurrent attempts share one fsync (group commit).
-                    16,
-                );
-                if raw.path.trim().is_empty() {
-                    self.error(&path.key("path"), "must not be empty");
-                    return None;
-                }
-                let file = self.resolve(&raw.path);
-                Some(common?.build(name, DestinationKind::File(FileConfig { path: file })))
-            }
-        }
+        let mut cx = KindContext {
+            loader: self,
+            path: path.clone(),
+            common: None,
+        };
+        let settings = DestinationKind::load(&kind, &mut cx);
+        let common = cx.common?;
+        Some(common.build(name, settings?))
     }
 
     /// The settings every destination type has.
     fn common(
         &mut self,
         path: &KeyPath,
-        timeout: Option<Dur>,
-        concurrency: Option<u64>,
-        retry: Option<RawRetry>,
-        rate_limit: Option<RawRateLimit>,
+        keys: CommonKeys,
         default_concurrency: usize,
     ) -> Option<Common> {
+        let CommonKeys {
+            timeout,
+            concurrency,
+            retry,
+            rate_limit,
+        } = keys;
         let mut ok = true;
         let timeout = match timeout {
             None => Duration::from_secs(10),
@@ -381,27 +270,73 @@ impl Loader {
         }
         false
     }
+}
 
-    fn check_signing_secret(&mut self, path: &KeyPath, secret: &str) -> bool {
-        if secret.is_empty() {
-            self.error(path, "must not be empty");
-            return false;
-        }
-        if let Some(b64) = secret.strip_prefix("whsec_") {
-            let decoded = base64::engine::general_purpose::STANDARD.decode(b64);
-            match decoded {
-                Ok(bytes) if !bytes.is_empty() => {}
-                Ok(_) => {
-                    self.error(path, "the part after `whsec_` is empty");
-                    return false;
-                }
-                Err(_) => {
-                    self.error(path, "the part after `whsec_` must be valid base64");
-                    return false;
-                }
-            }
-        }
-        true
+/// What a destination kind's module sees while it validates its own keys (see
+/// [`KindConfig::validate`]): the place of the destination in the file, and the
+/// loader's reporting, so its errors carry line, column and key path like every other.
+/// Keys are given relative to the destination (`&["headers", name]`).
+pub struct KindContext<'a> {
+    loader: &'a mut Loader,
+    /// `destinations.<name>`.
+    path: KeyPath,
+    /// The shared keys, once read and valid.
+    common: Option<Common>,
+}
+
+impl KindContext<'_> {
+    /// Reads the kind's raw struct (reporting every unknown key and bad value) and the
+    /// shared keys, then lets the kind validate its own.
+    pub(crate) fn load<K: KindConfig>(&mut self) -> Option<K> {
+        let mut raw: K::Raw = self.loader.de(&self.path)?;
+        let keys = raw.take_common();
+        self.common = self.loader.common(&self.path, keys, K::DEFAULT_CONCURRENCY);
+        K::validate(raw, self)
+    }
+
+    fn at(&self, keys: &[&str]) -> KeyPath {
+        keys.iter().fold(self.path.clone(), |p, k| p.key(k))
+    }
+
+    /// An error about the value at `keys`.
+    pub fn error(&mut self, keys: &[&str], message: impl Into<String>) {
+        let at = self.at(keys);
+        self.loader.error(&at, message);
+    }
+
+    /// An error about the key that ends `keys` (a bad header name, say).
+    pub fn key_error(&mut self, keys: &[&str], message: impl Into<String>) {
+        let at = self.at(keys);
+        self.loader.key_error(&at, message);
+    }
+
+    /// A warning about the value at `keys`.
+    pub fn warn(&mut self, keys: &[&str], message: impl Into<String>) {
+        let at = self.at(keys);
+        self.loader.warn(&at, message);
+    }
+
+    /// Checks an http(s) URL (see [`Loader::check_url`]); true when usable.
+    pub fn http_url(&mut self, keys: &[&str], text: &str, warn_cleartext: bool) -> bool {
+        let at = self.at(keys);
+        self.loader.check_url(&at, text, warn_cleartext)
+    }
+
+    /// Reports template errors at the values they name; true when there are none.
+    pub fn templates(&mut self, errors: Option<Vec<crate::template::TemplateError>>) -> bool {
+        let at = self.path.clone();
+        self.loader.check_templates(&at, errors)
+    }
+
+    /// The located YAML value at `keys` as JSON (for template trees such as `blocks:`);
+    /// `None` when absent or null.
+    pub fn json(&self, keys: &[&str]) -> Option<serde_json::Value> {
+        self.loader.node(&self.at(keys)).map(node_to_json)
+    }
+
+    /// A configured path resolved against the config file's directory.
+    pub fn resolve(&self, path: &str) -> PathBuf {
+        self.loader.resolve(path)
     }
 }
 
@@ -424,9 +359,6 @@ impl Common {
         }
     }
 }
-
-/// `content_type` of an HTTP destination when not set.
-const DEFAULT_CONTENT_TYPE: &str = "application/json";
 
 /// A located YAML value as JSON (for `blocks:` and `body:`). Integers too large for JSON
 /// numbers become floats.

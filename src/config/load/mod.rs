@@ -23,6 +23,7 @@ mod routes;
 mod sections;
 mod summary;
 
+pub use destinations::KindContext;
 use diagnostics::Diag;
 pub use diagnostics::{ConfigError, ConfigErrors, Warning};
 

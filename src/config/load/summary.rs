@@ -77,9 +77,13 @@ impl Config {
                 Some(r) => format!("rate limit {}/s burst {}", r.per_second, r.burst),
                 None => "no rate limit".into(),
             };
+            let detail = match d.kind.summary() {
+                d if d.is_empty() => d,
+                d => format!("; {d}"),
+            };
             let _ = writeln!(
                 s,
-                "  {}: {}, concurrency {}, timeout {}, {}, retry {} attempts {}..{}",
+                "  {}: {}, concurrency {}, timeout {}, {}, retry {} attempts {}..{}{detail}",
                 d.name,
                 d.kind.type_name(),
                 d.concurrency,
