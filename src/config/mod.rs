@@ -31,6 +31,11 @@ pub use secret::Secret;
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/faceio-relay/relay.yaml";
 
+/// `listen` when not set.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// `webhook_path` when not set.
+pub const DEFAULT_WEBHOOK_PATH: &str = "/webhook";
+
 /// The whole, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -170,6 +175,11 @@ impl IngressConfig {
         }
     }
 }
+
+/// `store.path` when not set (relative to the config file's directory).
+pub const DEFAULT_STORE_PATH: &str = "./data/relay.db";
+/// `store.retention` when not set: 7 days.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 
 /// `store:` — where events and deliveries live.
 #[derive(Debug, Clone)]
@@ -313,12 +323,17 @@ pub struct DestinationConfig {
     pub kind: crate::destinations::DestinationKind,
     /// Deliveries in flight at once (`concurrency`, default 4; file: 16).
     pub concurrency: usize,
-    /// Per-request timeout (`timeout`, default 10s).
+    /// Per-request timeout (`timeout`, default [`Self::DEFAULT_TIMEOUT`]).
     pub timeout: Duration,
     /// Retry schedule (`retry:`).
     pub retry: RetryPolicy,
     /// Optional rate limit (`rate_limit: { per_second, burst }`).
     pub rate_limit: Option<RateLimit>,
+}
+
+impl DestinationConfig {
+    /// `timeout` when not set.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 }
 
 /// `retry: { max_attempts, initial_delay, max_delay }`.
@@ -405,4 +420,13 @@ pub struct DeliveryConfig {
     /// How often idle workers look for work written by other processes, such as
     /// `dead-letters replay` (`poll_interval`, default 1s).
     pub poll_interval: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: Duration::from_secs(10),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
 }

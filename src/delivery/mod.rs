@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, DestinationConfig};
 use crate::destinations::{self, Destination, SetupError};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Wakers};
 use crate::telemetry::events::{OrphansDeadLettered, ReplayDecided};
 use crate::telemetry::metrics::Metrics;
 
@@ -51,29 +51,6 @@ pub use claims::Claims;
 /// reloads: a destination whose settings change gets a new dispatcher, and the old one's
 /// attempts may still be running; sharing the claims keeps the new dispatcher off them.
 pub type InFlight = Arc<Mutex<Claims>>;
-
-/// Handle to the running dispatchers: ingress uses it to wake a destination's dispatcher
-/// as soon as a new delivery for it is committed.
-#[derive(Clone, Default)]
-pub struct Wakers {
-    by_destination: Arc<HashMap<String, Arc<Notify>>>,
-}
-
-impl Wakers {
-    /// Wakes `destination`'s dispatcher (a no-op for unknown names).
-    pub fn wake(&self, destination: &str) {
-        if let Some(n) = self.by_destination.get(destination) {
-            n.notify_one();
-        }
-    }
-
-    /// Wakes every dispatcher.
-    pub fn wake_all(&self) {
-        for n in self.by_destination.values() {
-            n.notify_one();
-        }
-    }
-}
 
 /// The cancellation pair every delivery task watches.
 #[derive(Clone)]
@@ -312,14 +289,11 @@ impl Deliveries {
                 },
             );
         }
-        let wakers = Wakers {
-            by_destination: Arc::new(
-                running
-                    .iter()
-                    .map(|(name, r)| (name.clone(), Arc::clone(&r.wake)))
-                    .collect(),
-            ),
-        };
+        let wakers = Wakers::new(
+            running
+                .iter()
+                .map(|(name, r)| (name.clone(), Arc::clone(&r.wake))),
+        );
         *self.wakers.lock().unwrap_or_else(|p| p.into_inner()) = wakers.clone();
         wakers
     }
@@ -350,7 +324,7 @@ impl Deliveries {
                 replayed: true,
             }
             .emit();
-            wakers.wake(destination);
+            wakers.destination(destination);
         }
         for (destination, count) in &decided.refused {
             ReplayDecided {

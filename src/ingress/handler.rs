@@ -11,17 +11,18 @@ use axum::extract::{Extension, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use bytes::Bytes;
 use governor::{DefaultKeyedRateLimiter, RateLimiter};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
 use super::client::{ClientAddr, ConnControl, source_key};
 use super::server::ConnPolicy;
-use crate::config::{Config, RateLimit};
-use crate::delivery::Wakers;
+use crate::config::{Config, IngressConfig, RateLimit};
+use crate::event::VerifiedEvent;
 use crate::event::verify::{self, Rejection};
 use crate::routing::Router;
-use crate::store::Store;
+use crate::store::{Store, Wakers};
 use crate::telemetry::events::{EventAccepted, EventRejected};
 use crate::telemetry::metrics::Metrics;
 
@@ -271,48 +272,9 @@ async fn webhook(
         }
         .answer(&state, ip);
     }
-    let too_large = Refusal {
-        status: StatusCode::PAYLOAD_TOO_LARGE,
-        code: "payload_too_large",
-        message: "body larger than ingress.max_body",
-        detail: "body over max_body",
-    };
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_body as u64) {
-        return too_large.answer(&state, ip);
-    }
-    let collected = tokio::time::timeout(
-        limits.body_timeout,
-        Limited::new(body, limits.max_body).collect(),
-    )
-    .await;
-    let bytes = match collected {
-        Ok(Ok(c)) => c.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return too_large.answer(&state, ip);
-        }
-        Ok(Err(_)) => {
-            return Refusal {
-                status: StatusCode::BAD_REQUEST,
-                code: "bad_request",
-                message: "could not read the body",
-                detail: "body read failed",
-            }
-            .answer(&state, ip);
-        }
-        Err(_) => {
-            return Refusal {
-                status: StatusCode::REQUEST_TIMEOUT,
-                code: "request_timeout",
-                message: "body not received in time",
-                detail: "body read timed out",
-            }
-            .answer(&state, ip);
-        }
+    let bytes = match read_body(&parts.headers, body, limits).await {
+        Ok(bytes) => bytes,
+        Err(refusal) => return refusal.answer(&state, ip),
     };
 
     let event = match verify::verify(auth, bytes) {
@@ -330,19 +292,7 @@ async fn webhook(
     };
 
     let targets = live.router.route(event.payload());
-    let stored = tokio::time::timeout(
-        limits.store_timeout,
-        state.store.insert_event(&event, &targets),
-    )
-    .await;
-    let failure = match stored {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.to_string()),
-        Err(_) => Some(format!(
-            "store did not confirm within store_timeout ({})",
-            humantime::format_duration(limits.store_timeout)
-        )),
-    };
+    let failure = store_event(&state, &event, &targets, limits).await;
     if let Some(why) = failure {
         let detail = format!("event {} not stored: {why}", event.id());
         return Refusal {
@@ -354,7 +304,7 @@ async fn webhook(
         .answer(&state, ip);
     }
     for t in &targets {
-        live.wakers.wake(t);
+        live.wakers.destination(t);
     }
     let p = event.payload();
     EventAccepted {
@@ -367,6 +317,72 @@ async fn webhook(
     }
     .emit(&state.metrics);
     (StatusCode::OK, Json(json!({ "id": event.id() }))).into_response()
+}
+
+/// Reads the body within `ingress.max_body` (a declared length over it is refused before
+/// reading) and `ingress.body_timeout`.
+async fn read_body(
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    limits: &IngressConfig,
+) -> Result<Bytes, Refusal<'static>> {
+    let too_large = Refusal {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        code: "payload_too_large",
+        message: "body larger than ingress.max_body",
+        detail: "body over max_body",
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body as u64) {
+        return Err(too_large);
+    }
+    let collected = tokio::time::timeout(
+        limits.body_timeout,
+        Limited::new(body, limits.max_body).collect(),
+    )
+    .await;
+    match collected {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
+        Ok(Err(_)) => Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message: "could not read the body",
+            detail: "body read failed",
+        }),
+        Err(_) => Err(Refusal {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "request_timeout",
+            message: "body not received in time",
+            detail: "body read timed out",
+        }),
+    }
+}
+
+/// Stores the event and its deliveries (durable when `Ok`) within
+/// `ingress.store_timeout`; why not, otherwise.
+async fn store_event(
+    state: &IngressState,
+    event: &VerifiedEvent,
+    targets: &[&str],
+    limits: &IngressConfig,
+) -> Option<String> {
+    let stored = tokio::time::timeout(
+        limits.store_timeout,
+        state.store.insert_event(event, targets),
+    )
+    .await;
+    match stored {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!(
+            "store did not confirm within store_timeout ({})",
+            humantime::format_duration(limits.store_timeout)
+        )),
+    }
 }
 
 /// A failed authentication: 401, or 429 once this source has failed too often.

@@ -32,6 +32,9 @@
 
 pub mod postgres;
 pub mod sqlite;
+mod wake;
+
+pub use wake::{Wake, Wakers};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -445,15 +448,6 @@ pub trait Store: Send + Sync + 'static {
     /// Ends background work and gives back what this process holds (destination
     /// ownership), at the end of shutdown. Nothing pending is affected.
     async fn close(&self) {}
-}
-
-/// A reason to look at the store now, from [`Store::subscribe`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Wake {
-    /// A delivery for this destination was committed.
-    Destination(String),
-    /// Notifications may have been missed (a lost connection): look at every destination.
-    All,
 }
 
 /// Opens the configured store for the daemon.

@@ -149,7 +149,7 @@ impl Loader {
         } = keys;
         let mut ok = true;
         let timeout = match timeout {
-            None => Duration::from_secs(10),
+            None => DestinationConfig::DEFAULT_TIMEOUT,
             Some(_) => match self.positive(&path.key("timeout"), timeout) {
                 Some(d) => d,
                 None => {

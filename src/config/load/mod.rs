@@ -13,7 +13,8 @@ use super::interp::interpolate;
 use super::raw::TOP_LEVEL_KEYS;
 use super::yaml::{KeyPath, Kind, Node, Seg, parse};
 use super::{
-    AdminConfig, Config, DEFAULT_ADMIN_LISTEN, DeliveryConfig, IngressConfig, LogFormat,
+    AdminConfig, Config, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_RETENTION,
+    DEFAULT_STORE_PATH, DEFAULT_WEBHOOK_PATH, DeliveryConfig, IngressConfig, LogFormat,
     StoreBackend, StoreConfig,
 };
 
@@ -138,9 +139,6 @@ fn top(key: &str) -> KeyPath {
     KeyPath::root().key(key)
 }
 
-const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-const DEFAULT_WEBHOOK_PATH: &str = "/webhook";
-const DEFAULT_STORE_PATH: &str = "./data/relay.db";
 /// FACEIO aborts a webhook request after this long.
 const FACEIO_TIMEOUT: Duration = Duration::from_secs(6);
 
@@ -287,33 +285,22 @@ impl Loader {
             source,
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
             webhook_path: DEFAULT_WEBHOOK_PATH.into(),
-            ingress: ingress_defaults(),
+            ingress: IngressConfig::defaults(),
             store: StoreConfig {
                 backend: StoreBackend::Sqlite,
                 path: self.resolve(DEFAULT_STORE_PATH),
-                retention: Duration::from_secs(7 * 86_400),
+                retention: DEFAULT_RETENTION,
             },
             applications: Vec::new(),
             destinations: Vec::new(),
             routes: Vec::new(),
-            delivery: delivery_defaults(),
+            delivery: DeliveryConfig::default(),
             admin_listen: DEFAULT_ADMIN_LISTEN.parse().ok(),
             log_format: LogFormat::Text,
             log_level: None,
             tls: None,
             admin: AdminConfig::default(),
         }
-    }
-}
-
-fn ingress_defaults() -> IngressConfig {
-    IngressConfig::defaults()
-}
-
-fn delivery_defaults() -> DeliveryConfig {
-    DeliveryConfig {
-        shutdown_grace: Duration::from_secs(10),
-        poll_interval: Duration::from_secs(1),
     }
 }
 

@@ -8,19 +8,16 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::{
-    DEFAULT_LISTEN, DEFAULT_STORE_PATH, DEFAULT_WEBHOOK_PATH, FACEIO_TIMEOUT, Loader,
-    delivery_defaults, ingress_defaults, parse_net, same_socket, top,
-};
+use super::{FACEIO_TIMEOUT, Loader, parse_net, same_socket, top};
 use crate::config::de::one_of;
 use crate::config::raw::{
     Dur, RawAdmin, RawApplication, RawDelivery, RawIngress, RawStore, RawTls, STORE_BACKENDS,
 };
 use crate::config::yaml::{KeyPath, Kind, Loc};
 use crate::config::{
-    AdminConfig, Application, DEFAULT_ADMIN_LISTEN, DEFAULT_POOL_SIZE, DeliveryConfig,
-    IngressConfig, LogFormat, MAX_POOL_SIZE, PostgresConfig, Secret, StoreBackend, StoreConfig,
-    TlsConfig,
+    AdminConfig, Application, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_POOL_SIZE,
+    DEFAULT_RETENTION, DEFAULT_STORE_PATH, DEFAULT_WEBHOOK_PATH, DeliveryConfig, IngressConfig,
+    LogFormat, MAX_POOL_SIZE, PostgresConfig, Secret, StoreBackend, StoreConfig, TlsConfig,
 };
 
 impl Loader {
@@ -191,7 +188,7 @@ impl Loader {
 
     pub(super) fn ingress(&mut self) -> IngressConfig {
         let path = top("ingress");
-        let mut cfg = ingress_defaults();
+        let mut cfg = IngressConfig::defaults();
         let raw: RawIngress = self.de(&path).unwrap_or_default();
         if let Some(size) = raw.max_body {
             match usize::try_from(size.0) {
@@ -337,9 +334,7 @@ impl Loader {
     pub(super) fn store(&mut self) -> StoreConfig {
         let path = top("store");
         let raw: RawStore = self.de(&path).unwrap_or_default();
-        let retention = raw
-            .retention
-            .map_or(Duration::from_secs(7 * 86_400), |d| d.0);
+        let retention = raw.retention.map_or(DEFAULT_RETENTION, |d| d.0);
         let backend = match raw.backend.as_deref().map(str::trim) {
             None | Some("sqlite") => {
                 for (key, given) in [
@@ -445,7 +440,7 @@ impl Loader {
     pub(super) fn delivery(&mut self) -> DeliveryConfig {
         let path = top("delivery");
         let raw: RawDelivery = self.de(&path).unwrap_or_default();
-        let mut cfg = delivery_defaults();
+        let mut cfg = DeliveryConfig::default();
         if let Some(d) = raw.shutdown_grace {
             cfg.shutdown_grace = d.0;
         }
@@ -503,31 +498,7 @@ impl Loader {
             } else {
                 item.key("token")
             };
-            let token = match (raw.token, raw.token_file) {
-                (Some(_), Some(_)) => {
-                    self.key_error(
-                        &item.key("token_file"),
-                        "give either `token` or `token_file`, not both",
-                    );
-                    None
-                }
-                (None, None) => {
-                    if !self.diag.suppressed(&item.key("token"))
-                        && !self.diag.suppressed(&item.key("token_file"))
-                    {
-                        self.error(&item, "missing `token` or `token_file`");
-                    }
-                    None
-                }
-                (Some(token), None) => {
-                    let token = token.trim().to_owned();
-                    if token.is_empty() {
-                        self.error(&item.key("token"), "must not be empty");
-                    }
-                    Some(token)
-                }
-                (None, Some(file)) => self.token_file(&item.key("token_file"), &file),
-            };
+            let token = self.app_token(&item, raw.token, raw.token_file);
             let Some(token) = token.filter(|t| !t.is_empty()) else {
                 continue;
             };
@@ -560,6 +531,40 @@ impl Loader {
             token_at.push(token_path);
         }
         apps
+    }
+
+    /// An application's token, from `token` or `token_file` (exactly one of them).
+    fn app_token(
+        &mut self,
+        item: &KeyPath,
+        token: Option<String>,
+        token_file: Option<String>,
+    ) -> Option<String> {
+        match (token, token_file) {
+            (Some(_), Some(_)) => {
+                self.key_error(
+                    &item.key("token_file"),
+                    "give either `token` or `token_file`, not both",
+                );
+                None
+            }
+            (None, None) => {
+                if !self.diag.suppressed(&item.key("token"))
+                    && !self.diag.suppressed(&item.key("token_file"))
+                {
+                    self.error(item, "missing `token` or `token_file`");
+                }
+                None
+            }
+            (Some(token), None) => {
+                let token = token.trim().to_owned();
+                if token.is_empty() {
+                    self.error(&item.key("token"), "must not be empty");
+                }
+                Some(token)
+            }
+            (None, Some(file)) => self.token_file(&item.key("token_file"), &file),
+        }
     }
 
     fn token_file(&mut self, path: &KeyPath, file: &str) -> Option<String> {

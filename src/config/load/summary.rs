@@ -1,6 +1,6 @@
 //! `faceio-relay check`'s summary of a loaded config. Never shows URLs, tokens or headers.
 
-use crate::config::{Config, MatchConfig, StoreBackend};
+use crate::config::{Config, DestinationConfig, MatchConfig, StoreBackend};
 
 impl Config {
     /// A short description for `faceio-relay check`: addresses, paths, application IDs,
@@ -73,26 +73,7 @@ impl Config {
         let _ = writeln!(s, "applications ({}): {}", ids.len(), ids.join(", "));
         let _ = writeln!(s, "destinations ({}):", self.destinations.len());
         for d in &self.destinations {
-            let rate = match d.rate_limit {
-                Some(r) => format!("rate limit {}/s burst {}", r.per_second, r.burst),
-                None => "no rate limit".into(),
-            };
-            let detail = match d.kind.summary() {
-                d if d.is_empty() => d,
-                d => format!("; {d}"),
-            };
-            let _ = writeln!(
-                s,
-                "  {}: {}, concurrency {}, timeout {}, {}, retry {} attempts {}..{}{detail}",
-                d.name,
-                d.kind.type_name(),
-                d.concurrency,
-                humantime::format_duration(d.timeout),
-                rate,
-                d.retry.max_attempts,
-                humantime::format_duration(d.retry.initial_delay),
-                humantime::format_duration(d.retry.max_delay),
-            );
+            let _ = writeln!(s, "  {}", describe_destination(d));
         }
         let _ = writeln!(s, "routes ({}):", self.routes.len());
         for r in &self.routes {
@@ -106,6 +87,29 @@ impl Config {
         }
         s
     }
+}
+
+/// `name: type, limits, retry; the kind's own detail`.
+fn describe_destination(d: &DestinationConfig) -> String {
+    let rate = match d.rate_limit {
+        Some(r) => format!("rate limit {}/s burst {}", r.per_second, r.burst),
+        None => "no rate limit".into(),
+    };
+    let detail = match d.kind.summary() {
+        d if d.is_empty() => d,
+        d => format!("; {d}"),
+    };
+    format!(
+        "{}: {}, concurrency {}, timeout {}, {}, retry {} attempts {}..{}{detail}",
+        d.name,
+        d.kind.type_name(),
+        d.concurrency,
+        humantime::format_duration(d.timeout),
+        rate,
+        d.retry.max_attempts,
+        humantime::format_duration(d.retry.initial_delay),
+        humantime::format_duration(d.retry.max_delay),
+    )
 }
 
 fn describe_match(m: &MatchConfig) -> String {

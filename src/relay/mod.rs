@@ -20,80 +20,24 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
-use crate::config::{Config, IngressConfig};
+use crate::config::Config;
 use crate::delivery::{Applied, Deliveries, Shutdown, Sweep};
 use crate::ingress::{IngressState, TlsHandle};
-use crate::store::{Store, Wake};
+use crate::store::{Store, Wakers};
 use crate::telemetry::metrics::Metrics;
 use crate::{admin, ingress, store};
 
-/// How often done deliveries past the retention period are pruned.
-const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+mod restart_only;
+mod tasks;
 
-/// How often quiet sources' failed-authentication counters are dropped.
-const FORGET_INTERVAL: Duration = Duration::from_secs(60);
+use restart_only::{RESTART_ONLY, RequestHorizon, drain_time};
+use tasks::{
+    announce_and_sweep, announcement_ttl, decide_replays, forward_wakes, housekeeping,
+    sweep_removed,
+};
 
-/// Shortest life of an announcement of this relay's destinations (shared stores; renewed
-/// every `poll_interval`): a relay silent this long (dead, or cut off from the database)
-/// no longer protects its destinations from the other relays' orphan sweeps. Generous,
-/// so a relay that restarts keeps its destinations' deliveries.
-const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(60);
-
-/// An announcement lasts at least this many `poll_interval`s.
-const ANNOUNCEMENT_POLLS: u32 = 10;
-
-/// Shared stores sweep orphaned deliveries every this many announcements: with several
-/// relays they can appear at any time (the only relay that had a destination died).
-const SWEEP_EVERY: u32 = 30;
-/// Rounds of the sweep after a reload between two warnings that removed destinations
-/// still have attempts under way.
-const STILL_WAITING_EVERY: u32 = 60;
 /// How long shutdown waits for the admin endpoint's connections to close.
 const ADMIN_CLOSE: Duration = Duration::from_secs(1);
-
-/// How long an announcement made under `config` lasts.
-fn announcement_ttl(config: &Config) -> Duration {
-    (config.delivery.poll_interval * ANNOUNCEMENT_POLLS).max(ANNOUNCEMENT_TTL)
-}
-
-/// A setting that changes only on restart: a reload names it in a warning when the new
-/// config differs, and keeps the running value so the config in force describes the
-/// process.
-struct RestartOnly {
-    /// How the warning names it.
-    name: &'static str,
-    /// Whether `new` (first) asks for another value than `old` (second).
-    differs: fn(&Config, &Config) -> bool,
-    /// Puts `old`'s (second) value back into `new` (first).
-    keep: fn(&mut Config, &Config),
-}
-
-/// One entry of [`RESTART_ONLY`]: the warning's name and the field's path in [`Config`].
-macro_rules! restart_only {
-    ($name:literal, $($field:ident).+) => {
-        RestartOnly {
-            name: $name,
-            differs: |new, old| new.$($field).+ != old.$($field).+,
-            // `Clone::clone` rather than `.clone()`: some fields are `Copy`.
-            keep: |new, old| new.$($field).+ = Clone::clone(&old.$($field).+),
-        }
-    };
-}
-
-/// Every restart-only setting, in the order the reload warning lists them.
-const RESTART_ONLY: &[RestartOnly] = &[
-    restart_only!("listen", listen),
-    restart_only!("admin_listen", admin_listen),
-    restart_only!("admin", admin),
-    restart_only!("webhook_path", webhook_path),
-    restart_only!("store.path", store.path),
-    restart_only!("store.backend/url/pool_size", store.backend),
-    restart_only!("store.retention", store.retention),
-    restart_only!("ingress.max_connections", ingress.max_connections),
-    restart_only!("ingress.header_timeout", ingress.header_timeout),
-    restart_only!("log_format", log_format),
-    restart_only!("tls", tls),
-];
 
 /// Why [`Relay::start`] refused to start when the cause is in the configuration and
 /// starting again cannot change it: a destination that cannot be set up (a file the
@@ -153,40 +97,12 @@ impl Relay {
         let store = store::open(&config.store).await?;
         let metrics = Arc::new(Metrics::new());
         metrics.init_ingress();
-
-        let tracker = TaskTracker::new();
-        let delivery = Shutdown {
-            soft: CancellationToken::new(),
-            hard: CancellationToken::new(),
-        };
-        let deliveries = Arc::new(Deliveries::new(
-            Arc::clone(&store),
-            Arc::clone(&metrics),
-            tracker.clone(),
-            delivery.clone(),
-        ));
-        // Only destinations are built and their files opened here: its errors are the
-        // configuration's.
-        let (wakers, _) = deliveries
-            .apply(&config)
-            .await
-            .map_err(|e| StartRefused(e.into()))?;
-        // Before any sweep here and any event accepted for them: the other relays must
-        // know this one has these destinations.
-        deliveries.announce(announcement_ttl(&config)).await?;
-        deliveries.dead_letter_orphans(&config).await?;
-        // Replays asked for while no relay ran are decided now, then every poll interval.
-        if let Err(e) = deliveries.decide_replays().await {
-            tracing::warn!(error = %e, "cannot decide replay requests now; trying again every poll interval");
-        }
-        // A shared store tells every relay about deliveries accepted by any of them.
-        if let Some(wakes) = store.subscribe() {
-            tracker.spawn(forward_wakes(
-                wakes,
-                Arc::clone(&deliveries),
-                delivery.soft.clone(),
-            ));
-        }
+        let Dispatch {
+            tracker,
+            delivery,
+            deliveries,
+            wakers,
+        } = start_delivery(&config, &store, &metrics).await?;
 
         let listener = bind_ingress(config.listen, config.ingress.max_connections)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -210,47 +126,29 @@ impl Relay {
             Arc::clone(&store),
             Arc::clone(&metrics),
         ));
-        tracker.spawn(housekeeping(
-            Arc::clone(&store),
-            Arc::clone(&ingress_state),
-            config.store.retention,
-            delivery.soft.clone(),
-        ));
         let current = Arc::new(Mutex::new(Arc::clone(&config)));
-        tracker.spawn(decide_replays(
-            Arc::clone(&deliveries),
-            Arc::clone(&current),
-            delivery.soft.clone(),
-        ));
-        if store.shared() {
-            tracker.spawn(announce_and_sweep(
-                Arc::clone(&deliveries),
-                Arc::clone(&current),
-                delivery.soft.clone(),
-            ));
-        }
+        spawn_upkeep(
+            &tracker,
+            &store,
+            &ingress_state,
+            &deliveries,
+            &current,
+            &delivery,
+        );
         let stop_ingress = CancellationToken::new();
         let ingress_up = Arc::new(AtomicBool::new(true));
         let admin = admin_listener.map(|listener| {
             start_admin(listener, &config, &metrics, &store, &ingress_up, &current)
         });
-        let app = ingress::router(Arc::clone(&ingress_state));
-        let limits = ingress::ListenerLimits::ingress(&config.ingress);
-        let drain = drain_time(&config.ingress);
-        let ingress = tokio::spawn({
-            let stop = stop_ingress.clone();
-            let acceptor = tls.as_ref().map(TlsHandle::acceptor);
-            let ingress_up = Arc::clone(&ingress_up);
-            let policy = ingress_state.conn_policy();
-            let metrics = Arc::clone(&metrics);
-            async move {
-                ingress::serve(
-                    listener, app, limits, policy, metrics, stop, drain, acceptor,
-                )
-                .await;
-                ingress_up.store(false, Ordering::Release);
-            }
-        });
+        let ingress = spawn_ingress(
+            listener,
+            &config,
+            &ingress_state,
+            &metrics,
+            tls.as_ref(),
+            &ingress_up,
+            &stop_ingress,
+        );
         tracing::info!(
             addr = %local_addr,
             admin = %admin_addr.map_or("off".to_string(), |a| a.to_string()),
@@ -434,6 +332,123 @@ impl Relay {
     }
 }
 
+/// The delivery side, running: [`start_delivery`]'s result.
+struct Dispatch {
+    tracker: TaskTracker,
+    delivery: Shutdown,
+    deliveries: Arc<Deliveries>,
+    wakers: Wakers,
+}
+
+/// Starts one dispatcher per destination (building them, and opening their files: these
+/// errors are the configuration's), announces them, sweeps orphans, decides the replays
+/// asked for while no relay ran, and passes a shared store's wakes on.
+async fn start_delivery(
+    config: &Arc<Config>,
+    store: &Arc<dyn Store>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Dispatch> {
+    let tracker = TaskTracker::new();
+    let delivery = Shutdown {
+        soft: CancellationToken::new(),
+        hard: CancellationToken::new(),
+    };
+    let deliveries = Arc::new(Deliveries::new(
+        Arc::clone(store),
+        Arc::clone(metrics),
+        tracker.clone(),
+        delivery.clone(),
+    ));
+    let (wakers, _) = deliveries
+        .apply(config)
+        .await
+        .map_err(|e| StartRefused(e.into()))?;
+    // Before any sweep here and any event accepted for them: the other relays must
+    // know this one has these destinations.
+    deliveries.announce(announcement_ttl(config)).await?;
+    deliveries.dead_letter_orphans(config).await?;
+    // Replays asked for while no relay ran are decided now, then every poll interval.
+    if let Err(e) = deliveries.decide_replays().await {
+        tracing::warn!(error = %e, "cannot decide replay requests now; trying again every poll interval");
+    }
+    // A shared store tells every relay about deliveries accepted by any of them.
+    if let Some(wakes) = store.subscribe() {
+        tracker.spawn(forward_wakes(
+            wakes,
+            Arc::clone(&deliveries),
+            delivery.soft.clone(),
+        ));
+    }
+    Ok(Dispatch {
+        tracker,
+        delivery,
+        deliveries,
+        wakers,
+    })
+}
+
+/// The periodic tasks: housekeeping, replay decisions and, on a shared store, the
+/// announcements and orphan sweeps.
+fn spawn_upkeep(
+    tracker: &TaskTracker,
+    store: &Arc<dyn Store>,
+    ingress_state: &Arc<IngressState>,
+    deliveries: &Arc<Deliveries>,
+    current: &Arc<Mutex<Arc<Config>>>,
+    delivery: &Shutdown,
+) {
+    let retention = current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .store
+        .retention;
+    tracker.spawn(housekeeping(
+        Arc::clone(store),
+        Arc::clone(ingress_state),
+        retention,
+        delivery.soft.clone(),
+    ));
+    tracker.spawn(decide_replays(
+        Arc::clone(deliveries),
+        Arc::clone(current),
+        delivery.soft.clone(),
+    ));
+    if store.shared() {
+        tracker.spawn(announce_and_sweep(
+            Arc::clone(deliveries),
+            Arc::clone(current),
+            delivery.soft.clone(),
+        ));
+    }
+}
+
+/// Serves webhooks on `listener` until `stop`; `ingress_up` turns false when it ends.
+fn spawn_ingress(
+    listener: TcpListener,
+    config: &Config,
+    ingress_state: &Arc<IngressState>,
+    metrics: &Arc<Metrics>,
+    tls: Option<&TlsHandle>,
+    ingress_up: &Arc<AtomicBool>,
+    stop: &CancellationToken,
+) -> JoinHandle<()> {
+    let app = ingress::router(Arc::clone(ingress_state));
+    let limits = ingress::ListenerLimits::ingress(&config.ingress);
+    let drain = drain_time(&config.ingress);
+    let stop = stop.clone();
+    let acceptor = tls.map(TlsHandle::acceptor);
+    let ingress_up = Arc::clone(ingress_up);
+    let policy = ingress_state.conn_policy();
+    let metrics = Arc::clone(metrics);
+    tokio::spawn(async move {
+        ingress::serve(
+            listener, app, limits, policy, metrics, stop, drain, acceptor,
+        )
+        .await;
+        ingress_up.store(false, Ordering::Release);
+    })
+}
+
 /// Builds the admin endpoint (`/metrics`, `/healthz`, `/readyz`) and serves it on
 /// `listener` with the `admin:` limits, until the returned token is cancelled. `/readyz`
 /// follows `ingress_up`; the destinations it reports are those of the config in force.
@@ -487,43 +502,6 @@ fn start_admin(
         }
     });
     (stop, task)
-}
-
-/// How long requests admitted before a reload can still be storing events: each one
-/// has at most its config's `body_timeout` and `store_timeout` once its handler starts
-/// (it reads the routes then). A sweep of removed destinations waits past this, or a
-/// request under the old routes could store a delivery for a removed destination after
-/// the sweep, with no dispatcher to take it (until the next start sweeps it).
-#[derive(Debug, Default)]
-struct RequestHorizon {
-    /// The latest moment a request admitted under a replaced config may still store
-    /// (with [`SWEEP_MARGIN`]).
-    until: Option<Instant>,
-}
-
-/// Slack added to a request's limits (before a sweep, and to ingress's drain at
-/// shutdown): scheduling, the answer's write.
-const SWEEP_MARGIN: Duration = Duration::from_secs(1);
-
-/// How long a request admitted under `limits` may still be reading its body and storing
-/// its event once its handler starts, with [`SWEEP_MARGIN`]: ingress waits this long for
-/// the requests under way at shutdown, and a sweep after a reload waits past it.
-fn drain_time(limits: &IngressConfig) -> Duration {
-    limits.body_timeout + limits.store_timeout + SWEEP_MARGIN
-}
-
-impl RequestHorizon {
-    /// Records that `old` limits were replaced by `new` at `now`; returns how long from
-    /// `now` until every request admitted so far has stored or given up: the larger of
-    /// the old and new limits, and of any earlier config's still in reach.
-    fn replaced(&mut self, old: &IngressConfig, new: &IngressConfig, now: Instant) -> Duration {
-        let old_until = now + drain_time(old);
-        let until = self.until.map_or(old_until, |u| u.max(old_until));
-        self.until = Some(until);
-        // Requests admitted from now on use `new`; one admitted just before the swap
-        // used `old`.
-        (until - now).max(drain_time(new))
-    }
 }
 
 fn describe(applied: &Applied) -> String {
@@ -588,190 +566,4 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let relay = Relay::start(config).await?;
     shutdown.await;
     relay.shutdown().await
-}
-
-/// Passes the store's new-delivery notices to the dispatchers running now.
-async fn forward_wakes(
-    mut wakes: tokio::sync::broadcast::Receiver<Wake>,
-    deliveries: Arc<Deliveries>,
-    stop: CancellationToken,
-) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        let wake = tokio::select! {
-            w = wakes.recv() => w,
-            () = stop.cancelled() => return,
-        };
-        match wake {
-            Ok(Wake::Destination(name)) => deliveries.wakers().wake(&name),
-            Ok(Wake::All) | Err(RecvError::Lagged(_)) => deliveries.wakers().wake_all(),
-            Err(RecvError::Closed) => return,
-        }
-    }
-}
-
-/// Shared stores: announces this relay's destinations every `poll_interval` (so the
-/// other relays' orphan sweeps leave them alone) and sweeps orphans every
-/// [`SWEEP_EVERY`] announcements.
-async fn announce_and_sweep(
-    deliveries: Arc<Deliveries>,
-    current: Arc<Mutex<Arc<Config>>>,
-    stop: CancellationToken,
-) {
-    let config_now = || Arc::clone(&current.lock().unwrap_or_else(|p| p.into_inner()));
-    let mut rounds: u32 = 0;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(config_now().delivery.poll_interval) => {}
-            () = stop.cancelled() => return,
-        }
-        let config = config_now();
-        if let Err(e) = deliveries.announce(announcement_ttl(&config)).await {
-            tracing::warn!(error = %e, "cannot announce this relay's destinations to the other relays");
-        }
-        rounds = rounds.wrapping_add(1);
-        if rounds.is_multiple_of(SWEEP_EVERY)
-            && let Err(e) = deliveries.dead_letter_orphans(&config).await
-        {
-            tracing::warn!(error = %e, "cannot sweep deliveries of destinations no relay has");
-        }
-    }
-}
-
-/// Decides the replay requests of `dead-letters replay` every poll interval (the
-/// command waits for the verdict).
-async fn decide_replays(
-    deliveries: Arc<Deliveries>,
-    current: Arc<Mutex<Arc<Config>>>,
-    stop: CancellationToken,
-) {
-    // What was last said, so a store that stays down logs once.
-    let mut said = String::new();
-    loop {
-        let poll = current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .delivery
-            .poll_interval;
-        tokio::select! {
-            () = tokio::time::sleep(poll) => {}
-            () = stop.cancelled() => return,
-        }
-        match deliveries.decide_replays().await {
-            Ok(()) => said.clear(),
-            Err(e) => {
-                let e = e.to_string();
-                if e != said {
-                    tracing::warn!(error = %e, "cannot decide replay requests; trying again every poll interval");
-                    said = e;
-                }
-            }
-        }
-    }
-}
-
-/// Sweeps the destinations a reload removed, after `first` and then every poll interval
-/// until none of them has attempts under way.
-async fn sweep_removed(
-    deliveries: Arc<Deliveries>,
-    current: Arc<Mutex<Arc<Config>>>,
-    first: Duration,
-    stop: CancellationToken,
-) {
-    let mut wait = first;
-    let mut rounds: u32 = 0;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = stop.cancelled() => return,
-        }
-        // The config in force now: a later reload may have brought one back.
-        let config = Arc::clone(&current.lock().unwrap_or_else(|p| p.into_inner()));
-        rounds = rounds.wrapping_add(1);
-        match deliveries.dead_letter_orphans(&config).await {
-            Ok(sweep) if sweep.waiting.is_empty() => return,
-            Ok(sweep) if rounds.is_multiple_of(STILL_WAITING_EVERY) => {
-                tracing::warn!(destinations = %sweep.waiting.join(", "),
-                    "removed destinations still have attempts under way; their pending deliveries wait for them");
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e,
-                "cannot sweep deliveries of removed destinations; trying again"),
-        }
-        wait = config.delivery.poll_interval;
-    }
-}
-
-/// Periodic upkeep: prune old delivered events; forget idle auth-failure counters.
-async fn housekeeping(
-    store: Arc<dyn Store>,
-    ingress: Arc<IngressState>,
-    retention: Duration,
-    stop: CancellationToken,
-) {
-    let mut prune = tokio::time::interval(PRUNE_INTERVAL);
-    let mut forget = tokio::time::interval(FORGET_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = prune.tick() => {}
-            _ = forget.tick() => {
-                ingress.forget_idle_sources();
-                continue;
-            }
-            () = stop.cancelled() => return,
-        }
-        let cutoff = crate::event::now_ms() - retention.as_millis() as i64;
-        match store.prune(cutoff).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(rows = n, "pruned delivered events past retention"),
-            Err(e) => tracing::warn!(error = %e, "prune failed"),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn limits(body: u64, store: u64) -> IngressConfig {
-        let (config, _) = crate::config::load_str(
-            &format!(
-                "ingress: {{ body_timeout: {body}s, store_timeout: {store}s }}\n\
-                 applications: [{{ app_id: a, token: t0123456789 }}]\n"
-            ),
-            std::path::Path::new("/tmp/relay.yaml"),
-            &|_| None,
-        )
-        .unwrap();
-        config.ingress
-    }
-
-    #[test]
-    fn a_sweep_after_lowered_limits_waits_for_the_old_ones() {
-        let now = Instant::now();
-        let mut h = RequestHorizon::default();
-        // 10 s + 3 s under the old config, 1 s + 1 s under the new one.
-        let wait = h.replaced(&limits(10, 3), &limits(1, 1), now);
-        assert_eq!(wait, Duration::from_secs(13) + SWEEP_MARGIN);
-        // Raised limits: the new ones are the longer wait.
-        let mut h = RequestHorizon::default();
-        let wait = h.replaced(&limits(1, 1), &limits(4, 2), now);
-        assert_eq!(wait, Duration::from_secs(6) + SWEEP_MARGIN);
-    }
-
-    #[test]
-    fn reloads_in_a_row_remember_an_older_configs_limits() {
-        let now = Instant::now();
-        let mut h = RequestHorizon::default();
-        h.replaced(&limits(30, 3), &limits(1, 1), now);
-        // Two seconds later the low limits are replaced (removing a destination): a
-        // request admitted under the first config may still be reading its body.
-        let later = now + Duration::from_secs(2);
-        let wait = h.replaced(&limits(1, 1), &limits(1, 1), later);
-        assert_eq!(wait, Duration::from_secs(31) + SWEEP_MARGIN);
-        // Long after, only the limits of the configs that could still have requests count.
-        let much_later = now + Duration::from_secs(100);
-        let wait = h.replaced(&limits(1, 1), &limits(1, 1), much_later);
-        assert_eq!(wait, Duration::from_secs(2) + SWEEP_MARGIN);
-    }
 }
