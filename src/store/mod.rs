@@ -31,7 +31,10 @@
 //! Backends implement [`Store`]; [`sqlite`] is the default, [`postgres`] the shared one.
 
 pub mod postgres;
+mod shared;
 pub mod sqlite;
+
+pub use self::shared::{ORPHANED, orphaned_reason};
 
 use std::sync::Arc;
 use std::time::Duration;
