@@ -31,10 +31,13 @@
 //! Backends implement [`Store`]; [`sqlite`] is the default, [`postgres`] the shared one.
 
 pub mod postgres;
+mod shared;
 pub mod sqlite;
 mod wake;
 
 pub use wake::{Wake, Wakers};
+
+pub use self::shared::{ORPHANED, orphaned_reason};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,19 +9,17 @@ use tokio::sync::broadcast;
 
 use super::PostgresStore;
 use super::conn::{CONNECT_TIMEOUT, conn, unavailable};
-use super::rows::{DEAD_LETTER_COLUMNS, dead_letter_row, delivery_row, selection_query};
+use super::rows::{dead_letter_row, delivery_row, selection_query};
 use super::wakes::{CHANNEL, WAKE_BUFFER, listen};
 use super::writers::{PendingInsert, PendingOutcome, hand_over};
 use crate::event::VerifiedEvent;
 use crate::event::now_ms;
+use crate::store::shared::{DEAD_LETTER_COLUMNS, ORPHANED, PRUNE_CHUNK};
 use crate::store::{
     ClaimRequest, DeadLetter, Delivery, DestinationStats, EventRow, Outcome, Ownership,
     REPLAY_RECORD_TTL, REPLAY_REFUSED, ReplayDecisions, ReplayVerdict, Selection, Store,
     StoreError, Wake,
 };
-
-/// Rows deleted per prune statement.
-const PRUNE_CHUNK: i64 = 5000;
 
 /// Announcements (`relay_destinations`) this long expired belong to relays long gone and
 /// are deleted.
@@ -453,7 +451,7 @@ impl Store for PostgresStore {
              ), moved AS (
                  UPDATE deliveries SET state = 'dead', updated_at = faceio_relay_now_ms(),
                      claimed_by = NULL, lease_until = NULL,
-                     last_error = 'destination ' || destination || ' is no longer in the config'
+                     last_error = $3 || destination || $4
                  WHERE state = 'pending' AND destination IN (SELECT destination FROM orphans)
                  RETURNING destination
              )
@@ -461,6 +459,8 @@ impl Store for PostgresStore {
         )
         .bind(&known)
         .bind(&self.instance)
+        .bind(ORPHANED.0)
+        .bind(ORPHANED.1)
         .fetch_all(c.get())
         .await;
         Ok(c.finish(r)?

@@ -1,31 +1,22 @@
 //! Reading rows into the store's types, and the dead-letter selection filter.
 
-use std::time::{Duration, UNIX_EPOCH};
-
 use bytes::Bytes;
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::store::shared::{dead_letter, selection_filter};
 use crate::store::{DeadLetter, Delivery, Selection};
 
-fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-pub(super) const DEAD_LETTER_COLUMNS: &str =
-    "d.id, d.event_id, d.destination, d.attempts, d.last_error, d.updated_at, e.event_name";
-
 pub(super) fn dead_letter_row(row: &PgRow) -> Result<DeadLetter, sqlx::Error> {
-    Ok(DeadLetter {
-        id: row.try_get(0)?,
-        event_id: row.try_get(1)?,
-        destination: row.try_get(2)?,
-        attempts: row.try_get::<i32, _>(3)?.max(0) as u32,
-        last_error: row.try_get::<Option<String>, _>(4)?.unwrap_or_default(),
-        failed_at: rfc3339(row.try_get(5)?),
-        event_name: row.try_get(6)?,
-    })
+    Ok(dead_letter((
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get::<i32, _>(3)?.into(),
+        row.try_get(4)?,
+        row.try_get(5)?,
+        row.try_get(6)?,
+    )))
 }
 
 /// A delivery from `id, event_id, attempts, received_at, payload[, claim_seq]`.
@@ -51,12 +42,13 @@ pub(super) fn selection_query(
     sql: &str,
     selection: &Selection,
 ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    let (filter, bind): (&str, Option<Result<String, Vec<i64>>>) = match selection {
-        Selection::All => ("state = 'dead'", None),
-        Selection::Destination(d) => ("state = 'dead' AND destination = $1", Some(Ok(d.clone()))),
-        Selection::Ids(ids) => ("state = 'dead' AND id = ANY($1)", Some(Err(ids.clone()))),
+    let bind: Option<Result<String, Vec<i64>>> = match selection {
+        Selection::All => None,
+        Selection::Destination(d) => Some(Ok(d.clone())),
+        Selection::Ids(ids) => Some(Err(ids.clone())),
     };
-    let q = sqlx::query(AssertSqlSafe(sql.replace("{filter}", filter)));
+    let filter = selection_filter(selection, "$1", "= ANY($1)");
+    let q = sqlx::query(AssertSqlSafe(sql.replace("{filter}", &filter)));
     match bind {
         None => q,
         Some(Ok(d)) => q.bind(d),

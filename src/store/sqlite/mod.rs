@@ -287,8 +287,7 @@ mod tests {
     use crate::config::{Application, Secret};
     use crate::event::verify::{authenticate, verify};
     use crate::event::{VerifiedEvent, now_ms};
-    use crate::store::replay_refused_reason;
-    use crate::store::{Outcome, Selection, Store};
+    use crate::store::Store;
 
     fn app() -> Vec<Application> {
         vec![Application::new("fioa1", Secret::new("t".into()))]
@@ -307,149 +306,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db/relay.db")).unwrap();
         (dir, store)
-    }
-
-    #[tokio::test]
-    async fn an_inserted_event_is_due_for_each_destination() {
-        let (_dir, store) = open();
-        let ev = event("ENROLL");
-        store.insert_event(&ev, &["a", "b"]).await.unwrap();
-        let due_a = store.due("a", now_ms(), 10).await.unwrap();
-        assert_eq!(due_a.len(), 1);
-        assert_eq!(due_a[0].event_id, ev.id());
-        assert_eq!(due_a[0].body, ev.body());
-        assert_eq!(store.due("b", now_ms(), 10).await.unwrap().len(), 1);
-        assert!(store.due("c", now_ms(), 10).await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn outcomes_move_deliveries_through_retry_done_and_dead() {
-        let (_dir, store) = open();
-        store
-            .insert_event(&event("AUTH"), &["a", "b"])
-            .await
-            .unwrap();
-        let a = store.due("a", now_ms(), 10).await.unwrap().remove(0);
-        let later = now_ms() + 60_000;
-        store
-            .record(
-                &a,
-                Outcome::Retry {
-                    attempts: 1,
-                    next_attempt_at_ms: later,
-                    error: "HTTP 500".into(),
-                },
-            )
-            .await
-            .unwrap();
-        assert!(
-            store.due("a", now_ms(), 10).await.unwrap().is_empty(),
-            "not due before its time"
-        );
-        assert_eq!(
-            store.next_due_after("a", now_ms()).await.unwrap(),
-            Some(later)
-        );
-        assert_eq!(store.next_due_after("a", later).await.unwrap(), None);
-        let again = store.due("a", later, 10).await.unwrap();
-        assert_eq!(again[0].attempts, 1);
-        store
-            .record(&a, Outcome::Done { attempts: 2 })
-            .await
-            .unwrap();
-        assert_eq!(store.next_due_after("a", 0).await.unwrap(), None);
-
-        let b = store.due("b", now_ms(), 10).await.unwrap().remove(0);
-        store
-            .record(
-                &b,
-                Outcome::Dead {
-                    attempts: 1,
-                    error: "HTTP 404: channel_not_found".into(),
-                },
-            )
-            .await
-            .unwrap();
-        let dead = store.dead_letters(None, 10).await.unwrap();
-        assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].id, b.id);
-        assert_eq!(dead[0].last_error, "HTTP 404: channel_not_found");
-        assert_eq!(dead[0].event_name, "AUTH");
-        let (shown, body) = store.dead_letter(b.id).await.unwrap().unwrap();
-        assert_eq!(shown, dead[0]);
-        assert!(body.starts_with(b"{"));
-
-        assert_eq!(
-            store
-                .request_replay(&Selection::Destination("b".into()), "batch-1")
-                .await
-                .unwrap(),
-            1
-        );
-        // Asked for, not yet decided: still a dead letter.
-        assert!(store.due("b", now_ms(), 10).await.unwrap().is_empty());
-        assert_eq!(store.replay_verdict("batch-1").await.unwrap().undecided, 1);
-        let decided = store.decide_replays(&["a", "b"]).await.unwrap();
-        assert_eq!(decided.replayed, [("b".to_string(), 1)]);
-        let verdict = store.replay_verdict("batch-1").await.unwrap();
-        assert_eq!(
-            (verdict.undecided, verdict.replayed),
-            (0, vec![("b".to_string(), 1)])
-        );
-        store.forget_replay("batch-1").await.unwrap();
-        assert_eq!(
-            store.replay_verdict("batch-1").await.unwrap(),
-            Default::default()
-        );
-        let replayed = store.due("b", now_ms(), 10).await.unwrap();
-        assert_eq!(replayed[0].attempts, 0, "attempts start over");
-        store
-            .record(
-                &b,
-                Outcome::Dead {
-                    attempts: 1,
-                    error: "again".into(),
-                },
-            )
-            .await
-            .unwrap();
-        assert_eq!(store.purge(&Selection::Ids(vec![b.id])).await.unwrap(), 1);
-        assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_replay_of_a_destination_the_daemon_does_not_run_is_refused() {
-        let (_dir, store) = open();
-        store
-            .insert_event(&event("AUTH"), &["kept", "gone"])
-            .await
-            .unwrap();
-        for name in ["kept", "gone"] {
-            let d = store.due(name, now_ms(), 10).await.unwrap().remove(0);
-            let dead = Outcome::Dead {
-                attempts: 3,
-                error: "HTTP 500".into(),
-            };
-            store.record(&d, dead).await.unwrap();
-        }
-        assert_eq!(store.request_replay(&Selection::All, "b").await.unwrap(), 2);
-        // Nothing to decide twice; the daemon runs only `kept`.
-        let decided = store.decide_replays(&["kept"]).await.unwrap();
-        assert_eq!(decided.replayed, [("kept".to_string(), 1)]);
-        assert_eq!(decided.refused, [("gone".to_string(), 1)]);
-        assert_eq!(
-            store.decide_replays(&["kept"]).await.unwrap(),
-            Default::default()
-        );
-        assert_eq!(store.due("kept", now_ms(), 10).await.unwrap().len(), 1);
-        assert!(store.due("gone", now_ms(), 10).await.unwrap().is_empty());
-        let dead = store.dead_letters(None, 10).await.unwrap();
-        assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].last_error, replay_refused_reason("gone"));
-        assert_eq!(dead[0].attempts, 3, "a refused replay keeps its history");
-        let verdict = store.replay_verdict("b").await.unwrap();
-        assert_eq!(verdict.refused, [("gone".to_string(), 1)]);
-        assert_eq!(verdict.replayed, [("kept".to_string(), 1)]);
     }
 
     #[tokio::test]
@@ -514,36 +370,5 @@ mod tests {
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
         // The admin commands can.
         SqliteStore::open_admin(&dir.path().join("db/relay.db")).unwrap();
-    }
-
-    #[tokio::test]
-    async fn orphans_are_dead_lettered_and_old_done_rows_pruned() {
-        let (_dir, store) = open();
-        store
-            .insert_event(&event("AUTH"), &["kept", "removed"])
-            .await
-            .unwrap();
-        assert_eq!(
-            store.dead_letter_orphans(&["kept"]).await.unwrap(),
-            [("removed".to_string(), 1)]
-        );
-        let dead = store.dead_letters(None, 10).await.unwrap();
-        assert_eq!(dead[0].destination, "removed");
-        assert!(dead[0].last_error.contains("no longer in the config"));
-
-        let kept = store.due("kept", now_ms(), 10).await.unwrap().remove(0);
-        store
-            .record(&kept, Outcome::Done { attempts: 1 })
-            .await
-            .unwrap();
-        // The dead letter keeps its event; the done delivery goes.
-        assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1);
-        assert_eq!(store.dead_letters(None, 10).await.unwrap().len(), 1);
-        store.purge(&Selection::All).await.unwrap();
-        assert_eq!(
-            store.prune(now_ms() + 1).await.unwrap(),
-            1,
-            "now the event goes too"
-        );
     }
 }

@@ -2,7 +2,6 @@
 //! writer thread.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -13,52 +12,39 @@ use super::SqliteStore;
 use super::writer::Command;
 use crate::event::VerifiedEvent;
 use crate::event::now_ms;
+use crate::store::shared::{
+    DEAD_LETTER_COLUMNS, ORPHANED, PRUNE_CHUNK, dead_letter, selection_filter,
+};
 use crate::store::{
     DeadLetter, Delivery, DestinationStats, EventRow, Outcome, REPLAY_RECORD_TTL, REPLAY_REFUSED,
     ReplayDecisions, ReplayVerdict, Selection, Store, StoreError,
 };
 
-/// Rows deleted per prune transaction.
-const PRUNE_CHUNK: i64 = 5000;
-
 /// `WHERE` clause and parameters for a dead-letter selection.
 fn selection_sql(selection: &Selection) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
-    match selection {
-        Selection::All => ("state = 'dead'".into(), vec![]),
-        Selection::Destination(d) => (
-            "state = 'dead' AND destination = ?".into(),
-            vec![Value::Text(d.clone())],
+    let (values, id_in) = match selection {
+        Selection::All => (vec![], String::new()),
+        Selection::Destination(d) => (vec![Value::Text(d.clone())], String::new()),
+        Selection::Ids(ids) => (
+            ids.iter().map(|&i| Value::Integer(i)).collect(),
+            format!("IN ({})", vec!["?"; ids.len()].join(", ")),
         ),
-        Selection::Ids(ids) => {
-            let marks = vec!["?"; ids.len()].join(", ");
-            (
-                format!("state = 'dead' AND id IN ({marks})"),
-                ids.iter().map(|&i| Value::Integer(i)).collect(),
-            )
-        }
-    }
-}
-
-fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(t).to_string()
+    };
+    (selection_filter(selection, "?", &id_in), values)
 }
 
 fn dead_letter_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
-    Ok(DeadLetter {
-        id: row.get(0)?,
-        event_id: row.get(1)?,
-        destination: row.get(2)?,
-        attempts: row.get(3)?,
-        last_error: row.get::<_, Option<String>>(4)?.unwrap_or_default(),
-        failed_at: rfc3339(row.get(5)?),
-        event_name: row.get(6)?,
-    })
+    Ok(dead_letter((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+    )))
 }
-
-const DEAD_LETTER_COLUMNS: &str =
-    "d.id, d.event_id, d.destination, d.attempts, d.last_error, d.updated_at, e.event_name";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -366,13 +352,14 @@ impl Store for SqliteStore {
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let now = now_ms();
+            let reason = [ORPHANED.0, ORPHANED.1].map(|t| rusqlite::types::Value::Text(t.into()));
             let n = tx.execute(
                 &format!(
                     "UPDATE deliveries SET state = 'dead', updated_at = {now},
-                     last_error = 'destination ' || destination || ' is no longer in the config'
+                     last_error = ? || destination || ?
                      WHERE state = 'pending' {not_in}"
                 ),
-                rusqlite::params_from_iter(&known),
+                rusqlite::params_from_iter(reason.iter().chain(&known)),
             )?;
             *found.lock().unwrap_or_else(|p| p.into_inner()) = per_destination;
             Ok(n as u64)
