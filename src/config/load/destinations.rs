@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{Loader, quoted, same_file_key, top};
 use crate::config::de::one_of;
-use crate::config::raw::{CommonKeys, RawDestination};
+use crate::config::raw::{CommonKeys, RawDestination, RawRetry};
 use crate::config::yaml::{KeyPath, Kind, Node};
 use crate::config::{DestinationConfig, RateLimit, RetryPolicy};
 use crate::destinations::{DestinationKind, KindConfig};
@@ -170,38 +170,13 @@ impl Loader {
                 0
             }
         };
-        let mut policy = RetryPolicy::default();
-        if let Some(r) = retry {
-            let rpath = path.key("retry");
-            if let Some(n) = r.max_attempts {
-                if n == 0 {
-                    self.error(&rpath.key("max_attempts"), "must be at least 1");
-                    ok = false;
-                } else {
-                    policy.max_attempts = n;
-                }
-            }
-            match self.positive(&rpath.key("initial_delay"), r.initial_delay) {
-                Some(d) => policy.initial_delay = d,
-                None => ok &= r.initial_delay.is_none(),
-            }
-            if let Some(d) = r.max_delay {
-                policy.max_delay = d.0;
-            }
-            if ok
-                && policy.initial_delay > policy.max_delay
-                && !self.diag.suppressed(&rpath.key("initial_delay"))
-                && !self.diag.suppressed(&rpath.key("max_delay"))
-            {
-                let at = if r.initial_delay.is_some() {
-                    rpath.key("initial_delay")
-                } else {
-                    rpath.key("max_delay")
-                };
-                self.error(&at, "initial_delay must not be greater than max_delay");
+        let policy = match retry {
+            None => RetryPolicy::default(),
+            Some(r) => self.retry_policy(&path.key("retry"), r).unwrap_or_else(|| {
                 ok = false;
-            }
-        }
+                RetryPolicy::default()
+            }),
+        };
         let rate_limit = match rate_limit {
             None => None,
             Some(rl) => {
@@ -221,6 +196,41 @@ impl Loader {
             retry: policy,
             rate_limit,
         })
+    }
+
+    /// `retry:`, its values checked and the defaults filled in.
+    fn retry_policy(&mut self, rpath: &KeyPath, r: RawRetry) -> Option<RetryPolicy> {
+        let mut ok = true;
+        let mut policy = RetryPolicy::default();
+        if let Some(n) = r.max_attempts {
+            if n == 0 {
+                self.error(&rpath.key("max_attempts"), "must be at least 1");
+                ok = false;
+            } else {
+                policy.max_attempts = n;
+            }
+        }
+        match self.positive(&rpath.key("initial_delay"), r.initial_delay) {
+            Some(d) => policy.initial_delay = d,
+            None => ok &= r.initial_delay.is_none(),
+        }
+        if let Some(d) = r.max_delay {
+            policy.max_delay = d.0;
+        }
+        if ok
+            && policy.initial_delay > policy.max_delay
+            && !self.diag.suppressed(&rpath.key("initial_delay"))
+            && !self.diag.suppressed(&rpath.key("max_delay"))
+        {
+            let at = if r.initial_delay.is_some() {
+                rpath.key("initial_delay")
+            } else {
+                rpath.key("max_delay")
+            };
+            self.error(&at, "initial_delay must not be greater than max_delay");
+            ok = false;
+        }
+        ok.then_some(policy)
     }
 
     /// An http(s) URL; with `warn_cleartext` (Slack and HTTP destinations), a warning

@@ -239,74 +239,8 @@ impl Store for SqliteStore {
         let decided = Arc::new(Mutex::new(ReplayDecisions::default()));
         let found = Arc::clone(&decided);
         self.admin(move |tx| {
-            let now = now_ms();
-            let undecided = "SELECT delivery_id FROM replay_requests WHERE outcome IS NULL";
-            // Requests for rows that are no longer dead letters (purged, or replayed by
-            // a request of another batch) have nothing to decide.
-            tx.execute(
-                &format!(
-                    "UPDATE replay_requests SET outcome = 'gone', decided_at = {now}
-                     WHERE outcome IS NULL AND NOT EXISTS (SELECT 1 FROM deliveries d
-                         WHERE d.id = replay_requests.delivery_id AND d.state = 'dead')"
-                ),
-                [],
-            )?;
-            tx.execute(
-                "UPDATE replay_requests SET destination = (SELECT d.destination
-                     FROM deliveries d WHERE d.id = replay_requests.delivery_id)
-                 WHERE outcome IS NULL",
-                [],
-            )?;
-            let marks = vec!["?"; running.len()].join(", ");
-            let known = format!("destination IN ({marks})");
-            let counts = |tx: &Transaction<'_>, filter: &str, params: &[rusqlite::types::Value]| {
-                tx.prepare(&format!(
-                    "SELECT destination, count(*) FROM replay_requests
-                     WHERE outcome IS NULL AND {filter} GROUP BY destination"
-                ))?
-                .query_map(rusqlite::params_from_iter(params), |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
-            };
-            let replayed = counts(tx, &known, &running)?;
-            tx.execute(
-                &format!(
-                    "UPDATE deliveries SET state = 'pending', attempts = 0,
-                     next_attempt_at = {now}, updated_at = {now}
-                     WHERE state = 'dead' AND {known} AND id IN ({undecided})"
-                ),
-                rusqlite::params_from_iter(&running),
-            )?;
-            tx.execute(
-                &format!(
-                    "UPDATE replay_requests SET outcome = 'replayed', decided_at = {now}
-                     WHERE outcome IS NULL AND {known}"
-                ),
-                rusqlite::params_from_iter(&running),
-            )?;
-            let refused = counts(tx, "true", &[])?;
-            tx.execute(
-                &format!(
-                    "UPDATE deliveries SET last_error = ?1 || destination || ?2,
-                     updated_at = {now} WHERE state = 'dead' AND id IN ({undecided})"
-                ),
-                params![REPLAY_REFUSED.0, REPLAY_REFUSED.1],
-            )?;
-            tx.execute(
-                &format!(
-                    "UPDATE replay_requests SET outcome = 'refused', decided_at = {now}
-                     WHERE outcome IS NULL"
-                ),
-                [],
-            )?;
-            let forgotten = now - REPLAY_RECORD_TTL.as_millis() as i64;
-            tx.execute(
-                "DELETE FROM replay_requests WHERE outcome IS NOT NULL AND decided_at < ?1",
-                [forgotten],
-            )?;
             *found.lock().unwrap_or_else(|p| p.into_inner()) =
-                ReplayDecisions { replayed, refused };
+                decide_replays_in(tx, &running, now_ms())?;
             Ok(0)
         })
         .await?;
@@ -464,4 +398,81 @@ impl Store for SqliteStore {
             }
         }
     }
+}
+
+/// Decides every undecided replay request in one transaction: requests for rows no
+/// longer dead are `gone`; those of a destination in `running` move their row back to
+/// pending (`replayed`); the rest are `refused`, the reason written on the dead letter.
+/// Old decisions are forgotten after [`REPLAY_RECORD_TTL`].
+fn decide_replays_in(
+    tx: &Transaction<'_>,
+    running: &[rusqlite::types::Value],
+    now: i64,
+) -> rusqlite::Result<ReplayDecisions> {
+    let undecided = "SELECT delivery_id FROM replay_requests WHERE outcome IS NULL";
+    // Requests for rows that are no longer dead letters (purged, or replayed by
+    // a request of another batch) have nothing to decide.
+    tx.execute(
+        &format!(
+            "UPDATE replay_requests SET outcome = 'gone', decided_at = {now}
+             WHERE outcome IS NULL AND NOT EXISTS (SELECT 1 FROM deliveries d
+                 WHERE d.id = replay_requests.delivery_id AND d.state = 'dead')"
+        ),
+        [],
+    )?;
+    tx.execute(
+        "UPDATE replay_requests SET destination = (SELECT d.destination
+             FROM deliveries d WHERE d.id = replay_requests.delivery_id)
+         WHERE outcome IS NULL",
+        [],
+    )?;
+    let marks = vec!["?"; running.len()].join(", ");
+    let known = format!("destination IN ({marks})");
+    let counts = |tx: &Transaction<'_>, filter: &str, params: &[rusqlite::types::Value]| {
+        tx.prepare(&format!(
+            "SELECT destination, count(*) FROM replay_requests
+             WHERE outcome IS NULL AND {filter} GROUP BY destination"
+        ))?
+        .query_map(rusqlite::params_from_iter(params), |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()
+    };
+    let replayed = counts(tx, &known, running)?;
+    tx.execute(
+        &format!(
+            "UPDATE deliveries SET state = 'pending', attempts = 0,
+             next_attempt_at = {now}, updated_at = {now}
+             WHERE state = 'dead' AND {known} AND id IN ({undecided})"
+        ),
+        rusqlite::params_from_iter(running),
+    )?;
+    tx.execute(
+        &format!(
+            "UPDATE replay_requests SET outcome = 'replayed', decided_at = {now}
+             WHERE outcome IS NULL AND {known}"
+        ),
+        rusqlite::params_from_iter(running),
+    )?;
+    let refused = counts(tx, "true", &[])?;
+    tx.execute(
+        &format!(
+            "UPDATE deliveries SET last_error = ?1 || destination || ?2,
+             updated_at = {now} WHERE state = 'dead' AND id IN ({undecided})"
+        ),
+        params![REPLAY_REFUSED.0, REPLAY_REFUSED.1],
+    )?;
+    tx.execute(
+        &format!(
+            "UPDATE replay_requests SET outcome = 'refused', decided_at = {now}
+             WHERE outcome IS NULL"
+        ),
+        [],
+    )?;
+    let forgotten = now - REPLAY_RECORD_TTL.as_millis() as i64;
+    tx.execute(
+        "DELETE FROM replay_requests WHERE outcome IS NOT NULL AND decided_at < ?1",
+        [forgotten],
+    )?;
+    Ok(ReplayDecisions { replayed, refused })
 }
