@@ -212,7 +212,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 crate::telemetry::init(config.log_format, config.log_level.as_deref());
             match crate::service::run(&cli.config, config, logs, args.allow_demo_token).await {
                 Ok(()) => Ok(ExitCode::SUCCESS),
-                Err(e) if e.is::<crate::StartRefused>() => {
+                Err(e)
+                    if e.downcast_ref::<crate::RelayError>()
+                        .is_some_and(crate::RelayError::is_config) =>
+                {
                     eprintln!("error: {e:#}");
                     eprintln!("{}: nothing was started", cli.config.display());
                     Ok(ExitCode::from(EXIT_CONFIG))

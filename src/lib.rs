@@ -48,4 +48,4 @@ pub mod store;
 pub mod telemetry;
 pub mod template;
 
-pub use relay::{Relay, StartRefused, StatusSource, run};
+pub use relay::{Relay, RelayError, StatusSource, run};

@@ -66,7 +66,8 @@ pub async fn run(
     notify(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
     stop.cancel();
     let _ = status.await;
-    relay.shutdown().await
+    relay.shutdown().await;
+    Ok(())
 }
 
 async fn reload(relay: &Relay, path: &Path, logs: &LogControl, allow_demo_token: bool) {

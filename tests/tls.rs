@@ -88,7 +88,7 @@ async fn https_post_is_stored_over_h2_or_http1_by_alpn() {
         "http/1.1 chosen by ALPN"
     );
     assert_eq!(stored_events(&setup), 2);
-    relay.shutdown().await.unwrap();
+    relay.shutdown().await;
 }
 
 #[tokio::test]
@@ -101,7 +101,7 @@ async fn plain_http_to_the_tls_port_fails() {
     let result = post(&client, &url, "face-plain").await;
     assert!(result.is_err(), "plain HTTP got an answer: {result:?}");
     assert_eq!(stored_events(&setup), 0);
-    relay.shutdown().await.unwrap();
+    relay.shutdown().await;
 }
 
 #[tokio::test]
@@ -145,7 +145,7 @@ async fn reload_serves_the_new_certificate_and_keeps_open_connections() {
     assert_eq!((status, version), (200, reqwest::Version::HTTP_11));
 
     assert_eq!(stored_events(&setup), 5);
-    relay.shutdown().await.unwrap();
+    relay.shutdown().await;
 }
 
 #[tokio::test]
@@ -174,7 +174,7 @@ async fn broken_reload_is_an_error_and_the_old_certificate_keeps_serving() {
     let client = client_trusting(&pem).build().unwrap();
     let (status, _, _) = post(&client, &https(&relay), "still-served").await.unwrap();
     assert_eq!(status, 200);
-    relay.shutdown().await.unwrap();
+    relay.shutdown().await;
 }
 
 #[tokio::test]
@@ -208,7 +208,7 @@ async fn a_stalled_handshake_is_closed_after_header_timeout_and_frees_its_slot()
 
     let (status, _, _) = real.await.unwrap().unwrap();
     assert_eq!(status, 200);
-    relay.shutdown().await.unwrap();
+    relay.shutdown().await;
 }
 
 #[tokio::test]
@@ -242,7 +242,7 @@ async fn a_config_reload_picks_up_a_renewed_certificate() {
     relay.reload(setup.config(&body)).await.unwrap();
     let fresh_new = client_trusting(&new).build().unwrap();
     assert_eq!(post(&fresh_new, &url, "renewed").await.unwrap().0, 200);
-    relay.shutdown().await.unwrap();
+    relay.shutdown().await;
 }
 
 #[tokio::test]
@@ -272,5 +272,5 @@ async fn simulate_posts_over_https_trusting_a_given_certificate() {
         !untrusted.status.success(),
         "a self-signed certificate is not trusted by default"
     );
-    relay.shutdown().await.unwrap();
+    relay.shutdown().await;
 }

@@ -362,11 +362,14 @@ impl Default for RetryPolicy {
 pub struct RateLimit {
     /// Sustained rate; may be fractional (0.5 = one every two seconds). > 0.
     pub per_second: f64,
-    /// Bucket size (default 1). >= 1.
+    /// Bucket size (default [`Self::DEFAULT_BURST`]). >= 1.
     pub burst: u32,
 }
 
 impl RateLimit {
+    /// `burst` when not set.
+    pub const DEFAULT_BURST: u32 = 1;
+
     /// The governor quota for this bucket: one cell every `1/per_second`, `burst` cells.
     pub fn quota(&self) -> governor::Quota {
         // A rate too small to express (or not finite) becomes one cell a year.

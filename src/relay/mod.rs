@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -22,8 +21,9 @@ use tokio_util::task::TaskTracker;
 use crate::admin::AdminState;
 use crate::config::Config;
 use crate::delivery::{Applied, Deliveries, Shutdown, Sweep};
-use crate::ingress::{IngressState, TlsHandle};
-use crate::store::{Store, Wakers};
+use crate::destinations::SetupError;
+use crate::ingress::{IngressState, TlsError, TlsHandle};
+use crate::store::{Store, StoreError, Wakers};
 use crate::telemetry::metrics::Metrics;
 use crate::{admin, ingress, store};
 
@@ -39,14 +39,37 @@ use tasks::{
 /// How long shutdown waits for the admin endpoint's connections to close.
 const ADMIN_CLOSE: Duration = Duration::from_secs(1);
 
-/// Why [`Relay::start`] refused to start when the cause is in the configuration and
-/// starting again cannot change it: a destination that cannot be set up (a file the
-/// service may not open or create) or a TLS certificate that cannot be loaded. `run`
-/// exits with [`crate::cli::EXIT_CONFIG`] for it, which the systemd unit does not
-/// restart; other start failures (a port in use, an unreachable store) are retried.
+/// Why the relay could not start, or could not apply a reloaded config.
 #[derive(Debug, thiserror::Error)]
-#[error("{0:#}")]
-pub struct StartRefused(pub anyhow::Error);
+pub enum RelayError {
+    /// The TLS certificate or key cannot be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A destination cannot be set up (a file the service may not open or create).
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The store cannot be opened or does not answer.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A listener cannot be bound (`what` names it: `listen` or `admin_listen`).
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl RelayError {
+    /// Whether the cause is in the configuration and starting again cannot change it:
+    /// a TLS certificate that cannot be loaded, a destination that cannot be set up.
+    /// `run` exits with [`crate::cli::EXIT_CONFIG`] for these, which the systemd unit
+    /// does not restart; other start failures (a port in use, an unreachable store) are
+    /// retried.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Tls(_) | Self::Setup(_))
+    }
+}
 
 /// A running relay: ingress, admin endpoint, dispatchers and store.
 pub struct Relay {
@@ -85,15 +108,10 @@ pub struct Relay {
 impl Relay {
     /// Opens the store, starts the dispatchers, binds the listeners. When this returns
     /// `Ok`, the relay accepts webhooks.
-    pub async fn start(config: Config) -> anyhow::Result<Self> {
+    pub async fn start(config: Config) -> Result<Self, RelayError> {
         let config = Arc::new(config);
         // Certificate problems are reported before anything else is started.
-        let tls = config
-            .tls
-            .as_ref()
-            .map(TlsHandle::load)
-            .transpose()
-            .map_err(|e| StartRefused(e.into()))?;
+        let tls = config.tls.as_ref().map(TlsHandle::load).transpose()?;
         let store = store::open(&config.store).await?;
         let metrics = Arc::new(Metrics::new());
         metrics.init_ingress();
@@ -104,21 +122,16 @@ impl Relay {
             wakers,
         } = start_delivery(&config, &store, &metrics).await?;
 
-        let listener = bind_ingress(config.listen, config.ingress.max_connections)
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let local_addr = listener.local_addr()?;
-        let admin_listener = match config.admin_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr} (admin_listen)"))?,
-            ),
-            None => None,
+        let (listener, admin_listener) = bind_listeners(&config).await?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(listen_error(config.listen, "listen"))?;
+        let admin_addr = match (&admin_listener, config.admin_listen) {
+            (Some(l), Some(addr)) => {
+                Some(l.local_addr().map_err(listen_error(addr, "admin_listen"))?)
+            }
+            _ => None,
         };
-        let admin_addr = admin_listener
-            .as_ref()
-            .map(|l| l.local_addr())
-            .transpose()?;
 
         let ingress_state = Arc::new(IngressState::new(
             Arc::clone(&config),
@@ -197,7 +210,7 @@ impl Relay {
     /// change at once; settings that need a restart (listen addresses, store path,
     /// retention, connection cap, header timeout, log format, TLS paths, `admin:`) are kept and named in a
     /// warning. On error nothing changes.
-    pub async fn reload(&self, new: Config) -> anyhow::Result<String> {
+    pub async fn reload(&self, new: Config) -> Result<String, RelayError> {
         let old = Arc::clone(&self.current.lock().unwrap_or_else(|p| p.into_inner()));
         let kept: Vec<&str> = RESTART_ONLY
             .iter()
@@ -293,7 +306,7 @@ impl Relay {
     }
 
     /// Graceful shutdown; see the crate docs for the order.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(self) {
         tracing::info!("shutting down: no longer accepting webhooks");
         self.ingress_up.store(false, Ordering::Release);
         self.stop_ingress.cancel();
@@ -328,7 +341,6 @@ impl Relay {
         }
         self.store.close().await;
         tracing::info!("shutdown complete");
-        Ok(())
     }
 }
 
@@ -347,7 +359,7 @@ async fn start_delivery(
     config: &Arc<Config>,
     store: &Arc<dyn Store>,
     metrics: &Arc<Metrics>,
-) -> anyhow::Result<Dispatch> {
+) -> Result<Dispatch, RelayError> {
     let tracker = TaskTracker::new();
     let delivery = Shutdown {
         soft: CancellationToken::new(),
@@ -359,10 +371,7 @@ async fn start_delivery(
         tracker.clone(),
         delivery.clone(),
     ));
-    let (wakers, _) = deliveries
-        .apply(config)
-        .await
-        .map_err(|e| StartRefused(e.into()))?;
+    let (wakers, _) = deliveries.apply(config).await?;
     // Before any sweep here and any event accepted for them: the other relays must
     // know this one has these destinations.
     deliveries.announce(announcement_ttl(config)).await?;
@@ -521,6 +530,25 @@ fn describe(applied: &Applied) -> String {
     )
 }
 
+/// Binds ingress, and the admin endpoint when enabled.
+async fn bind_listeners(config: &Config) -> Result<(TcpListener, Option<TcpListener>), RelayError> {
+    let listener = bind_ingress(config.listen, config.ingress.max_connections)
+        .map_err(listen_error(config.listen, "listen"))?;
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(listen_error(addr, "admin_listen"))?,
+        ),
+        None => None,
+    };
+    Ok((listener, admin))
+}
+
+fn listen_error(addr: SocketAddr, what: &'static str) -> impl Fn(std::io::Error) -> RelayError {
+    move |source| RelayError::Listen { addr, what, source }
+}
+
 /// Binds ingress with an accept backlog as deep as the connection cap (the kernel caps it
 /// at `net.core.somaxconn`): `TcpListener::bind` uses 128, and a burst of new
 /// connections beyond that waits a whole SYN retransmit (1 s), a sixth of FACEIO's
@@ -562,8 +590,9 @@ impl StatusSource {
 }
 
 /// Runs the relay until `shutdown` completes, then stops it gracefully.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
     let relay = Relay::start(config).await?;
     shutdown.await;
-    relay.shutdown().await
+    relay.shutdown().await;
+    Ok(())
 }

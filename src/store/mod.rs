@@ -394,11 +394,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(Some(Ownership::exclusive()))
     }
 
-    /// Up to `want` due deliveries, oldest first, claimed for this process for
+    /// Up to `want` due deliveries, oldest first, never one of `in_flight` once the
+    /// caller has skipped its own. A shared store claims them for this process for
     /// `lease`: no `claim` (in any process) returns them again until the lease runs out
     /// or their outcome is recorded. See [`ClaimRequest`]. The default suits a store used
-    /// by one daemon: it reads like [`Store::due`], `want` rows plus as many as are in
-    /// flight (the caller skips its own), and claims nothing in the store.
+    /// by one daemon (one process, one dispatcher per destination): it reads like
+    /// [`Store::due`], `want` rows plus as many as are in flight (the caller skips its
+    /// own), and claims nothing in the store.
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Vec<Delivery>, StoreError> {
         self.due(
             request.destination,

@@ -1,9 +1,10 @@
 //! "New work is pending": how the paths that commit deliveries tell the dispatchers.
 //!
-//! One notice, [`Wake`], and one receiver, [`Wakers`], for every path: ingress, after its
-//! group commit, wakes the dispatchers of the event's destinations in this process; a
-//! shared store ([`super::Store::subscribe`]) passes on what the other relays committed
-//! (PostgreSQL `LISTEN`). A wake is only a hint to look at the store now: a lost one
+//! One receiver, [`Wakers`], for every path: ingress, after its group commit, wakes the
+//! dispatchers of the event's destinations in this process
+//! ([`Wakers::destination`]); a `dead-letters replay` decided here does the same; a shared
+//! store ([`super::Store::subscribe`]) passes on what the other relays committed
+//! (PostgreSQL `LISTEN`) as [`Wake`] notices ([`Wakers::notice`]). A wake is only a hint to look at the store now: a lost one
 //! costs at most a poll interval, never an event (dispatchers also poll).
 
 use std::collections::HashMap;

@@ -420,7 +420,7 @@ impl TestRelay {
     }
 
     pub async fn shutdown(self) {
-        self.relay.shutdown().await.unwrap();
+        self.relay.shutdown().await;
     }
 }
 

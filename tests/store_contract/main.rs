@@ -49,6 +49,7 @@ contract!(
     deliveries_of_a_removed_destination_become_dead_letters,
     prune_deletes_done_deliveries_and_fully_delivered_events,
     claims_come_oldest_due_first,
+    a_claim_passes_over_what_this_process_has_in_flight,
     no_two_processes_claim_the_same_delivery,
     a_lease_that_runs_out_frees_the_delivery,
 );

@@ -357,6 +357,55 @@ pub async fn claims_come_oldest_due_first<B: Backend>() {
     store.close().await;
 }
 
+/// A claim never hands this process a delivery it still has in flight, and still finds
+/// up to `want` others: a shared store leaves the in-flight ones out, a store used by one
+/// daemon returns as many more rows and the caller skips its own (the dispatcher does).
+/// Either way, after that skip, no attempt starts twice on one delivery.
+pub async fn a_claim_passes_over_what_this_process_has_in_flight<B: Backend>() {
+    let (_backend, store) = B::open().await;
+    for _ in 0..5 {
+        store.insert_event(&verified("AUTH"), &["f"]).await.unwrap();
+    }
+    fn two(in_flight: &[i64]) -> ClaimRequest<'_> {
+        ClaimRequest {
+            want: 2,
+            in_flight,
+            ..request("f", LONG)
+        }
+    }
+    let held: Vec<i64> = store
+        .claim(two(&[]))
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(held.len(), 2);
+    let mut started = held.clone();
+    for round in 0..2 {
+        let in_flight = started.clone();
+        let next: Vec<i64> = store
+            .claim(two(&in_flight))
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .filter(|id| !in_flight.contains(id))
+            .collect();
+        let expected = if round == 0 { 2 } else { 1 };
+        assert_eq!(
+            next.len(),
+            expected,
+            "round {round}: {next:?} besides {in_flight:?}"
+        );
+        started.extend(next);
+    }
+    started.sort_unstable();
+    started.dedup();
+    assert_eq!(started.len(), 5, "each delivery started once: {started:?}");
+    store.close().await;
+}
+
 /// No two processes hold a claim on the same delivery. A backend used by one daemon
 /// keeps the second process out of the store altogether; a shared one hands a claimed
 /// delivery to nobody else (nor twice to the same process) until it is given back, and

@@ -181,7 +181,7 @@ impl Loader {
             None => None,
             Some(rl) => {
                 let rl_path = path.key("rate_limit");
-                let burst = rl.burst.unwrap_or(1);
+                let burst = rl.burst.unwrap_or(RateLimit::DEFAULT_BURST);
                 ok &= self.check_per_second(&rl_path.key("per_second"), rl.per_second);
                 ok &= self.check_burst(&rl_path.key("burst"), burst);
                 Some(RateLimit {
