@@ -580,6 +580,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_outcome_alone_waits_for_company_then_commits_by_itself() {
+        let (_dir, store) = open();
+        store.insert_event(&event("AUTH"), &["a"]).await.unwrap();
+        let d = store.due("a", now_ms(), 10).await.unwrap().remove(0);
+        let commits = store.stats().commits.load(Ordering::Relaxed);
+        let sent = std::time::Instant::now();
+        store
+            .record(&d, Outcome::Done { attempts: 1 })
+            .await
+            .unwrap();
+        assert!(
+            sent.elapsed() >= writer::OUTCOME_LINGER,
+            "an outcome alone waits for an insert to share its commit"
+        );
+        assert_eq!(store.stats().commits.load(Ordering::Relaxed), commits + 1);
+        assert!(store.due("a", now_ms(), 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn the_dead_letter_commands_hand_nothing_over() {
         let (dir, _daemon) = open();
         let admin = SqliteStore::open_admin(&dir.path().join("db/relay.db")).unwrap();

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rusqlite::{Connection, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
@@ -17,6 +18,13 @@ const MAX_BATCH: usize = 2048;
 
 /// Commands waiting for the writer; ingress waits (up to its `store_timeout`) when full.
 pub(super) const QUEUE_DEPTH: usize = 8192;
+
+/// How long a batch of outcomes alone waits for more commands before it commits.
+/// Outcomes are not synced and only their attempts' claims wait for them, so at low
+/// rates each rides in the next event's commit instead of costing a commit (WAL frames,
+/// a wake-up of this thread, a switch of `synchronous`) of its own. A command that needs
+/// a sync (an insert) ends the wait at once, so no answer waits for it.
+pub(super) const OUTCOME_LINGER: Duration = Duration::from_millis(20);
 
 type AdminFn = Box<dyn FnOnce(&Transaction<'_>) -> rusqlite::Result<u64> + Send>;
 
@@ -63,9 +71,19 @@ pub(super) fn writer_loop(
     fresh: Option<&Fresh>,
 ) {
     let mut synchronous_full = true;
+    // A timer for the outcome linger; without one, outcomes commit at once.
+    let timer = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .ok();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         drain(&mut rx, &mut batch);
+        if let Some(timer) = &timer
+            && !batch.iter().any(Command::needs_sync)
+        {
+            linger(timer, &mut rx, &mut batch);
+        }
         stats.taken.fetch_add(batch.len() as u64, Ordering::Relaxed);
         if conn.is_none() {
             match open_connection(&path) {
@@ -107,6 +125,31 @@ fn drain(rx: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>) {
         match rx.try_recv() {
             Ok(cmd) => batch.push(cmd),
             Err(_) => break,
+        }
+    }
+}
+
+/// Adds what arrives within [`OUTCOME_LINGER`] to a batch of outcomes, until a command
+/// that needs a sync arrives (it commits at once, with them), the batch is full or the
+/// queue closes.
+fn linger(
+    timer: &tokio::runtime::Runtime,
+    rx: &mut mpsc::Receiver<Command>,
+    batch: &mut Vec<Command>,
+) {
+    let deadline = tokio::time::Instant::now() + OUTCOME_LINGER;
+    while batch.len() < MAX_BATCH {
+        // Built inside the timer's runtime: a timeout needs one to register with.
+        let next = timer.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await });
+        match next {
+            Ok(Some(cmd)) => {
+                batch.push(cmd);
+                drain(rx, batch);
+                if batch.iter().any(Command::needs_sync) {
+                    return;
+                }
+            }
+            Ok(None) | Err(_) => return,
         }
     }
 }
