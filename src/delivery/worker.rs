@@ -301,9 +301,14 @@ impl Dispatcher {
         }
         // A full read. From here, retries recorded and deliveries given back are noted
         // afresh; whatever the read cannot see of them then is noted after it.
+        // Only the poll interval ran out: what the dispatcher knows of retries holds.
+        let given_back = shared.given_back.swap(false, Ordering::SeqCst);
+        let retries_known =
+            handoff.known && !given_back && shared.next_retry.load(Ordering::SeqCst) > now_ms();
         handoff.known = false;
-        shared.given_back.store(false, Ordering::SeqCst);
-        shared.next_retry.store(i64::MAX, Ordering::SeqCst);
+        if !retries_known {
+            shared.next_retry.store(i64::MAX, Ordering::SeqCst);
+        }
         handoff.read_at = Instant::now();
         // Before the claim is asked for: its lease is stamped later, so on this clock it
         // lasts at least until `asked + lease`.
@@ -353,7 +358,9 @@ impl Dispatcher {
         // Rows left over for want of room are due and held nowhere else.
         let everything = exhausted && surplus.is_empty();
         unclaim(shared, &surplus).await;
-        if everything && shared.store.hands_off() {
+        if everything && shared.store.hands_off() && retries_known {
+            handoff.known = true;
+        } else if everything && shared.store.hands_off() {
             // Retries scheduled before the read: the hand-off will not show them.
             let now = now_ms();
             let next = tokio::time::timeout(
