@@ -14,6 +14,8 @@
 //! Usage (BENCHMARKS.md): `cargo run --release -p faceio-relay-bench -- [--quick]
 //! [--backlog N] [--out FILE] [--relay-bin PATH] [--skip-backlog]`.
 
+mod forwarder;
+mod idle;
 mod load;
 mod relay;
 mod servers;
@@ -74,7 +76,7 @@ impl Plan {
             closed_count: 100_000,
             open_secs: 20.0,
             concurrencies: vec![64, 256],
-            rates: vec![1000.0, 5000.0],
+            rates: vec![100.0, 1000.0, 5000.0],
             backlog: 1_000_000,
             starts: 10,
         }
@@ -85,7 +87,7 @@ impl Plan {
             closed_count: 3_000,
             open_secs: 3.0,
             concurrencies: vec![64, 256],
-            rates: vec![1000.0, 5000.0],
+            rates: vec![100.0, 1000.0, 5000.0],
             backlog: 20_000,
             starts: 5,
         }
@@ -106,6 +108,8 @@ struct Args {
     skip_baseline: bool,
     /// A database URL of the PostgreSQL server for the `relay-pg` rows; `None`: skipped.
     postgres: Option<String>,
+    /// `--idle S`: only the idle measurement, over S seconds.
+    idle: Option<f64>,
 }
 
 /// Where the `relay-pg` rows' databases are created (as in the tests' `FACEIO_TEST_PG`).
@@ -138,6 +142,7 @@ fn parse_args() -> anyhow::Result<Args> {
         postgres: Some(
             std::env::var("FACEIO_BENCH_PG").unwrap_or_else(|_| DEFAULT_POSTGRES.to_string()),
         ),
+        idle: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -176,6 +181,9 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.postgres = Some(it.next().context("--postgres needs a URL")?);
             }
             "--skip-postgres" => args.postgres = None,
+            "--idle" => {
+                args.idle = Some(it.next().context("--idle needs seconds")?.parse()?);
+            }
             "--relay-log" => {
                 let level = it.next().context("--relay-log needs a level")?;
                 let _ = relay::RELAY_LOG.set(level);
@@ -185,7 +193,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     "loadgen [--quick] [--backlog N | --skip-backlog] [--out FILE] [--relay-bin PATH]\n\
                      \x20       [--closed-count N] [--open-secs S] [--concurrencies 64,256] [--rates 1000,5000]\n\
                      \x20       [--starts N] [--skip-baseline] [--relay-log RUST_LOG]\n\
-                     \x20       [--postgres URL | --skip-postgres]\n\
+                     \x20       [--postgres URL | --skip-postgres] [--idle SECONDS]\n\
                      Full run (default): 100k requests per closed-loop scenario, 20 s per open-loop rate,\n\
                      a 1,000,000-event backlog; --quick: small counts, under a minute."
                 );
@@ -254,7 +262,12 @@ struct Row {
     lost: Option<u64>,
     peak_rss_mb: Option<f64>,
     cpu_s: Option<f64>,
+    /// CPU µs of the target's process per event delivered (relay, forwarder).
+    cpu_us_per_event: Option<f64>,
     ratio: Option<f64>,
+    /// This row's req/s and CPU per event over the forwarder's in the same scenario.
+    over_forward_req: Option<f64>,
+    over_forward_cpu: Option<f64>,
 }
 
 impl Row {
@@ -274,8 +287,11 @@ impl Row {
             "duplicates": self.duplicates,
             "lost": self.lost,
             "relay_peak_rss_mb": self.peak_rss_mb.map(round1),
-            "relay_cpu_s": self.cpu_s.map(round1),
-            "ratio_relay_over_baseline": self.ratio.map(|r| (r * 1000.0).round() / 1000.0),
+            "cpu_s": self.cpu_s.map(|c| (c * 100.0).round() / 100.0),
+            "cpu_us_per_delivered_event": self.cpu_us_per_event.map(round1),
+            "ratio_over_baseline_req_s": self.ratio.map(round3),
+            "ratio_over_forward_req_s": self.over_forward_req.map(round3),
+            "ratio_over_forward_cpu_per_event": self.over_forward_cpu.map(round3),
         })
     }
 }
@@ -286,6 +302,10 @@ fn round(v: f64) -> f64 {
 
 fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
 }
 
 /// Waits until every event answered 200 in `track` reached the sink, or nothing new
@@ -348,6 +368,7 @@ impl Shape {
     fn name(self) -> String {
         match self {
             Shape::Closed(c) => format!("closed c={c}"),
+            Shape::Open(r) if r < 1000.0 => format!("open {r}/s"),
             Shape::Open(r) => format!("open {}k/s", r / 1000.0),
         }
     }
@@ -365,7 +386,7 @@ impl Run {
         addr: SocketAddr,
         shape: Shape,
         plan: &Plan,
-        relay: Option<&RelayProc>,
+        process: Option<u32>,
     ) -> Row {
         self.next_sid += 1;
         let sid = self.next_sid;
@@ -375,10 +396,10 @@ impl Run {
         };
         let track = Arc::new(Track::new(count));
         self.sink.track(sid, Arc::clone(&track));
-        if let Some(r) = relay {
-            r.reset_peak();
+        if let Some(pid) = process {
+            relay::reset_peak(pid);
         }
-        let cpu0 = relay.map(RelayProc::cpu_time);
+        let cpu0 = process.map(relay::cpu_time);
         eprintln!("{target}: {} ({count} requests)", shape.name());
         let out = match shape {
             Shape::Closed(c) => load::closed_loop(addr, sid, count, c, Arc::clone(&track)).await,
@@ -397,7 +418,7 @@ impl Run {
             failures: out.failures.clone(),
             ..Row::default()
         };
-        if let Some(r) = relay {
+        if let Some(pid) = process {
             let (delivered, lost, e2e, rate) =
                 await_deliveries(&track, out.ok(), Duration::from_secs(30)).await;
             row.delivered = Some(delivered);
@@ -406,8 +427,12 @@ impl Run {
             row.delivered_s = Some(rate);
             row.e2e_p50_ms = Some(ms(e2e.value_at_quantile(0.50)));
             row.e2e_p99_ms = Some(ms(e2e.value_at_quantile(0.99)));
-            row.peak_rss_mb = Some(r.peak_rss_kb() as f64 / 1024.0);
-            row.cpu_s = cpu0.map(|c0| (r.cpu_time() - c0).as_secs_f64());
+            row.peak_rss_mb = Some(relay::peak_rss_kb(pid) as f64 / 1024.0);
+            row.cpu_s = cpu0.map(|c0| (relay::cpu_time(pid) - c0).as_secs_f64());
+            row.cpu_us_per_event = row
+                .cpu_s
+                .filter(|_| delivered > 0)
+                .map(|c| c * 1e6 / delivered as f64);
         }
         row
     }
@@ -450,7 +475,7 @@ fn print_table(rows: &[Row]) {
         None => format!("{:>w$}", "-"),
     };
     println!(
-        "{:<9} {:<13} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>10} {:>8} {:>7} {:>6}",
+        "{:<9} {:<13} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>10} {:>8} {:>7} {:>8} {:>6} {:>6} {:>6}",
         "target",
         "scenario",
         "req/s",
@@ -463,11 +488,14 @@ fn print_table(rows: &[Row]) {
         "deliv/s",
         "RSS MB",
         "ratio",
+        "CPU µs",
+        "÷fwd",
+        "cpu÷f",
         "fail"
     );
     for r in rows {
         println!(
-            "{:<9} {:<13} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {} {} {} {} {} {:>6}",
+            "{:<9} {:<13} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {} {} {} {} {} {} {} {} {:>6}",
             r.target,
             r.scenario,
             r.req_s,
@@ -480,16 +508,26 @@ fn print_table(rows: &[Row]) {
             f(r.delivered_s, 10, 0),
             f(r.peak_rss_mb, 8, 1),
             f(r.ratio, 7, 3),
+            f(r.cpu_us_per_event, 8, 1),
+            f(r.over_forward_req, 6, 2),
+            f(r.over_forward_cpu, 6, 2),
             r.failures.values().sum::<u64>() + r.lost.unwrap_or(0),
         );
     }
     println!(
-        "(latencies in ms; ACK = POST to answer, open loop from the scheduled send; e2e = same origin to arrival at the sink; RSS = relay's VmHWM during the scenario; ratio = relay req/s / baseline req/s; fail = non-200 answers + events answered 200 that never reached the sink)"
+        "(latencies in ms; ACK = POST to answer, open loop from the scheduled send; e2e = same origin to arrival at the sink; \
+         RSS = the process's VmHWM during the scenario; ratio = req/s / baseline req/s; CPU µs = the process's utime+stime per \
+         event delivered; ÷fwd, cpu÷f = req/s and CPU µs over the forwarder's in the same scenario; \
+         fail = non-200 answers + events answered 200 that never reached the sink)"
     );
 }
 
 fn main() -> anyhow::Result<()> {
     clock::now_ns();
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some(forwarder::SUBCOMMAND) {
+        return forwarder::child_main(&argv[1..]);
+    }
     let args = parse_args()?;
     let mut plan = if args.quick {
         Plan::quick()
@@ -522,6 +560,9 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if let Some(secs) = args.idle {
+        return runtime.block_on(idle::run(&bin, secs, &args.out));
+    }
     runtime.block_on(run(args, plan, bin))
 }
 
@@ -540,77 +581,49 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
         .chain(plan.rates.iter().map(|&r| Shape::Open(r)))
         .collect();
 
-    let mut rows = Vec::new();
-    let mut forward_rows = Vec::new();
-    if !args.skip_baseline {
-        for &shape in &shapes {
-            rows.push(run.scenario("baseline", baseline, shape, &plan, None).await);
-        }
-        // The ceiling of any relay that delivers by HTTP: one request in, one out.
-        let forwarder = servers::start_forwarder(sink.addr, relay::DESTINATION_CONCURRENCY).await?;
-        for (i, &shape) in shapes.iter().enumerate() {
-            let mut row = run.scenario("forward", forwarder, shape, &plan, None).await;
-            row.ratio = Some(row.req_s / rows[i].req_s);
-            forward_rows.push(row);
-        }
-    }
-
-    // The relay's store lives on disk (the temp dir's filesystem is in the JSON).
+    // Every target is started first, then each scenario runs against each target in
+    // turn: rows of one scenario are minutes apart at most, so a busy spell on the
+    // machine touches the targets alike.
     let dir = tempfile::Builder::new()
         .prefix("loadgen-")
         .tempdir_in(std::env::temp_dir())?;
     let machine = machine(dir.path());
-    let baseline_rows: Vec<f64> = rows.iter().map(|r| r.req_s).collect();
-    rows.extend(forward_rows);
-    let sqlite = relay_scenarios(
-        &mut run,
+    let mut targets = Vec::new();
+    if !args.skip_baseline {
+        targets.push(Target::new("baseline", baseline, None));
+        // The ceiling of any relay that delivers by HTTP: one request in, one out.
+        let forwarder = forwarder::ForwarderProc::start(sink.addr, relay::DESTINATION_CONCURRENCY)?;
+        eprintln!("forward pid {} on {}", forwarder.pid(), forwarder.addr);
+        targets.push(Target::new(
+            "forward",
+            forwarder.addr,
+            Some(forwarder.pid()),
+        ));
+        targets.last_mut().expect("pushed").forwarder = Some(forwarder);
+    }
+    targets.push(Target::relay(
         "relay",
         &bin,
         dir.path(),
-        &StoreKind::Sqlite,
-        &shapes,
-        &plan,
-        &baseline_rows,
-    )
-    .await?;
-    rows.extend(sqlite.rows);
-    let (load_peak_kb, log_lines) = (sqlite.peak_kb, sqlite.log_lines);
-    drop(dir);
-
+        StoreKind::Sqlite,
+        sink.addr,
+    )?);
     // The same scenarios with the shared PostgreSQL store, in a fresh database.
     let mut postgres = json!({"skipped": "--skip-postgres"});
+    let mut pg_db = None;
+    let pg_dir = tempfile::Builder::new()
+        .prefix("loadgen-pg-")
+        .tempdir_in(std::env::temp_dir())?;
     if let Some(admin) = &args.postgres {
-        match ScratchDb::create(admin) {
-            Ok(db) => {
-                let dir = tempfile::Builder::new()
-                    .prefix("loadgen-pg-")
-                    .tempdir_in(std::env::temp_dir())?;
-                let pg = relay_scenarios(
-                    &mut run,
-                    "relay-pg",
-                    &bin,
-                    dir.path(),
-                    &StoreKind::Postgres(db.url.clone()),
-                    &shapes,
-                    &plan,
-                    &baseline_rows,
-                )
-                .await;
-                // A failed PostgreSQL run is reported, not allowed to lose the rest.
-                match pg {
-                    Ok(pg) => {
-                        postgres = json!({
-                            "server_version": postgres_version(admin),
-                            "peak_rss_load_mb": round1(pg.peak_kb as f64 / 1024.0),
-                            "database_bytes_after": db.size_bytes(),
-                        });
-                        rows.extend(pg.rows);
-                    }
-                    Err(e) => {
-                        eprintln!("relay-pg run failed: {e:#}");
-                        postgres = json!({"failed": format!("{e:#}")});
-                    }
-                }
+        // A failed PostgreSQL start is reported, not allowed to lose the rest.
+        match ScratchDb::create(admin).and_then(|db| {
+            let store = StoreKind::Postgres(db.url.clone());
+            let t = Target::relay("relay-pg", &bin, pg_dir.path(), store, sink.addr)?;
+            Ok((db, t))
+        }) {
+            Ok((db, t)) => {
+                targets.push(t);
+                pg_db = Some(db);
             }
             Err(e) => {
                 eprintln!("relay-pg rows skipped: {e:#}");
@@ -618,6 +631,45 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
             }
         }
     }
+    for &shape in &shapes {
+        for t in &mut targets {
+            let row = run.scenario(t.name, t.addr, shape, &plan, t.process).await;
+            if let Some(relay) = &t.relay {
+                t.peak_kb = t.peak_kb.max(relay.peak_rss_kb());
+                if !row.failures.is_empty() {
+                    eprintln!(
+                        "{}: {} failed; its last log lines:\n{}",
+                        t.name,
+                        row.scenario,
+                        relay.log_tail()
+                    );
+                }
+            }
+            t.rows.push(row);
+        }
+    }
+    ratios(&mut targets);
+    let mut rows = Vec::new();
+    let (mut load_peak_kb, mut log_lines) = (0, 0);
+    for t in targets {
+        if let Some(relay) = t.relay {
+            if t.name == "relay" {
+                (load_peak_kb, log_lines) = (t.peak_kb, relay.log_lines.load(Ordering::Relaxed));
+            } else if let (Some(db), Some(admin)) = (&pg_db, &args.postgres) {
+                postgres = json!({
+                    "server_version": postgres_version(admin),
+                    "peak_rss_load_mb": round1(t.peak_kb as f64 / 1024.0),
+                    "database_bytes_after": db.size_bytes(),
+                });
+            }
+            // Reported, not allowed to lose the table.
+            if let Err(e) = relay.stop() {
+                eprintln!("{}: {e:#}", t.name);
+            }
+        }
+        rows.extend(t.rows);
+    }
+    drop((dir, pg_db, pg_dir));
 
     let backlog = if plan.backlog > 0 {
         Some(backlog_run(&mut run, &bin, plan.backlog).await?)
@@ -693,58 +745,79 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What one relay's scenarios measured.
-struct RelayRows {
+/// One server under test and the rows it got.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    /// Its own process, for CPU time and RSS (none for the in-process baseline).
+    process: Option<u32>,
+    relay: Option<RelayProc>,
+    forwarder: Option<forwarder::ForwarderProc>,
     rows: Vec<Row>,
-    /// Peak RSS over all of them.
+    /// Peak RSS over all its scenarios.
     peak_kb: u64,
-    /// Lines the relay logged.
-    log_lines: u64,
 }
 
-/// Starts a relay on `store` and runs every scenario against it; `baseline` holds the
-/// baseline's req/s per scenario (empty when it was skipped).
-#[allow(clippy::too_many_arguments)]
-async fn relay_scenarios(
-    run: &mut Run,
-    target: &'static str,
-    bin: &Path,
-    dir: &Path,
-    store: &StoreKind,
-    shapes: &[Shape],
-    plan: &Plan,
-    baseline: &[f64],
-) -> anyhow::Result<RelayRows> {
-    let config = relay::write_config(dir, store, run.sink.addr, "10s")?;
-    let (relay, ready) = RelayProc::start(bin, &config)?;
-    eprintln!(
-        "{target} pid {} ready in {ready:?} on {}",
-        relay.pid(),
-        relay.addr
-    );
-    let mut out = RelayRows {
-        rows: Vec::new(),
-        peak_kb: 0,
-        log_lines: 0,
-    };
-    for (i, &shape) in shapes.iter().enumerate() {
-        let mut row = run
-            .scenario(target, relay.addr, shape, plan, Some(&relay))
-            .await;
-        row.ratio = baseline.get(i).map(|b| row.req_s / b);
-        out.peak_kb = out.peak_kb.max(relay.peak_rss_kb());
-        if !row.failures.is_empty() {
-            eprintln!(
-                "{target}: {} failed; its last log lines:\n{}",
-                row.scenario,
-                relay.log_tail()
-            );
+impl Target {
+    fn new(name: &'static str, addr: SocketAddr, process: Option<u32>) -> Self {
+        Self {
+            name,
+            addr,
+            process,
+            relay: None,
+            forwarder: None,
+            rows: Vec::new(),
+            peak_kb: 0,
         }
-        out.rows.push(row);
     }
-    out.log_lines = relay.log_lines.load(Ordering::Relaxed);
-    relay.stop()?;
-    Ok(out)
+
+    /// A relay on `store` (config and SQLite file in `dir`) delivering to `sink`.
+    fn relay(
+        name: &'static str,
+        bin: &Path,
+        dir: &Path,
+        store: StoreKind,
+        sink: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let config = relay::write_config(dir, &store, sink, "10s", 1)?;
+        let (relay, ready) = RelayProc::start(bin, &config)?;
+        eprintln!(
+            "{name} pid {} ready in {ready:?} on {}",
+            relay.pid(),
+            relay.addr
+        );
+        let mut t = Self::new(name, relay.addr, Some(relay.pid()));
+        t.relay = Some(relay);
+        Ok(t)
+    }
+}
+
+/// Fills each row's ratios: over the baseline's req/s, and over the forwarder's req/s
+/// and CPU per event, in the same scenario.
+fn ratios(targets: &mut [Target]) {
+    let of = |name: &str| -> Vec<(String, f64, Option<f64>)> {
+        targets
+            .iter()
+            .filter(|t| t.name == name)
+            .flat_map(|t| &t.rows)
+            .map(|r| (r.scenario.clone(), r.req_s, r.cpu_us_per_event))
+            .collect()
+    };
+    let (baseline, forward) = (of("baseline"), of("forward"));
+    for t in targets.iter_mut().filter(|t| t.name != "baseline") {
+        for r in &mut t.rows {
+            if let Some((_, req_s, _)) = baseline.iter().find(|b| b.0 == r.scenario) {
+                r.ratio = Some(r.req_s / req_s);
+            }
+            if t.name == "forward" {
+                continue;
+            }
+            if let Some((_, req_s, cpu)) = forward.iter().find(|f| f.0 == r.scenario) {
+                r.over_forward_req = Some(r.req_s / req_s);
+                r.over_forward_cpu = r.cpu_us_per_event.zip(*cpu).map(|(a, b)| a / b);
+            }
+        }
+    }
 }
 
 /// `SHOW server_version` through psql, for the JSON.
@@ -767,7 +840,7 @@ async fn backlog_run(run: &mut Run, bin: &Path, n: usize) -> anyhow::Result<Valu
     // `concurrency` attempts stuck and the rest of the backlog waits in the store untried.
     // (A refusing sink would measure the retry backoff's schedule on sink start, not the
     // relay's drain throughput.)
-    let config = relay::write_config(dir.path(), &StoreKind::Sqlite, run.sink.addr, "1h")?;
+    let config = relay::write_config(dir.path(), &StoreKind::Sqlite, run.sink.addr, "1h", 1)?;
     run.sink.set_up(false);
     let (relay, _) = RelayProc::start(bin, &config)?;
     run.next_sid += 1;
@@ -839,7 +912,7 @@ fn start_times(bin: &Path, sink: SocketAddr, n: usize) -> anyhow::Result<Value> 
         let dir = tempfile::Builder::new()
             .prefix("loadgen-start-")
             .tempdir_in(std::env::temp_dir())?;
-        let config = relay::write_config(dir.path(), &StoreKind::Sqlite, sink, "10s")?;
+        let config = relay::write_config(dir.path(), &StoreKind::Sqlite, sink, "10s", 1)?;
         let (relay, ready) = RelayProc::start(bin, &config)?;
         times.push(ready.as_secs_f64() * 1000.0);
         relay.stop()?;

@@ -32,26 +32,49 @@ pub enum StoreKind {
     Postgres(String),
 }
 
-/// The relay's config for a run: the store, one HTTP destination (the sink).
+/// The relay's config for a run: the store, `destinations` HTTP destinations (all the
+/// sink: `sink`, `sink2`, …), every event routed to all of them. Every request comes
+/// from 127.0.0.1, so the per-source connection cap (64 by default) is raised to the
+/// relay's total (1024): the closed loop at c=256 and the open loop need more.
 pub fn write_config(
     dir: &Path,
     store: &StoreKind,
     sink: SocketAddr,
     dest_timeout: &str,
+    destinations: usize,
 ) -> anyhow::Result<PathBuf> {
     let store = match store {
         StoreKind::Sqlite => format!("store:\n  path: {}\n", dir.join("relay.db").display()),
         StoreKind::Postgres(url) => format!("store:\n  backend: postgres\n  url: {url}\n"),
     };
+    let names: Vec<String> = (1..=destinations.max(1))
+        .map(|i| {
+            if i == 1 {
+                "sink".into()
+            } else {
+                format!("sink{i}")
+            }
+        })
+        .collect();
+    let dests: String = names
+        .iter()
+        .map(|name| {
+            format!(
+                "  {name}:\n    type: http\n    url: http://{sink}/sink\n\
+                 \x20   concurrency: {DESTINATION_CONCURRENCY}\n    timeout: {dest_timeout}\n"
+            )
+        })
+        .collect();
     let yaml = format!(
         "# Written by loadgen (BENCHMARKS.md).\n\
          listen: 127.0.0.1:0\n\
          admin_listen: off\n\
+         ingress:\n  max_connections_per_ip: 1024\n\
          {store}\
          applications:\n  - app_id: {APP_ID}\n    token: {TOKEN}\n\
-         destinations:\n  sink:\n    type: http\n    url: http://{sink}/sink\n\
-         \x20   concurrency: {DESTINATION_CONCURRENCY}\n    timeout: {dest_timeout}\n\
-         routes:\n  - to: [sink]\n",
+         destinations:\n{dests}\
+         routes:\n  - to: [{}]\n",
+        names.join(", ")
     );
     let path = dir.join("relay.yaml");
     std::fs::write(&path, yaml)?;
@@ -140,24 +163,9 @@ impl RelayProc {
         self.child.id()
     }
 
-    fn status_kb(&self, field: &str) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-
     /// Peak resident set size since start or the last [`RelayProc::reset_peak`], in kB.
     pub fn peak_rss_kb(&self) -> u64 {
-        self.status_kb("VmHWM:")
-    }
-
-    /// Resets the peak RSS to the current RSS (`echo 5 > /proc/PID/clear_refs`).
-    pub fn reset_peak(&self) {
-        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
+        peak_rss_kb(self.pid())
     }
 
     /// User + system CPU time so far.
@@ -202,6 +210,21 @@ impl Drop for RelayProc {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `VmHWM` of `pid` (peak RSS since start or the last [`reset_peak`]), in kB.
+pub fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resets the peak RSS of `pid` to its current RSS (`echo 5 > /proc/PID/clear_refs`).
+pub fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
 /// utime + stime of `pid` from /proc/PID/stat.

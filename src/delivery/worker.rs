@@ -1,6 +1,7 @@
 //! One destination's dispatcher and the attempts it starts.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +59,14 @@ struct Shared {
     /// Woken by ingress (new delivery) and by finished attempts.
     wake: Arc<Notify>,
     shutdown: Shutdown,
+    /// Earliest `next_attempt_at` (Unix ms) of a retry recorded since the dispatcher's
+    /// last read of the store, `i64::MAX` for none: the in-memory hand-off does not see
+    /// a retry fall due, so the dispatcher reads the store then.
+    next_retry: AtomicI64,
+    /// Set (after its in-process release) by an attempt that ended without recording an
+    /// outcome: its delivery is pending and due but in no hand-off queue, so the
+    /// dispatcher reads the store next.
+    given_back: AtomicBool,
 }
 
 impl Shared {
@@ -110,6 +119,8 @@ impl Dispatcher {
                 lease: config.timeout + LEASE_MARGIN,
                 wake: Arc::new(Notify::new()),
                 shutdown,
+                next_retry: AtomicI64::new(i64::MAX),
+                given_back: AtomicBool::new(false),
             }),
             slots: Arc::new(Semaphore::new(concurrency)),
             prefetch: (concurrency * 2).clamp(16, MAX_PREFETCH),
@@ -200,6 +211,7 @@ impl Dispatcher {
         let owned_at = Instant::now();
         // Claimed deliveries not yet started, each with the moment its claim was asked for.
         let mut queue: VecDeque<(Delivery, Instant)> = VecDeque::new();
+        let mut handoff = HandOff::new();
         loop {
             if ownership.is_lost() {
                 break;
@@ -222,7 +234,7 @@ impl Dispatcher {
             };
             if queue.is_empty() {
                 let take_over = owned_at.elapsed() >= shared.lease;
-                match self.fill(&mut queue, take_over).await {
+                match self.fill(&mut queue, take_over, &mut handoff).await {
                     Ok(()) => {}
                     Err(e) => {
                         tracing::warn!(destination = %shared.name, error = %e, "cannot read pending deliveries");
@@ -234,7 +246,7 @@ impl Dispatcher {
             }
             let Some((delivery, claimed_at)) = queue.pop_front() else {
                 drop(permit);
-                let wait = self.idle_wait().await;
+                let wait = self.idle_wait(&handoff).await;
                 tokio::select! {
                     () = shared.wake.notified() => {}
                     () = tokio::time::sleep(wait) => {}
@@ -263,13 +275,41 @@ impl Dispatcher {
         }
     }
 
-    /// Claims due deliveries not already in flight into `queue`, marking them in flight.
+    /// Claims due deliveries not already in flight into `queue`, marking them in flight:
+    /// from the in-memory hand-off while it holds everything due, else from the store.
     async fn fill(
         &self,
         queue: &mut VecDeque<(Delivery, Instant)>,
         take_over: bool,
+        handoff: &mut HandOff,
     ) -> Result<(), StoreError> {
         let shared = &self.shared;
+        if handoff.complete(shared, self.poll_interval)
+            && let Some(fresh) = shared.store.take_fresh(&shared.name, self.prefetch)
+        {
+            let asked = Instant::now();
+            let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let read = claims.read_started();
+            for d in fresh {
+                // Committed while the last read ran: that read returned it already.
+                if !handoff.seen.contains(&d.id) && claims.claim(d.id, read) {
+                    queue.push_back((d, asked));
+                }
+            }
+            claims.read_finished();
+            return Ok(());
+        }
+        // A full read. From here, retries recorded and deliveries given back are noted
+        // afresh; whatever the read cannot see of them then is noted after it.
+        // Only the poll interval ran out: what the dispatcher knows of retries holds.
+        let given_back = shared.given_back.swap(false, Ordering::SeqCst);
+        let retries_known =
+            handoff.known && !given_back && shared.next_retry.load(Ordering::SeqCst) > now_ms();
+        handoff.known = false;
+        if !retries_known {
+            shared.next_retry.store(i64::MAX, Ordering::SeqCst);
+        }
+        handoff.read_at = Instant::now();
         // Before the claim is asked for: its lease is stamped later, so on this clock it
         // lasts at least until `asked + lease`.
         let asked = Instant::now();
@@ -291,6 +331,7 @@ impl Dispatcher {
         .await
         .unwrap_or_else(|_| Err(timed_out("claiming deliveries")));
         let mut surplus = Vec::new();
+        let exhausted;
         {
             let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             let due = match due {
@@ -300,6 +341,9 @@ impl Dispatcher {
                     return Err(e);
                 }
             };
+            // Fewer rows than asked for: the read saw every due delivery.
+            exhausted = due.len() < self.prefetch + in_flight.len();
+            handoff.seen = due.iter().map(|d| d.id).collect();
             for d in due {
                 if queue.len() < self.prefetch && claims.claim(d.id, read) {
                     queue.push_back((d, asked));
@@ -311,14 +355,43 @@ impl Dispatcher {
             }
             claims.read_finished();
         }
+        // Rows left over for want of room are due and held nowhere else.
+        let everything = exhausted && surplus.is_empty();
         unclaim(shared, &surplus).await;
+        if everything && shared.store.hands_off() && retries_known {
+            handoff.known = true;
+        } else if everything && shared.store.hands_off() {
+            // Retries scheduled before the read: the hand-off will not show them.
+            let now = now_ms();
+            let next = tokio::time::timeout(
+                STORE_TIMEOUT,
+                shared.store.next_due_after(&shared.name, now),
+            )
+            .await
+            .unwrap_or_else(|_| Err(timed_out("reading the next retry")))?;
+            if let Some(at) = next {
+                shared.next_retry.fetch_min(at, Ordering::SeqCst);
+            }
+            handoff.known = true;
+        }
         Ok(())
     }
 
     /// How long to sleep when nothing is due: until the next retry, at most one poll.
     /// Attempts under way wake the dispatcher when they finish, so they need no timer.
-    async fn idle_wait(&self) -> Duration {
+    /// While the hand-off holds everything due, the store need not be asked.
+    async fn idle_wait(&self, handoff: &HandOff) -> Duration {
         let now = now_ms();
+        if handoff.known {
+            let to_poll = self.poll_interval.saturating_sub(handoff.read_at.elapsed());
+            let to_retry = self
+                .shared
+                .next_retry
+                .load(Ordering::SeqCst)
+                .saturating_sub(now);
+            let to_retry = Duration::from_millis(to_retry.max(1) as u64);
+            return to_poll.min(to_retry).max(Duration::from_millis(1));
+        }
         let next = tokio::time::timeout(
             STORE_TIMEOUT,
             self.shared.store.next_due_after(&self.shared.name, now),
@@ -331,6 +404,37 @@ impl Dispatcher {
             }
             _ => self.poll_interval,
         }
+    }
+}
+
+/// What a dispatcher knows about the in-memory hand-off ([`Store::take_fresh`]).
+struct HandOff {
+    /// The last read of the store saw every due delivery not in flight, with nothing
+    /// left over: from then on, new ones are handed over in memory.
+    known: bool,
+    /// When that read was asked for.
+    read_at: Instant,
+    /// The IDs it returned (a delivery committed while it ran may also be handed over).
+    seen: HashSet<i64>,
+}
+
+impl HandOff {
+    fn new() -> Self {
+        Self {
+            known: false,
+            read_at: Instant::now(),
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Whether the hand-off holds every due delivery not in flight: the last read saw
+    /// everything, no delivery was given back since, no retry has fallen due, and the
+    /// read is younger than one poll interval (the store is read at least that often).
+    fn complete(&self, shared: &Shared, poll_interval: Duration) -> bool {
+        self.known
+            && !shared.given_back.load(Ordering::SeqCst)
+            && shared.next_retry.load(Ordering::SeqCst) > now_ms()
+            && self.read_at.elapsed() < poll_interval
     }
 }
 
@@ -363,6 +467,8 @@ async fn unclaim(shared: &Shared, deliveries: &[Delivery]) {
 struct Claim {
     shared: Arc<Shared>,
     id: i64,
+    /// Its outcome is committed; otherwise the delivery is still pending when released.
+    recorded: bool,
 }
 
 impl Drop for Claim {
@@ -372,6 +478,10 @@ impl Drop for Claim {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .release(self.id);
+        if !self.recorded {
+            // After the release: a read that starts from here on may claim it.
+            self.shared.given_back.store(true, Ordering::SeqCst);
+        }
         self.shared.wake.notify_one();
     }
 }
@@ -431,9 +541,10 @@ async fn attempt(
     permit: OwnedSemaphorePermit,
     lost: CancellationToken,
 ) {
-    let _claim = Claim {
+    let claim = Claim {
         shared: Arc::clone(&shared),
         id: delivery.id,
+        recorded: false,
     };
     let give_back = || unclaim(&shared, std::slice::from_ref(&delivery));
     match wait_turn(&shared, &delivery, &lost).await {
@@ -459,7 +570,7 @@ async fn attempt(
     // That saves a round trip and a synced commit per delivery while a destination keeps
     // up; deliveries that waited (a rate limit, a pause) are renewed.
     if claimed_at.elapsed() <= FRESH_CLAIM {
-        return deliver_and_record(shared, delivery, claimed_at, permit, lost).await;
+        return deliver_and_record(shared, claim, delivery, claimed_at, permit, lost).await;
     }
     let sent = Instant::now();
     let renewed = tokio::time::timeout(STORE_TIMEOUT, shared.store.renew(&delivery, shared.lease))
@@ -478,7 +589,7 @@ async fn attempt(
             return give_back().await;
         }
     }
-    deliver_and_record(shared, delivery, sent, permit, lost).await;
+    deliver_and_record(shared, claim, delivery, sent, permit, lost).await;
 }
 
 /// A claim asked for this recently is not renewed before its attempt: the attempt still
@@ -489,6 +600,7 @@ const FRESH_CLAIM: Duration = Duration::from_secs(1);
 /// this clock: deliver (cut off before the lease ends), decide, record.
 async fn deliver_and_record(
     shared: Arc<Shared>,
+    mut claim: Claim,
     delivery: Delivery,
     sent: Instant,
     permit: OwnedSemaphorePermit,
@@ -539,6 +651,16 @@ async fn deliver_and_record(
         .await
         .unwrap_or_else(|_| Err(timed_out("recording an outcome")));
         let Err(e) = recorded else {
+            claim.recorded = true;
+            if let Outcome::Retry {
+                next_attempt_at_ms, ..
+            } = outcome
+            {
+                // Committed: a read of the store from here on sees it.
+                shared
+                    .next_retry
+                    .fetch_min(next_attempt_at_ms, Ordering::SeqCst);
+            }
             break;
         };
         tracing::error!(destination = %shared.name, event_id = %delivery.event_id, error = %e,

@@ -410,6 +410,25 @@ pub trait Store: Send + Sync + 'static {
         .await
     }
 
+    /// Whether [`Store::take_fresh`] hands this process's committed deliveries over in
+    /// memory. Then every delivery that can fall due without a write of this process is
+    /// known to the dispatcher: fresh ones are handed over, retries it records itself,
+    /// and anything else (replays, orphan sweeps, a full hand-off queue) stops the
+    /// hand-off until the next [`Store::claim`]. False for a store other processes
+    /// write to.
+    fn hands_off(&self) -> bool {
+        false
+    }
+
+    /// Deliveries for `destination` committed by this process since its last
+    /// [`Store::claim`] began (at most `max`, in commit order), taken over so they need
+    /// not be read back; `None` when they are not all held (read the store). A delivery
+    /// that committed while that claim ran may be in both. Only for stores that
+    /// [`Store::hands_off`].
+    fn take_fresh(&self, _destination: &str, _max: usize) -> Option<Vec<Delivery>> {
+        None
+    }
+
     /// Just before an attempt: extends this process's claim on `delivery` to `lease`
     /// from now. `false` if the claim was lost (another claim took the row after its
     /// lease ran out, or it is no longer pending): the attempt must not start.

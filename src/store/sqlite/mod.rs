@@ -33,6 +33,7 @@
 //!
 //! [`Store`]: super::Store
 
+mod fresh;
 mod queries;
 mod writer;
 
@@ -44,6 +45,7 @@ use std::time::Duration;
 use rusqlite::{Connection, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
+use self::fresh::Fresh;
 use self::writer::{Command, QUEUE_DEPTH, writer_loop};
 use super::StoreError;
 
@@ -112,6 +114,8 @@ pub struct SqliteStore {
     /// Connection for slower reads (backlog figures, dead-letter listings), so they
     /// never hold up a dispatcher.
     slow_reader: Arc<Mutex<Connection>>,
+    /// Deliveries committed here, handed to their dispatchers in memory (daemon only).
+    fresh: Option<Arc<Fresh>>,
     /// Held for the daemon's lifetime: an exclusive lock on `<db>.lock`.
     _lock: Option<File>,
 }
@@ -169,15 +173,27 @@ impl SqliteStore {
         let path_buf = path.to_path_buf();
         let stats = Arc::new(WriterStats::default());
         let writer_stats = Arc::clone(&stats);
+        // Only the daemon dispatches; the `dead-letters` commands hand nothing over.
+        let fresh = lock.as_ref().map(|_| Arc::new(Fresh::default()));
+        let writer_fresh = fresh.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(path_buf, Some(conn), rx, &writer_stats))
+            .spawn(move || {
+                writer_loop(
+                    path_buf,
+                    Some(conn),
+                    rx,
+                    &writer_stats,
+                    writer_fresh.as_deref(),
+                )
+            })
             .map_err(|e| open_err(path, e))?;
         Ok(Self {
             stats,
             writer: tx,
             reader: Arc::new(Mutex::new(reader)),
             slow_reader: Arc::new(Mutex::new(slow_reader)),
+            fresh,
             _lock: lock,
         })
     }
@@ -359,6 +375,90 @@ mod tests {
             "200 inserts took {commits} commits: no group commit"
         );
         assert_eq!(store.due("a", now_ms(), 1000).await.unwrap().len(), 200);
+    }
+
+    #[tokio::test]
+    async fn committed_deliveries_are_handed_over_until_the_queue_is_full() {
+        use crate::store::ClaimRequest;
+        let (_dir, store) = open();
+        let store = Arc::new(store);
+        let read = |want: usize| ClaimRequest {
+            destination: "a",
+            now_ms: now_ms(),
+            want,
+            in_flight: &[],
+            lease: Duration::from_secs(1),
+            take_over: true,
+        };
+        assert!(store.hands_off());
+        assert!(
+            store.take_fresh("a", 10).is_none(),
+            "not tracked before a read"
+        );
+        assert!(store.claim(read(10)).await.unwrap().is_empty());
+        let ev = event("AUTH");
+        store.insert_event(&ev, &["a", "b"]).await.unwrap();
+        let handed = store.take_fresh("a", 10).unwrap();
+        let stored = store.due("a", now_ms(), 10).await.unwrap();
+        assert_eq!(handed.len(), 1);
+        assert_eq!(
+            (
+                handed[0].id,
+                &handed[0].event_id,
+                &handed[0].body,
+                handed[0].attempts
+            ),
+            (stored[0].id, &stored[0].event_id, &stored[0].body, 0)
+        );
+        assert!(store.take_fresh("a", 10).unwrap().is_empty(), "taken once");
+        assert!(store.take_fresh("b", 10).is_none(), "b was never read");
+
+        // Past `MAX_FRESH` the hand-off stops; the store has every delivery.
+        let n = fresh::MAX_FRESH + 1;
+        let inserts: Vec<_> = (0..n)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.insert_event(&event("AUTH"), &["a"]).await })
+            })
+            .collect();
+        for t in inserts {
+            t.await.unwrap().unwrap();
+        }
+        assert!(
+            store.take_fresh("a", usize::MAX).is_none(),
+            "read the store"
+        );
+        assert_eq!(store.claim(read(2 * n)).await.unwrap().len(), n + 1);
+        assert!(
+            store.take_fresh("a", 10).unwrap().is_empty(),
+            "tracked again"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_outcome_alone_waits_for_company_then_commits_by_itself() {
+        let (_dir, store) = open();
+        store.insert_event(&event("AUTH"), &["a"]).await.unwrap();
+        let d = store.due("a", now_ms(), 10).await.unwrap().remove(0);
+        let commits = store.stats().commits.load(Ordering::Relaxed);
+        let sent = std::time::Instant::now();
+        store
+            .record(&d, Outcome::Done { attempts: 1 })
+            .await
+            .unwrap();
+        assert!(
+            sent.elapsed() >= writer::OUTCOME_LINGER,
+            "an outcome alone waits for an insert to share its commit"
+        );
+        assert_eq!(store.stats().commits.load(Ordering::Relaxed), commits + 1);
+        assert!(store.due("a", now_ms(), 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_dead_letter_commands_hand_nothing_over() {
+        let (dir, _daemon) = open();
+        let admin = SqliteStore::open_admin(&dir.path().join("db/relay.db")).unwrap();
+        assert!(!admin.hands_off());
     }
 
     #[tokio::test]

@@ -16,8 +16,8 @@ use crate::store::shared::{
     DEAD_LETTER_COLUMNS, ORPHANED, PRUNE_CHUNK, dead_letter, selection_filter,
 };
 use crate::store::{
-    DeadLetter, Delivery, DestinationStats, EventRow, Outcome, REPLAY_RECORD_TTL, REPLAY_REFUSED,
-    ReplayDecisions, ReplayVerdict, Selection, Store, StoreError,
+    ClaimRequest, DeadLetter, Delivery, DestinationStats, EventRow, Outcome, REPLAY_RECORD_TTL,
+    REPLAY_REFUSED, ReplayDecisions, ReplayVerdict, Selection, Store, StoreError,
 };
 
 /// `WHERE` clause and parameters for a dead-letter selection.
@@ -96,6 +96,24 @@ impl Store for SqliteStore {
             rows.take(limit).collect()
         })
         .await
+    }
+
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Vec<Delivery>, StoreError> {
+        // The hand-off queue starts empty just before the read (see `fresh`): whatever
+        // commits from here on is in the read, in the queue, or in both.
+        if let Some(fresh) = &self.fresh {
+            fresh.track(request.destination);
+        }
+        let limit = request.want + request.in_flight.len();
+        self.due(request.destination, request.now_ms, limit).await
+    }
+
+    fn hands_off(&self) -> bool {
+        self.fresh.is_some()
+    }
+
+    fn take_fresh(&self, destination: &str, max: usize) -> Option<Vec<Delivery>> {
+        self.fresh.as_ref()?.take(destination, max)
     }
 
     async fn next_due_after(
@@ -244,9 +262,14 @@ impl Store for SqliteStore {
             Ok(0)
         })
         .await?;
-        Ok(std::mem::take(
-            &mut *decided.lock().unwrap_or_else(|p| p.into_inner()),
-        ))
+        let decided = std::mem::take(&mut *decided.lock().unwrap_or_else(|p| p.into_inner()));
+        // Pending again without a fresh insert: those dispatchers read the store.
+        if let Some(fresh) = &self.fresh {
+            for (destination, _) in &decided.replayed {
+                fresh.untrack(destination);
+            }
+        }
+        Ok(decided)
     }
 
     async fn purge(&self, selection: &Selection) -> Result<u64, StoreError> {
@@ -299,9 +322,14 @@ impl Store for SqliteStore {
             Ok(n as u64)
         })
         .await?;
-        Ok(std::mem::take(
-            &mut *counts.lock().unwrap_or_else(|p| p.into_inner()),
-        ))
+        let swept = std::mem::take(&mut *counts.lock().unwrap_or_else(|p| p.into_inner()));
+        // Their queued deliveries are dead letters now: never hand them over.
+        if let Some(fresh) = &self.fresh {
+            for (destination, _) in &swept {
+                fresh.untrack(destination);
+            }
+        }
+        Ok(swept)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -3,19 +3,28 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rusqlite::{Connection, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::fresh::Fresh;
 use super::open_connection;
 use crate::event::now_ms;
-use crate::store::{EventRow, Outcome, StoreError};
+use crate::store::{Delivery, EventRow, Outcome, StoreError};
 
 /// Most commands in one transaction; bounds the latency of a single commit.
 const MAX_BATCH: usize = 2048;
 
 /// Commands waiting for the writer; ingress waits (up to its `store_timeout`) when full.
 pub(super) const QUEUE_DEPTH: usize = 8192;
+
+/// How long a batch of outcomes alone waits for more commands before it commits.
+/// Outcomes are not synced and only their attempts' claims wait for them, so at low
+/// rates each rides in the next event's commit instead of costing a commit (WAL frames,
+/// a wake-up of this thread, a switch of `synchronous`) of its own. A command that needs
+/// a sync (an insert) ends the wait at once, so no answer waits for it.
+pub(super) const OUTCOME_LINGER: Duration = Duration::from_millis(20);
 
 type AdminFn = Box<dyn FnOnce(&Transaction<'_>) -> rusqlite::Result<u64> + Send>;
 
@@ -59,15 +68,21 @@ pub(super) fn writer_loop(
     mut conn: Option<Connection>,
     mut rx: mpsc::Receiver<Command>,
     stats: &WriterStats,
+    fresh: Option<&Fresh>,
 ) {
     let mut synchronous_full = true;
+    // A timer for the outcome linger; without one, outcomes commit at once.
+    let timer = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .ok();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(cmd) => batch.push(cmd),
-                Err(_) => break,
-            }
+        drain(&mut rx, &mut batch);
+        if let Some(timer) = &timer
+            && !batch.iter().any(Command::needs_sync)
+        {
+            linger(timer, &mut rx, &mut batch);
         }
         stats.taken.fetch_add(batch.len() as u64, Ordering::Relaxed);
         if conn.is_none() {
@@ -94,12 +109,47 @@ pub(super) fn writer_loop(
             }
             synchronous_full = want_full;
         }
-        match run_batch(c, batch, stats) {
+        match run_batch(c, batch, stats, fresh) {
             Ok(()) => {}
             Err(e) => {
                 tracing::error!(error = %e, "store commit failed; reopening the database");
                 conn = None;
             }
+        }
+    }
+}
+
+/// Adds the commands already waiting to `batch`, up to [`MAX_BATCH`].
+fn drain(rx: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(cmd) => batch.push(cmd),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Adds what arrives within [`OUTCOME_LINGER`] to a batch of outcomes, until a command
+/// that needs a sync arrives (it commits at once, with them), the batch is full or the
+/// queue closes.
+fn linger(
+    timer: &tokio::runtime::Runtime,
+    rx: &mut mpsc::Receiver<Command>,
+    batch: &mut Vec<Command>,
+) {
+    let deadline = tokio::time::Instant::now() + OUTCOME_LINGER;
+    while batch.len() < MAX_BATCH {
+        // Built inside the timer's runtime: a timeout needs one to register with.
+        let next = timer.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await });
+        match next {
+            Ok(Some(cmd)) => {
+                batch.push(cmd);
+                drain(rx, batch);
+                if batch.iter().any(Command::needs_sync) {
+                    return;
+                }
+            }
+            Ok(None) | Err(_) => return,
         }
     }
 }
@@ -117,9 +167,12 @@ fn run_batch(
     conn: &mut Connection,
     batch: Vec<Command>,
     stats: &WriterStats,
+    fresh: Option<&Fresh>,
 ) -> Result<(), String> {
     let size = batch.len() as u64;
     let mut results = Vec::with_capacity(batch.len());
+    // The deliveries this batch inserts, for the hand-off once they are committed.
+    let mut inserted = Vec::new();
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -149,7 +202,12 @@ fn run_batch(
             // time a reload's sweep allows for requests under way.
             Command::Insert { reply, .. } if reply.is_closed() => {}
             Command::Insert { event, reply } => {
-                let r = in_savepoint(&tx, |sp| insert(sp, &event, now).map(|_| ()));
+                let r = in_savepoint(&tx, |sp| insert(sp, &event, now));
+                let r = r.map(|ids| {
+                    if fresh.is_some() {
+                        inserted.extend(deliveries(&event, &ids));
+                    }
+                });
                 results.push(Pending::Unit(reply, r));
             }
             Command::Record {
@@ -177,6 +235,11 @@ fn run_batch(
     if committed.is_ok() {
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.commands.fetch_add(size, Ordering::Relaxed);
+        // Handed over before the inserters hear of the commit: the dispatcher they wake
+        // finds the deliveries in memory.
+        if let Some(fresh) = fresh {
+            fresh.push(inserted);
+        }
     }
     for p in results {
         match p {
@@ -230,7 +293,24 @@ fn fail_all(batch: Vec<Command>, msg: &str) {
     }
 }
 
-fn insert(tx: &Transaction<'_>, e: &EventRow, now: i64) -> rusqlite::Result<()> {
+/// The pending deliveries `insert` wrote for `e`, with their row IDs.
+fn deliveries(e: &EventRow, ids: &[i64]) -> impl Iterator<Item = Delivery> {
+    e.destinations
+        .iter()
+        .zip(ids)
+        .map(|(destination, &id)| Delivery {
+            id,
+            event_id: e.id.clone(),
+            destination: destination.clone(),
+            attempts: 0,
+            received_at_ms: e.received_at,
+            body: e.body.clone(),
+            claim: None,
+        })
+}
+
+/// Inserts the event and its pending deliveries; returns the deliveries' row IDs.
+fn insert(tx: &Transaction<'_>, e: &EventRow, now: i64) -> rusqlite::Result<Vec<i64>> {
     let payload = std::str::from_utf8(&e.body).map_err(rusqlite::Error::Utf8Error)?;
     tx.prepare_cached(
         "INSERT INTO events (id, received_at, app_id, event_name, facial_id, client_ip, payload)
@@ -249,10 +329,10 @@ fn insert(tx: &Transaction<'_>, e: &EventRow, now: i64) -> rusqlite::Result<()> 
         "INSERT INTO deliveries (event_id, destination, state, attempts, next_attempt_at, updated_at)
          VALUES (?1, ?2, 'pending', 0, ?3, ?3)",
     )?;
-    for dest in &e.destinations {
-        stmt.execute(params![e.id, dest, now])?;
-    }
-    Ok(())
+    e.destinations
+        .iter()
+        .map(|dest| stmt.insert(params![e.id, dest, now]))
+        .collect()
 }
 
 fn record(tx: &Transaction<'_>, id: i64, outcome: &Outcome, now: i64) -> rusqlite::Result<usize> {
