@@ -303,7 +303,7 @@ mod tests {
     use crate::config::{Application, Secret};
     use crate::event::verify::{authenticate, verify};
     use crate::event::{VerifiedEvent, now_ms};
-    use crate::store::Store;
+    use crate::store::{Outcome, Store};
 
     fn app() -> Vec<Application> {
         vec![Application::new("fioa1", Secret::new("t".into()))]
