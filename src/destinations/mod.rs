@@ -20,6 +20,7 @@
 
 mod file;
 mod http;
+mod nats;
 mod slack;
 mod web;
 
@@ -31,6 +32,7 @@ use async_trait::async_trait;
 
 pub use file::{FileConfig, FileDestination};
 pub use http::{HttpConfig, HttpDestination};
+pub use nats::{NatsConfig, NatsDestination};
 pub use slack::{SlackConfig, SlackDestination};
 pub use web::parse_retry_after;
 
@@ -109,10 +111,23 @@ pub enum SetupError {
     },
 }
 
+/// What `check` learned from a destination's server before start ([`Destination::preflight`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PreflightError {
+    /// The server answered and the destination cannot work as configured (no stream or
+    /// exchange for it, credentials refused): an error.
+    #[error("{0}")]
+    Problem(String),
+    /// The server did not answer: a warning (it may be up by the time the relay runs;
+    /// deliveries retry meanwhile).
+    #[error("{0}")]
+    Unreachable(String),
+}
+
 /// One kind of destination.
 #[async_trait]
 pub trait Destination: Send + Sync {
-    /// `slack`, `http` or `file`.
+    /// The kind's `type:` name.
     fn kind(&self) -> &'static str;
 
     /// One attempt to deliver `delivery`.
@@ -133,6 +148,13 @@ pub trait Destination: Send + Sync {
     /// Called when this process loses ownership of the destination: file destinations
     /// close their file (the new owner may repair it).
     async fn release(&self) {}
+
+    /// Asks the destination's server, for `check`, whether deliveries can succeed (the
+    /// queue kinds: credentials, the stream or exchange). `check` bounds it with a short
+    /// timeout. Kinds with nothing to ask answer `Ok`.
+    async fn preflight(&self) -> Result<(), PreflightError> {
+        Ok(())
+    }
 }
 
 /// One kind of destination, as its module describes it to the loader and to `check`.
@@ -242,6 +264,8 @@ kinds! {
     Http(HttpConfig),
     /// `type: file`: JSON Lines, each line synced.
     File(FileConfig),
+    /// `type: nats`: publish to a subject, acknowledged by JetStream.
+    Nats(NatsConfig),
 }
 
 /// Builds the destination a config describes.
