@@ -5,11 +5,13 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream::Stream};
 use common::proc::cli;
 use common::proxy::Proxy;
+use common::queues::*;
 use common::*;
 
 const NATS: &str = "127.0.0.1:4222";
@@ -61,35 +63,15 @@ impl TestStream {
     }
 
     async fn wait_for(&self, n: u64, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let have = self.count().await;
-            if have >= n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{have} of {n} messages in the stream"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_count("messages in the stream", n, within, async || {
+            self.count().await
+        })
+        .await
     }
 
     async fn cleanup(self) {
         let _ = self.js.delete_stream(&self.name).await;
     }
-}
-
-/// Attempts and last error of the only delivery, dead-lettered.
-fn the_dead_letter(setup: &Setup) -> (i64, String) {
-    setup
-        .db()
-        .query_row(
-            "SELECT attempts, last_error FROM deliveries WHERE state = 'dead'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap()
 }
 
 fn nats_dest(url: &str, subject: &str, extra: &str) -> String {
@@ -130,14 +112,7 @@ async fn a_thousand_events_arrive_once_in_order_with_their_ids() {
     eventually("every delivery done", || count(&setup, "done") == 1000).await;
     let messages = stream.messages().await;
     assert_eq!(messages.len(), 1000, "exactly once");
-    let ids: Vec<String> = setup
-        .db()
-        .prepare("SELECT id FROM events ORDER BY received_at, rowid")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let ids: Vec<String> = stored_ids(&setup).into_iter().map(|(id, _)| id).collect();
     for (i, m) in messages.iter().enumerate() {
         let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(
@@ -164,29 +139,17 @@ async fn connections_cut_while_200_events_a_second_flow_lose_and_duplicate_nothi
         &format!("{}.events", stream.prefix),
         "    timeout: 1s\n    retry: { max_attempts: 100, initial_delay: 50ms, max_delay: 500ms }\n",
     );
-    let relay = std::sync::Arc::new(TestRelay::start(setup.config(&cfg)).await);
+    let relay = Arc::new(TestRelay::start(setup.config(&format!("{FLOW_INGRESS}{cfg}"))).await);
     let total = 600;
-    let mut ticker = tokio::time::interval(Duration::from_millis(5));
-    let mut sends = Vec::new();
-    let mut cuts = 0;
-    for i in 0..total {
-        ticker.tick().await;
-        if i == 200 || i == 400 {
-            // Wait until the relay is connected (a message is in) before each cut, so
-            // each one does cut a live connection.
-            stream.wait_for(1, WAIT).await;
-            cuts += proxy.cut();
-        }
-        let relay = std::sync::Arc::clone(&relay);
-        sends.push(tokio::spawn(async move {
-            relay.send(&event("AUTH", &format!("face-{i}"))).await.0
-        }));
-    }
-    for s in sends {
-        assert_eq!(s.await.unwrap(), 200);
-    }
+    // Each cut waits until the relay is connected (a message is in), so it cuts a live
+    // connection.
+    let cuts = flow_with_interruptions(Arc::clone(&relay), total, &[200, 400], async || {
+        stream.wait_for(1, WAIT).await;
+        proxy.cut() as i64
+    })
+    .await;
     assert!(cuts >= 2, "the proxy cut {cuts} live connections");
-    stream.wait_for(total, Duration::from_secs(60)).await;
+    stream.wait_for(total as u64, Duration::from_secs(60)).await;
     eventually("every delivery done", || {
         count(&setup, "done") == total as i64
     })
@@ -194,8 +157,8 @@ async fn connections_cut_while_200_events_a_second_flow_lose_and_duplicate_nothi
     assert_eq!(count(&setup, "dead"), 0);
     let messages = stream.messages().await;
     let ids: HashSet<String> = messages.iter().map(|m| header(m, "Nats-Msg-Id")).collect();
-    assert_eq!(messages.len(), total as usize, "no duplicate in the stream");
-    assert_eq!(ids.len(), total as usize, "every event once");
+    assert_eq!(messages.len(), total, "no duplicate in the stream");
+    assert_eq!(ids.len(), total, "every event once");
     let retried: i64 = setup
         .db()
         .query_row(
@@ -205,7 +168,7 @@ async fn connections_cut_while_200_events_a_second_flow_lose_and_duplicate_nothi
         )
         .unwrap();
     eprintln!("{retried} deliveries needed more than one attempt");
-    std::sync::Arc::into_inner(relay).unwrap().shutdown().await;
+    Arc::into_inner(relay).unwrap().shutdown().await;
     stream.cleanup().await;
 }
 

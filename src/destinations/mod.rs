@@ -21,6 +21,8 @@
 mod file;
 mod http;
 mod nats;
+mod queue;
+mod redis;
 mod slack;
 mod web;
 
@@ -33,6 +35,7 @@ use async_trait::async_trait;
 pub use file::{FileConfig, FileDestination};
 pub use http::{HttpConfig, HttpDestination};
 pub use nats::{NatsConfig, NatsDestination};
+pub use redis::{RedisConfig, RedisDestination};
 pub use slack::{SlackConfig, SlackDestination};
 pub use web::parse_retry_after;
 
@@ -266,6 +269,8 @@ kinds! {
     File(FileConfig),
     /// `type: nats`: publish to a subject, acknowledged by JetStream.
     Nats(NatsConfig),
+    /// `type: redis`: `XADD` to a stream.
+    Redis(RedisConfig),
 }
 
 /// Builds the destination a config describes.

@@ -29,6 +29,7 @@ use async_nats::{ConnectErrorKind, HeaderMap};
 use async_trait::async_trait;
 use tokio::sync::OnceCell;
 
+use super::queue;
 use super::web::Redactor;
 use super::{DeliveryError, Destination, KindConfig, PreflightError, SetupError};
 use crate::config::raw::destination_keys;
@@ -79,7 +80,7 @@ impl KindConfig for NatsConfig {
     type Raw = RawNats;
 
     fn validate(raw: RawNats, cx: &mut KindContext<'_>) -> Option<Self> {
-        let mut ok = check_url(cx, &raw.url);
+        let mut ok = queue::check_url(cx, &raw.url, &["nats", "tls"]);
         match TextTemplate::new("subject", &raw.subject) {
             Err(errors) => ok &= cx.templates(Some(errors)),
             Ok(t) => {
@@ -130,21 +131,6 @@ impl KindConfig for NatsConfig {
         };
         format!("subject {}, {mode}{auth}", self.subject)
     }
-}
-
-/// `url`: `nats://` or `tls://` with a host. Messages never show the URL.
-fn check_url(cx: &mut KindContext<'_>, text: &str) -> bool {
-    match reqwest::Url::parse(text.trim()) {
-        Err(e) => cx.error(&["url"], format!("not a valid URL: {e}")),
-        Ok(u) if !matches!(u.scheme(), "nats" | "tls") => {
-            cx.error(&["url"], "must be a nats:// or tls:// URL")
-        }
-        Ok(u) if u.host_str().is_none_or(str::is_empty) => {
-            cx.error(&["url"], "the URL has no host")
-        }
-        Ok(_) => return true,
-    }
-    false
 }
 
 /// Whether `subject` can be published to: not empty, no whitespace, no empty token, no
@@ -201,16 +187,7 @@ impl NatsDestination {
                     .join("; "),
             }
         })?;
-        let mut redactor = Redactor::default();
-        redactor.add(config.url.expose());
-        if let Ok(url) = reqwest::Url::parse(config.url.expose())
-            && let Some(password) = url.password()
-        {
-            redactor.add(password);
-        }
-        if let Some(token) = &config.token {
-            redactor.add(token.expose());
-        }
+        let redactor = queue::redactor(&config.url, &config.token.iter().collect::<Vec<_>>());
         Ok(Self {
             url: config.url.clone(),
             token: config.token.clone(),
@@ -370,12 +347,7 @@ impl Destination for NatsDestination {
 
     async fn deliver(&self, delivery: &Delivery) -> Result<(), DeliveryError> {
         let subject = self.subject_for(delivery)?;
-        match tokio::time::timeout(self.timeout, self.publish(subject, delivery)).await {
-            Ok(result) => result,
-            Err(_) => Err(DeliveryError::retryable(
-                "timed out waiting for the NATS server",
-            )),
-        }
+        queue::within(self.timeout, "NATS", self.publish(subject, delivery)).await
     }
 
     /// Connects, and with JetStream asks for the stream of each sample event's subject.

@@ -633,6 +633,7 @@ pub mod faults;
 pub mod pg;
 pub mod proc;
 pub mod proxy;
+pub mod queues;
 
 /// A daemon started without waiting for anything, for tests that watch readiness
 /// themselves (the notify socket) or decide its environment (no `RUST_LOG`).
