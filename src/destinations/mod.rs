@@ -18,6 +18,7 @@
 //! Error texts go to logs and to the dead-letter store, so they never contain a URL, a
 //! header value or a token: reqwest errors are stripped of their URL before formatting.
 
+mod amqp;
 mod file;
 mod http;
 mod nats;
@@ -32,6 +33,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use amqp::{AmqpConfig, AmqpDestination};
 pub use file::{FileConfig, FileDestination};
 pub use http::{HttpConfig, HttpDestination};
 pub use nats::{NatsConfig, NatsDestination};
@@ -271,6 +273,8 @@ kinds! {
     Nats(NatsConfig),
     /// `type: redis`: `XADD` to a stream.
     Redis(RedisConfig),
+    /// `type: amqp`: publish to a RabbitMQ exchange, with publisher confirms.
+    Amqp(AmqpConfig),
 }
 
 /// Builds the destination a config describes.

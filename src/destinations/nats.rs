@@ -177,16 +177,7 @@ pub struct NatsDestination {
 
 impl NatsDestination {
     pub fn new(common: &DestinationConfig, config: &NatsConfig) -> Result<Self, SetupError> {
-        let subject = TextTemplate::new("subject", &config.subject).map_err(|errors| {
-            SetupError::Invalid {
-                destination: common.name.clone(),
-                reason: errors
-                    .iter()
-                    .map(|e| e.message.clone())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            }
-        })?;
+        let subject = queue::template(common, "subject", &config.subject)?;
         let redactor = queue::redactor(&config.url, &config.token.iter().collect::<Vec<_>>());
         Ok(Self {
             url: config.url.clone(),

@@ -5,10 +5,11 @@
 use std::future::Future;
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::DeliveryError;
 use super::web::Redactor;
-use crate::config::{KindContext, Secret};
+use super::{DeliveryError, PreflightError, SetupError};
+use crate::config::{DestinationConfig, KindContext, Secret};
 use crate::store::Delivery;
+use crate::template::TextTemplate;
 
 /// `url`: one of `schemes`, with a host. Messages never show the URL.
 pub(super) fn check_url(cx: &mut KindContext<'_>, text: &str, schemes: &[&str]) -> bool {
@@ -16,7 +17,11 @@ pub(super) fn check_url(cx: &mut KindContext<'_>, text: &str, schemes: &[&str]) 
         Err(e) => cx.error(&["url"], format!("not a valid URL: {e}")),
         Ok(u) if !schemes.contains(&u.scheme()) => {
             let list: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
-            cx.error(&["url"], format!("must be a {} URL", list.join(" or ")))
+            let article = if list[0].starts_with('a') { "an" } else { "a" };
+            cx.error(
+                &["url"],
+                format!("must be {article} {} URL", list.join(" or ")),
+            )
         }
         Ok(u) if u.host_str().is_none_or(str::is_empty) => {
             cx.error(&["url"], "the URL has no host")
@@ -78,5 +83,31 @@ impl EventFields {
             app_id: field("appId"),
             received_at: humantime::format_rfc3339_millis(at).to_string(),
         }
+    }
+}
+
+/// The one-line template of `key` (validated at load: an error here is a bug, said
+/// plainly).
+pub(super) fn template(
+    common: &DestinationConfig,
+    key: &str,
+    source: &str,
+) -> Result<TextTemplate, SetupError> {
+    TextTemplate::new(key, source).map_err(|errors| SetupError::Invalid {
+        destination: common.name.clone(),
+        reason: errors
+            .iter()
+            .map(|e| e.message.clone())
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
+}
+
+/// For `check`: what would fail every delivery is a problem; what a retry could get
+/// past means the server was not reached.
+pub(super) fn preflight_error(e: DeliveryError) -> PreflightError {
+    match e {
+        DeliveryError::Permanent { reason } => PreflightError::Problem(reason),
+        DeliveryError::Retryable { reason, .. } => PreflightError::Unreachable(reason),
     }
 }

@@ -124,15 +124,7 @@ impl RedisDestination {
         let redactor = queue::redactor(&config.url, &[]);
         let client = redis::Client::open(config.url.expose().as_str())
             .map_err(|e| invalid(format!("invalid url: {}", redactor.apply(&e.to_string()))))?;
-        let stream = TextTemplate::new("stream", &config.stream).map_err(|errors| {
-            invalid(
-                errors
-                    .iter()
-                    .map(|e| e.message.clone())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })?;
+        let stream = queue::template(common, "stream", &config.stream)?;
         Ok(Self {
             client,
             stream,
@@ -222,11 +214,7 @@ impl Destination for RedisDestination {
     /// Connects (credentials), and checks that each sample event's key is a stream or
     /// free.
     async fn preflight(&self) -> Result<(), PreflightError> {
-        let to_preflight = |e: DeliveryError| match e {
-            DeliveryError::Permanent { reason } => PreflightError::Problem(reason),
-            DeliveryError::Retryable { reason, .. } => PreflightError::Unreachable(reason),
-        };
-        let mut conn = self.connection().await.map_err(to_preflight)?;
+        let mut conn = self.connection().await.map_err(queue::preflight_error)?;
         for (event, ctx) in template::samples("fioa-sample") {
             let Ok(key) = self.stream.render(&ctx) else {
                 continue;
@@ -235,7 +223,7 @@ impl Destination for RedisDestination {
                 .arg(&key)
                 .query_async(&mut conn)
                 .await
-                .map_err(|e| to_preflight(self.classify(&e)))?;
+                .map_err(|e| queue::preflight_error(self.classify(&e)))?;
             if kind != "none" && kind != "stream" {
                 return Err(PreflightError::Problem(format!(
                     "key `{key}` (the sample {event} event's stream) holds a {kind}, not a stream"
