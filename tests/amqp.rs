@@ -20,7 +20,11 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 const AMQP: &str = "127.0.0.1:5672";
 
 fn url(at: &str) -> String {
-    format!("amqp://guest:guest@{at}/%2f")
+    vhost_url(at, "%2f")
+}
+
+fn vhost_url(at: &str, vhost: &str) -> String {
+    format!("amqp://guest:guest@{at}/{vhost}")
 }
 
 /// An exchange and a queue bound to it (`#`) of the test's own; `cleanup` deletes both.
@@ -33,7 +37,12 @@ struct TestQueue {
 
 impl TestQueue {
     async fn create(bind: bool) -> Self {
-        let connection = Connection::connect(&url(AMQP), ConnectionProperties::default())
+        Self::create_in(&url(AMQP), bind).await
+    }
+
+    /// In the vhost `url` names.
+    async fn create_in(url: &str, bind: bool) -> Self {
+        let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect("RabbitMQ on 127.0.0.1:5672 answers (.ci/run starts it)");
         let channel = connection.create_channel().await.unwrap();
@@ -74,6 +83,20 @@ impl TestQueue {
             _connection: connection,
             exchange,
             queue,
+        }
+    }
+
+    /// A new connection to the same exchange and queue (after the broker closed ours).
+    async fn reopen(url: &str, old: &TestQueue) -> Self {
+        let connection = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        Self {
+            channel,
+            _connection: connection,
+            exchange: old.exchange.clone(),
+            queue: old.queue.clone(),
         }
     }
 
@@ -315,4 +338,100 @@ async fn check_reports_a_missing_exchange_and_only_warns_about_an_unreachable_br
     );
     assert!(!out.all().contains("Hidden-pw9"), "{}", out.all());
     q.cleanup().await;
+}
+
+/// `rabbitmqctl` (the broker's admin tool, run as root in CI), failing the test on error.
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl is installed with the broker");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A vhost of the test's own (guest may use it), so the broker can close "its"
+/// connections without touching other tests'.
+struct TestVhost(String);
+
+impl TestVhost {
+    fn create() -> Self {
+        let name = format!("faceio-test-{}", uuid::Uuid::now_v7().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Self(name)
+    }
+}
+
+/// `rabbitmqctl close_all_connections` for one vhost.
+fn close_all_connections(vhost: &str) {
+    rabbitmqctl(&[
+        "close_all_connections",
+        "--vhost",
+        vhost,
+        "--limit",
+        "100",
+        "faceio-relay test",
+    ]);
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn the_broker_closing_every_connection_while_events_flow_loses_nothing() {
+    let vhost = TestVhost::create();
+    let vurl = vhost_url(AMQP, &vhost.0);
+    let q = TestQueue::create_in(&vurl, true).await;
+    let setup = Setup::new();
+    let cfg = amqp_dest(
+        &vurl,
+        &q.exchange,
+        "    timeout: 1s\n    retry: { max_attempts: 100, initial_delay: 50ms, max_delay: 500ms }\n",
+    );
+    let relay = Arc::new(TestRelay::start(setup.config(&format!("{FLOW_INGRESS}{cfg}"))).await);
+    let total = 600;
+    let closed = flow_with_interruptions(Arc::clone(&relay), total, &[200, 400], async || {
+        // The relay is connected once a message is in (read through a connection of
+        // its own: the broker closes the test's connections in the vhost too).
+        TestQueue::reopen(&vurl, &q).await.wait_for(1, WAIT).await;
+        // rabbitmqctl blocks (it starts an Erlang VM): off the runtime's threads.
+        let name = vhost.0.clone();
+        tokio::task::spawn_blocking(move || close_all_connections(&name))
+            .await
+            .unwrap();
+        1
+    })
+    .await;
+    assert_eq!(closed, 2);
+    eventually("every delivery done", || {
+        count(&setup, "done") == total as i64
+    })
+    .await;
+    assert_eq!(count(&setup, "dead"), 0);
+    // The test's own reader was closed too: read through a new connection.
+    let reader = TestQueue::reopen(&vurl, &q).await;
+    let messages = reader.take_all().await;
+    let ids: HashSet<String> = messages
+        .iter()
+        .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), total, "every event is in the queue");
+    let retried = retried(&setup);
+    let duplicates = messages.len() - ids.len();
+    assert!(
+        duplicates as i64 <= retried,
+        "{duplicates} duplicates, {retried} retried"
+    );
+    eprintln!("{retried} deliveries retried, {duplicates} duplicates");
+    Arc::into_inner(relay).unwrap().shutdown().await;
 }
