@@ -194,18 +194,25 @@ async fn a_subject_no_stream_stores_is_dead_lettered_at_once_with_the_reason() {
     relay.shutdown().await;
 }
 
-/// A NATS server of the test's own that requires a user and password.
-struct AuthServer {
+/// A NATS server of the test's own on a free port, which the test may restart.
+struct PrivateServer {
     child: std::process::Child,
     port: u16,
+    args: Vec<String>,
 }
 
-impl AuthServer {
-    async fn start(user: &str, password: &str) -> Self {
+impl PrivateServer {
+    async fn start(args: &[&str]) -> Self {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let port = free_port();
+        let child = Self::spawn(port, &args).await;
+        Self { child, port, args }
+    }
+
+    async fn spawn(port: u16, args: &[String]) -> std::process::Child {
         let child = std::process::Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .args(["--user", user, "--pass", password])
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -218,11 +225,28 @@ impl AuthServer {
             assert!(Instant::now() < deadline, "nats-server did not listen");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Self { child, port }
+        child
+    }
+
+    /// Stops the server at once (SIGKILL: no goodbye to its clients).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with other arguments.
+    async fn start_with(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+        self.start_again().await;
+    }
+
+    /// Starts it again on the same port with the same arguments (and store).
+    async fn start_again(&mut self) {
+        self.child = Self::spawn(self.port, &self.args).await;
     }
 }
 
-impl Drop for AuthServer {
+impl Drop for PrivateServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -230,8 +254,68 @@ impl Drop for AuthServer {
 }
 
 #[tokio::test]
+async fn a_server_down_for_half_a_second_twice_while_200_events_a_second_flow_lose_and_duplicate_nothing()
+ {
+    let store = tempfile::tempdir().unwrap();
+    let mut server = PrivateServer::start(&["-js", "-sd", store.path().to_str().unwrap()]).await;
+    let url = format!("nats://127.0.0.1:{}", server.port);
+    let js = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+    js.create_stream(jetstream::stream::Config {
+        name: "RESTARTS".into(),
+        subjects: vec!["restarts.>".into()],
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let setup = Setup::new();
+    let cfg = nats_dest(
+        &url,
+        "restarts.{{ eventName | lower }}",
+        "    timeout: 1s\n    retry: { max_attempts: 100, initial_delay: 50ms, max_delay: 500ms }\n",
+    );
+    let relay = Arc::new(TestRelay::start(setup.config(&format!("{FLOW_INGRESS}{cfg}"))).await);
+    let total = 600;
+    // Down for 100 events (half a second) twice, while the flow goes on.
+    let mut down = false;
+    let restarts = flow_with_interruptions(
+        Arc::clone(&relay),
+        total,
+        &[200, 300, 400, 500],
+        async || {
+            down = !down;
+            if down {
+                server.kill();
+                0
+            } else {
+                server.start_again().await;
+                1
+            }
+        },
+    )
+    .await;
+    assert_eq!(restarts, 2);
+    eventually("every delivery done", || {
+        count(&setup, "done") == total as i64
+    })
+    .await;
+    assert_eq!(count(&setup, "dead"), 0, "nothing dead-lettered");
+    let mut stream = js.get_stream("RESTARTS").await.unwrap();
+    let stored = stream.info().await.unwrap().state.messages;
+    let mut ids = HashSet::new();
+    for seq in 1..=stored {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        ids.insert(header(&m, "Nats-Msg-Id"));
+    }
+    assert_eq!(ids.len(), total, "every event is in the stream");
+    assert_eq!(stored, total as u64, "and none twice (Nats-Msg-Id)");
+    eprintln!("{} deliveries retried", retried(&setup));
+    Arc::into_inner(relay).unwrap().shutdown().await;
+}
+
+#[tokio::test]
 async fn a_wrong_password_is_dead_lettered_at_once_without_showing_it() {
-    let server = AuthServer::start("relay", "right-password").await;
+    let server = PrivateServer::start(&["--user", "relay", "--pass", "right-password"]).await;
     let setup = Setup::new();
     let cfg = nats_dest(
         &format!("nats://relay:Wr0ng-s3cret@127.0.0.1:{}", server.port),
@@ -364,4 +448,69 @@ async fn a_second_attempt_of_one_event_is_not_stored_twice() {
     bus.deliver(&again).await.unwrap();
     assert_eq!(stream.count().await, 1);
     stream.cleanup().await;
+}
+
+#[tokio::test]
+async fn jetstream_not_answering_yet_is_retried_not_dead_lettered() {
+    // A publish nobody answers is permanent only when JetStream says the stream does
+    // not exist; a server without JetStream (yet) cannot say, so it is retried. The
+    // stream exists in the store the server gets back later.
+    let store = tempfile::tempdir().unwrap();
+    let with_jetstream = ["-js", "-sd", store.path().to_str().unwrap()];
+    let mut server = PrivateServer::start(&with_jetstream).await;
+    let url = format!("nats://127.0.0.1:{}", server.port);
+    let stream_config = jetstream::stream::Config {
+        name: "LATER".into(),
+        subjects: vec!["later.>".into()],
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    jetstream::new(async_nats::connect(url.as_str()).await.unwrap())
+        .create_stream(stream_config)
+        .await
+        .unwrap();
+    server.kill();
+    server.start_with(&[]).await;
+
+    let setup = Setup::new();
+    let cfg = nats_dest(
+        &url,
+        "later.x",
+        "    retry: { max_attempts: 1000, initial_delay: 20ms, max_delay: 100ms }\n",
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    relay.send(&event("AUTH", "face-l")).await;
+    let last_error = || -> (i64, String) {
+        setup
+            .db()
+            .query_row(
+                "SELECT attempts, COALESCE(last_error, '') FROM deliveries",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    };
+    eventually("two failed attempts", || last_error().0 >= 2).await;
+    assert_eq!(count(&setup, "dead"), 0);
+    assert!(
+        last_error().1.contains("JetStream is not answering"),
+        "{:?}",
+        last_error()
+    );
+
+    server.kill();
+    server.start_with(&with_jetstream).await;
+    let deadline = Instant::now() + WAIT;
+    while count(&setup, "done") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered: {:?}",
+            last_error()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let js = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+    let mut stream = js.get_stream("LATER").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    relay.shutdown().await;
 }

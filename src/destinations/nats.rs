@@ -9,9 +9,11 @@
 //! flush round trip after the publish).
 //!
 //! # Failures
-//! No stream for the subject ("no responders"), an invalid rendered subject, a message
-//! over the server's `max_payload` and an authorization violation are permanent: no
-//! retry can change them. A timeout, a lost connection or any other error is retried.
+//! No stream for the subject (the publish had no responder and JetStream confirms it has
+//! no such stream; while JetStream is still recovering after a restart, that is
+//! retried), an invalid rendered subject, a message over the server's `max_payload` and
+//! an authorization violation are permanent: no retry can change them. A timeout, a lost
+//! connection or any other error is retried.
 //!
 //! # Connection
 //! One client per destination, opened by the first attempt (never at start: a server
@@ -273,12 +275,41 @@ impl NatsDestination {
                 .await
                 .map_err(|e| self.retryable("the server did not confirm", &e));
         }
-        let ack = jetstream
+        let published = match jetstream
             .publish_with_headers(subject.clone(), headers, payload)
             .await
-            .map_err(|e| self.publish_error(&subject, e))?;
-        ack.await.map_err(|e| self.publish_error(&subject, e))?;
-        Ok(())
+        {
+            Ok(ack) => ack.await.map(drop),
+            Err(e) => Err(e),
+        };
+        match published {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                Err(self.no_responders(jetstream, &subject).await)
+            }
+            Err(e) => Err(self.publish_error(&subject, e)),
+        }
+    }
+
+    /// "No responders" to a publish means no stream stores the subject, or JetStream is
+    /// not answering yet (a server restarting recovers its streams after it accepts
+    /// connections). Only JetStream itself saying there is no such stream is permanent.
+    async fn no_responders(
+        &self,
+        jetstream: &async_nats::jetstream::Context,
+        subject: &str,
+    ) -> DeliveryError {
+        match jetstream.stream_by_subject(subject).await {
+            Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
+                DeliveryError::permanent(format!(
+                    "no JetStream stream stores subject `{subject}` (the server had no responder)"
+                ))
+            }
+            Ok(_) => DeliveryError::retryable(format!(
+                "no responder for subject `{subject}`, though a stream stores it now"
+            )),
+            Err(e) => self.retryable("JetStream is not answering", &e),
+        }
     }
 
     fn retryable(&self, what: &str, e: &dyn std::fmt::Display) -> DeliveryError {
@@ -292,9 +323,6 @@ impl NatsDestination {
     ) -> DeliveryError {
         let text = self.redactor.apply(&e.to_string());
         match e.kind() {
-            PublishErrorKind::StreamNotFound => DeliveryError::permanent(format!(
-                "no JetStream stream stores subject `{subject}` (the server had no responder: {text})"
-            )),
             PublishErrorKind::MaxPayloadExceeded => {
                 DeliveryError::permanent(format!("subject `{subject}`: {text}"))
             }
