@@ -196,7 +196,7 @@ pub async fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Check => Ok(check(&cli.config)),
+        Command::Check => Ok(check(&cli.config).await),
         Command::Run(args) => {
             let Some(config) = load_or_report(&cli.config) else {
                 return Ok(ExitCode::from(EXIT_CONFIG));
@@ -308,16 +308,60 @@ fn load_for_admin(path: &Path) -> Option<Config> {
     }
 }
 
-fn check(path: &Path) -> ExitCode {
-    match load_or_report(path) {
-        Some(config) => {
-            out!("{}: OK", path.display());
-            out!("{}", config.summary());
-            previews(&config);
-            ExitCode::SUCCESS
-        }
-        None => ExitCode::FAILURE,
+async fn check(path: &Path) -> ExitCode {
+    let Some(config) = load_or_report(path) else {
+        return ExitCode::FAILURE;
+    };
+    let problems = preflight(&config).await;
+    if problems > 0 {
+        eprintln!(
+            "{}: {problems} destination(s) cannot deliver as configured",
+            path.display()
+        );
+        return ExitCode::FAILURE;
     }
+    out!("{}: OK", path.display());
+    out!("{}", config.summary());
+    previews(&config);
+    ExitCode::SUCCESS
+}
+
+/// How long `check` waits for one destination's server.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks each destination's server, all at once, whether it can deliver (see
+/// [`crate::destinations::Destination::preflight`]): a server that answers with a
+/// problem is an error, one that does not answer a warning. Returns the errors' count.
+async fn preflight(config: &Config) -> usize {
+    use crate::destinations::PreflightError;
+    let checks = config.destinations.iter().map(|d| async move {
+        let outcome = match crate::destinations::build(d) {
+            Err(e) => Err(PreflightError::Problem(e.to_string())),
+            Ok(dest) => tokio::time::timeout(PREFLIGHT_TIMEOUT, dest.preflight())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(PreflightError::Unreachable(format!(
+                        "no answer within {}",
+                        humantime::format_duration(PREFLIGHT_TIMEOUT)
+                    )))
+                }),
+        };
+        (d.name.as_str(), outcome)
+    });
+    let mut problems = 0;
+    for (name, outcome) in futures_util::future::join_all(checks).await {
+        match outcome {
+            Ok(()) => {}
+            Err(PreflightError::Problem(why)) => {
+                eprintln!("error: destination {name}: {why}");
+                problems += 1;
+            }
+            Err(PreflightError::Unreachable(why)) => {
+                eprintln!("warning: destination {name}: server not checked: {why}");
+            }
+        }
+    }
+    problems
 }
 
 /// Shows what each destination sends for each documented event, where its kind can

@@ -187,7 +187,7 @@ macro_rules! destination_keys {
             pub _type: ::serde::de::IgnoredAny,
             /// Per-request timeout (default `10s`, > 0).
             pub timeout: Option<$crate::config::raw::Dur>,
-            /// Deliveries in flight at once, 1 to 1024 (default 4; `file`: 16, one sync each batch).
+            /// Deliveries in flight at once, 1 to 1024 (default 4; `file`: 16, one sync each batch; `nats`, `redis`, `amqp`: 16, one connection).
             pub concurrency: Option<u64>,
             /// Retry schedule (defaults: 20 attempts, `1s` initial delay, `10m` cap).
             pub retry: Option<$crate::config::raw::RawRetry>,

@@ -18,8 +18,12 @@
 //! Error texts go to logs and to the dead-letter store, so they never contain a URL, a
 //! header value or a token: reqwest errors are stripped of their URL before formatting.
 
+mod amqp;
 mod file;
 mod http;
+mod nats;
+mod queue;
+mod redis;
 mod slack;
 mod web;
 
@@ -29,8 +33,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use amqp::{AmqpConfig, AmqpDestination};
 pub use file::{FileConfig, FileDestination};
 pub use http::{HttpConfig, HttpDestination};
+pub use nats::{NatsConfig, NatsDestination};
+pub use redis::{RedisConfig, RedisDestination};
 pub use slack::{SlackConfig, SlackDestination};
 pub use web::parse_retry_after;
 
@@ -109,10 +116,23 @@ pub enum SetupError {
     },
 }
 
+/// What `check` learned from a destination's server before start ([`Destination::preflight`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PreflightError {
+    /// The server answered and the destination cannot work as configured (no stream or
+    /// exchange for it, credentials refused): an error.
+    #[error("{0}")]
+    Problem(String),
+    /// The server did not answer: a warning (it may be up by the time the relay runs;
+    /// deliveries retry meanwhile).
+    #[error("{0}")]
+    Unreachable(String),
+}
+
 /// One kind of destination.
 #[async_trait]
 pub trait Destination: Send + Sync {
-    /// `slack`, `http` or `file`.
+    /// The kind's `type:` name.
     fn kind(&self) -> &'static str;
 
     /// One attempt to deliver `delivery`.
@@ -133,6 +153,13 @@ pub trait Destination: Send + Sync {
     /// Called when this process loses ownership of the destination: file destinations
     /// close their file (the new owner may repair it).
     async fn release(&self) {}
+
+    /// Asks the destination's server, for `check`, whether deliveries can succeed (the
+    /// queue kinds: credentials, the stream or exchange). `check` bounds it with a short
+    /// timeout. Kinds with nothing to ask answer `Ok`.
+    async fn preflight(&self) -> Result<(), PreflightError> {
+        Ok(())
+    }
 }
 
 /// One kind of destination, as its module describes it to the loader and to `check`.
@@ -242,6 +269,12 @@ kinds! {
     Http(HttpConfig),
     /// `type: file`: JSON Lines, each line synced.
     File(FileConfig),
+    /// `type: nats`: publish to a subject, acknowledged by JetStream.
+    Nats(NatsConfig),
+    /// `type: redis`: `XADD` to a stream.
+    Redis(RedisConfig),
+    /// `type: amqp`: publish to a RabbitMQ exchange, with publisher confirms.
+    Amqp(AmqpConfig),
 }
 
 /// Builds the destination a config describes.

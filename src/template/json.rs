@@ -10,9 +10,7 @@
 use minijinja::Environment;
 use minijinja::value::Value;
 
-use super::{
-    Leaf, Step, TemplateError, Tree, check_samples, compile_tree, environment, render_tree,
-};
+use super::{Leaf, Step, TemplateError, Tree, compile_checked, render_tree};
 
 /// A compiled `body:`.
 pub struct JsonBody {
@@ -23,23 +21,8 @@ pub struct JsonBody {
 impl JsonBody {
     /// Compiles every leaf of `body` and renders it against the sample events.
     pub fn new(body: &serde_json::Value) -> Result<Self, Vec<TemplateError>> {
-        let mut env = environment();
-        let mut errors = Vec::new();
-        let mut path = vec![Step::Key("body".into())];
-        let tree = compile_tree(
-            &mut env,
-            body,
-            &mut path,
-            None,
-            &|_, _| Leaf::Typed,
-            &mut errors,
-        );
-        check_samples(&env, &tree, &mut path, &mut errors);
-        if errors.is_empty() {
-            Ok(Self { env, tree })
-        } else {
-            Err(errors)
-        }
+        let (env, tree) = compile_checked(body, vec![Step::Key("body".into())], Leaf::Typed)?;
+        Ok(Self { env, tree })
     }
 
     /// The request body for one event (`ctx` from [`super::context`]).

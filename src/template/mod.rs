@@ -1,4 +1,5 @@
-//! Templates over events: the Slack message (`text`, `blocks`) and the HTTP `body`.
+//! Templates over events: the Slack message (`text`, `blocks`), the HTTP `body`, and the
+//! one-line names of the queue kinds (NATS subject, Redis stream, AMQP routing key).
 //!
 //! Every template is [minijinja](https://docs.rs/minijinja) over the FACEIO payload as
 //! received, plus `event_id` and `received_at`. The invariants, which the config loader
@@ -25,6 +26,7 @@
 mod json;
 pub mod mrkdwn;
 mod slack;
+mod text;
 
 use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
@@ -34,6 +36,7 @@ use minijinja::{AutoEscape, Environment, State, UndefinedBehavior};
 
 pub use json::JsonBody;
 pub use slack::{DEFAULT_TEXT, Rendered, SlackMessage, default_blocks};
+pub use text::TextTemplate;
 
 /// One step of the path to a template inside a destination's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -319,6 +322,24 @@ fn render_tree(
                 .collect::<Result<_, minijinja::Error>>()?,
         ),
     })
+}
+
+/// Compiles `value` (the settings at `path`) with every leaf of kind `leaf` and renders it
+/// against the sample events: the environment and tree, or every error.
+fn compile_checked(
+    value: &serde_json::Value,
+    mut path: Vec<Step>,
+    leaf: Leaf,
+) -> Result<(Environment<'static>, Tree), Vec<TemplateError>> {
+    let mut env = environment();
+    let mut errors = Vec::new();
+    let tree = compile_tree(&mut env, value, &mut path, None, &|_, _| leaf, &mut errors);
+    check_samples(&env, &tree, &mut path, &mut errors);
+    if errors.is_empty() {
+        Ok((env, tree))
+    } else {
+        Err(errors)
+    }
 }
 
 /// Renders `tree` against every sample event, so a template that cannot render is

@@ -632,6 +632,8 @@ pub mod attack;
 pub mod faults;
 pub mod pg;
 pub mod proc;
+pub mod proxy;
+pub mod queues;
 pub mod store;
 
 /// A daemon started without waiting for anything, for tests that watch readiness
