@@ -17,6 +17,7 @@
 mod forwarder;
 mod idle;
 mod load;
+mod queues;
 mod relay;
 mod servers;
 
@@ -110,6 +111,8 @@ struct Args {
     postgres: Option<String>,
     /// `--idle S`: only the idle measurement, over S seconds.
     idle: Option<f64>,
+    /// `--queues N`: only the queue destinations' row, N events per kind.
+    queues: Option<usize>,
 }
 
 /// Where the `relay-pg` rows' databases are created (as in the tests' `FACEIO_TEST_PG`).
@@ -143,6 +146,7 @@ fn parse_args() -> anyhow::Result<Args> {
             std::env::var("FACEIO_BENCH_PG").unwrap_or_else(|_| DEFAULT_POSTGRES.to_string()),
         ),
         idle: None,
+        queues: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -184,6 +188,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--idle" => {
                 args.idle = Some(it.next().context("--idle needs seconds")?.parse()?);
             }
+            "--queues" => {
+                args.queues = Some(it.next().context("--queues needs a number")?.parse()?);
+            }
             "--relay-log" => {
                 let level = it.next().context("--relay-log needs a level")?;
                 let _ = relay::RELAY_LOG.set(level);
@@ -193,7 +200,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     "loadgen [--quick] [--backlog N | --skip-backlog] [--out FILE] [--relay-bin PATH]\n\
                      \x20       [--closed-count N] [--open-secs S] [--concurrencies 64,256] [--rates 1000,5000]\n\
                      \x20       [--starts N] [--skip-baseline] [--relay-log RUST_LOG]\n\
-                     \x20       [--postgres URL | --skip-postgres] [--idle SECONDS]\n\
+                     \x20       [--postgres URL | --skip-postgres] [--idle SECONDS] [--queues N]\n\
                      Full run (default): 100k requests per closed-loop scenario, 20 s per open-loop rate,\n\
                      a 1,000,000-event backlog; --quick: small counts, under a minute."
                 );
@@ -562,6 +569,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     if let Some(secs) = args.idle {
         return runtime.block_on(idle::run(&bin, secs, &args.out));
+    }
+    if let Some(n) = args.queues {
+        return runtime.block_on(queues::run(&bin, n, &args.out));
     }
     runtime.block_on(run(args, plan, bin))
 }
