@@ -207,10 +207,12 @@ async fn a_wrong_password_is_dead_lettered_at_once_without_showing_it() {
     let user = TestUser::create().await;
     let setup = Setup::new();
     let url = format!("redis://{}:Wr0ng-s3cret@127.0.0.1:6379/0", user.user);
+    // A short timeout: the refusal is the server's first answer, not a connect retried
+    // until the attempt runs out.
     let cfg = redis_dest(
         &url,
         &user.key,
-        "    retry: { max_attempts: 10, initial_delay: 10ms }\n",
+        "    timeout: 1s\n    retry: { max_attempts: 10, initial_delay: 10ms }\n",
     );
     let relay = TestRelay::start(setup.config(&cfg)).await;
     relay.send(&event("AUTH", "face-p")).await;
@@ -218,7 +220,54 @@ async fn a_wrong_password_is_dead_lettered_at_once_without_showing_it() {
     let (attempts, error) = the_dead_letter(&setup);
     assert_eq!(attempts, 1, "not retried");
     assert!(error.contains("the Redis server refused"), "{error}");
+    assert!(
+        error.contains("invalid username-password pair"),
+        "the server's words: {error}"
+    );
     assert!(!error.contains("Wr0ng-s3cret"), "{error}");
+    relay.shutdown().await;
+    user.cleanup().await;
+}
+
+/// Sets the test user's password on the server (existing connections stay logged in).
+async fn set_password(user: &TestUser, password: &str) {
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user.user)
+        .arg("resetpass")
+        .arg(format!(">{password}"))
+        .query_async(&mut user.admin.clone())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_password_fixed_on_the_server_serves_the_next_event_without_a_restart() {
+    let user = TestUser::create().await;
+    let setup = Setup::new();
+    let cfg = redis_dest(
+        &user.url(),
+        &user.key,
+        "    timeout: 1s\n    retry: { max_attempts: 10, initial_delay: 10ms }\n",
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    relay.send(&event("AUTH", "face-1")).await;
+    user.wait_for(1, Duration::from_secs(10)).await;
+
+    // The password changes and the relay's connection drops: its reconnect is refused.
+    set_password(&user, "Other-pw7").await;
+    assert!(user.kill_connections().await >= 1);
+    relay.send(&event("AUTH", "face-2")).await;
+    eventually("dead-lettered", || count(&setup, "dead") == 1).await;
+    let (_, error) = the_dead_letter(&setup);
+    assert!(error.contains("the Redis server refused"), "{error}");
+
+    // Fixed on the server: the next event goes through on a new connection.
+    set_password(&user, &user.password).await;
+    relay.send(&event("AUTH", "face-3")).await;
+    eventually("the third event delivered", || count(&setup, "done") == 2).await;
+    assert_eq!(user.len().await, 2);
+    assert_eq!(count(&setup, "dead"), 1);
     relay.shutdown().await;
     user.cleanup().await;
 }
