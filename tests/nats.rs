@@ -333,6 +333,27 @@ async fn a_wrong_password_is_dead_lettered_at_once_without_showing_it() {
 }
 
 #[tokio::test]
+async fn the_urls_password_logs_in_and_never_reaches_the_debug_log() {
+    let server = PrivateServer::start(&["--user", "relay", "--pass", "Right-pw7"]).await;
+    let setup = Setup::new();
+    let cfg = nats_dest(
+        &format!("nats://relay:Right-pw7@127.0.0.1:{}", server.port),
+        "faceio.x",
+        "    jetstream: false\n    retry: { max_attempts: 10, initial_delay: 10ms }\n",
+    );
+    let daemon = Daemon::start_with_env(&setup.write_config(&cfg), &[("RUST_LOG", "debug")]);
+    daemon.accept("AUTH", "face-l").await;
+    eventually("delivered with the URL's credentials", || {
+        count(&setup, "done") == 1
+    })
+    .await;
+    let log = daemon.log_text();
+    // async-nats's debug line that names the server it connects to.
+    assert!(log.contains("attempting connection"), "{log}");
+    assert!(!log.contains("Right-pw7"), "{log}");
+}
+
+#[tokio::test]
 async fn core_nats_delivers_to_subscribers_when_jetstream_is_off() {
     let client = async_nats::connect(NATS).await.unwrap();
     let subject = format!("core{}.x", uuid::Uuid::now_v7().simple());

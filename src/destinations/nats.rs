@@ -20,7 +20,10 @@
 //! that is down must not keep the relay from starting) and shared by all concurrent
 //! attempts. Once open, the client reconnects by itself with backoff; an attempt made
 //! while it is away times out and is retried. Error texts never hold the URL, the token
-//! or the credentials: they are built here, and the client's texts are redacted.
+//! or the credentials: they are built here, and the client's texts are redacted. The
+//! client never sees the URL's `user:password@` (it logs its server's address at debug
+//! level): they reach it as options, and a URL's lone user (`nats://TOKEN@host`) as the
+//! token.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -164,7 +167,11 @@ pub fn check_subject(subject: &str) -> Result<(), &'static str> {
 
 /// A NATS destination: one shared client, opened by the first attempt.
 pub struct NatsDestination {
+    /// The URL without `user:password@` (async-nats logs its server's address).
     url: Secret,
+    /// The URL's user and password, given to the client as options.
+    user_and_password: Option<(String, Secret)>,
+    /// `token`, or a URL's lone user (`nats://TOKEN@host`).
     token: Option<Secret>,
     creds_file: Option<PathBuf>,
     jetstream: bool,
@@ -180,10 +187,23 @@ pub struct NatsDestination {
 impl NatsDestination {
     pub fn new(common: &DestinationConfig, config: &NatsConfig) -> Result<Self, SetupError> {
         let subject = queue::template(common, "subject", &config.subject)?;
-        let redactor = queue::redactor(&config.url, &config.token.iter().collect::<Vec<_>>());
+        let (url, userinfo) = queue::without_userinfo(&config.url);
+        let (mut user_and_password, mut token) = (None, config.token.clone());
+        match userinfo {
+            Some(queue::UserInfo {
+                user,
+                password: Some(password),
+            }) => user_and_password = Some((user, password)),
+            Some(queue::UserInfo { user, .. }) => {
+                token = token.or(Some(Secret::new(user)));
+            }
+            None => {}
+        }
+        let redactor = queue::redactor(&config.url, &token.iter().collect::<Vec<_>>());
         Ok(Self {
-            url: config.url.clone(),
-            token: config.token.clone(),
+            url,
+            user_and_password,
+            token,
             creds_file: config.creds_file.clone(),
             jetstream: config.jetstream,
             subject,
@@ -219,6 +239,9 @@ impl NatsDestination {
             // Once connected, keep reconnecting (with the client's backoff) for as long
             // as the destination lives.
             .max_reconnects(None);
+        if let Some((user, password)) = &self.user_and_password {
+            options = options.user_and_password(user.clone(), password.expose().clone());
+        }
         if let Some(token) = &self.token {
             options = options.token(token.expose().clone());
         }

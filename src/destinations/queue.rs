@@ -46,6 +46,58 @@ pub(super) fn redactor(url: &Secret, others: &[&Secret]) -> Redactor {
     redactor
 }
 
+/// The user and password a URL carried (`user:password@`), decoded.
+pub(super) struct UserInfo {
+    /// Empty when the URL has none.
+    pub user: String,
+    /// `None` when the URL has only a user (for NATS: a token).
+    pub password: Option<Secret>,
+}
+
+/// `url` without its `user:password@`, and what that held: a client given the bare URL
+/// has no secret to log (async-nats logs its server's address at debug level) and
+/// takes the credentials through its options.
+pub(super) fn without_userinfo(url: &Secret) -> (Secret, Option<UserInfo>) {
+    let Ok(mut parsed) = reqwest::Url::parse(url.expose()) else {
+        return (url.clone(), None);
+    };
+    if parsed.username().is_empty() && parsed.password().is_none() {
+        return (url.clone(), None);
+    }
+    let info = UserInfo {
+        user: percent_decoded(parsed.username()),
+        password: parsed.password().map(|p| Secret::new(percent_decoded(p))),
+    };
+    // Neither fails on a URL with a host (checked at load).
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    (Secret::new(parsed.to_string()), Some(info))
+}
+
+/// `text` with its `%XX` escapes decoded, as a URL's user and password are written.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+        match (bytes[i], hex) {
+            (b'%', Some(hex)) => {
+                let hex = std::str::from_utf8(hex).expect("hex digits are ASCII");
+                out.push(u8::from_str_radix(hex, 16).expect("two hex digits"));
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// One attempt, bounded by the destination's `timeout`: running out is retryable (the
 /// server may yet have taken the message: consumers deduplicate on the event ID).
 pub(super) async fn within(
@@ -109,5 +161,27 @@ pub(super) fn preflight_error(e: DeliveryError) -> PreflightError {
     match e {
         DeliveryError::Permanent { reason } => PreflightError::Problem(reason),
         DeliveryError::Retryable { reason, .. } => PreflightError::Unreachable(reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_userinfo_leaves_the_url_decoded() {
+        let url = Secret::new("nats://relay:p%40ss@127.0.0.1:4222".to_owned());
+        let (bare, info) = without_userinfo(&url);
+        assert_eq!(bare.expose(), "nats://127.0.0.1:4222");
+        let info = info.expect("the URL had credentials");
+        assert_eq!(info.user, "relay");
+        assert_eq!(info.password.expect("a password").expose(), "p@ss");
+        let token = Secret::new("nats://s3cr3t@host".to_owned());
+        let (bare, info) = without_userinfo(&token);
+        assert_eq!(bare.expose(), "nats://host");
+        assert!(info.is_some_and(|i| i.user == "s3cr3t" && i.password.is_none()));
+        let plain = Secret::new("nats://host:4222".to_owned());
+        assert!(without_userinfo(&plain).1.is_none());
+        assert_eq!(percent_decoded("a%zz%4"), "a%zz%4");
     }
 }

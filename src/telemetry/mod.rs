@@ -20,7 +20,8 @@
 //!
 //! The level comes from `RUST_LOG`, else `log_level:` in the config, else `info`; a
 //! reload applies a changed `log_level` (unless `RUST_LOG` is set). Secrets never reach a
-//! log line: they live in [`crate::config::Secret`] and error texts are built without URLs.
+//! log line: they live in [`crate::config::Secret`] and error texts are built without URLs;
+//! `lapin`, whose trace lines print AMQP frames with the password, says at most `info`.
 
 pub mod events;
 pub mod metrics;
@@ -56,17 +57,29 @@ impl LogControl {
         let Some(handle) = &self.handle else { return };
         let filter = EnvFilter::try_new(level.unwrap_or(DEFAULT_LEVEL))
             .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LEVEL));
-        if let Err(e) = handle.reload(filter) {
+        if let Err(e) = handle.reload(clamped(filter)) {
             tracing::warn!(error = %e, "cannot change the log level");
         }
     }
 }
 
 fn filter(level: Option<&str>) -> EnvFilter {
-    EnvFilter::try_from_default_env()
+    let filter = EnvFilter::try_from_default_env()
         .ok()
         .or_else(|| level.and_then(|l| EnvFilter::try_new(l).ok()))
-        .unwrap_or_else(|| EnvFilter::new(DEFAULT_LEVEL))
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_LEVEL));
+    clamped(filter)
+}
+
+/// Crates whose verbose lines may hold a secret, and the most they may say, whatever
+/// the level: lapin's trace lines print AMQP frames (`Connection.StartOk` carries the
+/// password).
+const CLAMPS: [&str; 1] = ["lapin=info"];
+
+fn clamped(filter: EnvFilter) -> EnvFilter {
+    CLAMPS.iter().fold(filter, |f, d| {
+        f.add_directive(d.parse().expect("a clamp is a valid directive"))
+    })
 }
 
 /// An error and its causes on one line (`a: b: c`): reqwest and rustls put the useful

@@ -513,13 +513,14 @@ impl Daemon {
         Self::start_with_env(config, &[])
     }
 
-    /// Like [`Daemon::start`], with extra environment variables.
+    /// Like [`Daemon::start`], with extra environment variables (`RUST_LOG` among them
+    /// replaces the default `info`).
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(binary())
             .args(["run", "--config"])
             .arg(config)
-            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
