@@ -9,9 +9,11 @@
 //!
 //! # Failures
 //! A missing exchange (`NOT_FOUND`), refused credentials or permissions
-//! (`ACCESS_REFUSED`, `NOT_ALLOWED`) and a message the exchange routes to no queue
-//! (returned, as it was `mandatory`) are permanent, with the broker's words. A nack, a
-//! timeout or a lost connection is retried.
+//! (`ACCESS_REFUSED`; `NOT_ALLOWED` when the vhost does not exist or the user may not
+//! use it) and a message the exchange routes to no queue (returned, as it was
+//! `mandatory`) are permanent, with the broker's words. A nack, a timeout, a lost
+//! connection and the other `NOT_ALLOWED` refusals (the vhost is down, a connection
+//! limit is reached) are retried.
 //!
 //! # Connection
 //! One connection and one confirm-mode channel per destination, opened by the first
@@ -160,11 +162,13 @@ impl AmqpDestination {
     fn classify(&self, e: &lapin::Error) -> DeliveryError {
         let text = self.redactor.apply(&e.to_string());
         let permanent = match e.kind() {
-            ErrorKind::ProtocolError(amqp) => matches!(
-                amqp.kind(),
-                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND | AMQPSoftError::ACCESSREFUSED)
-                    | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
-            ),
+            ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND | AMQPSoftError::ACCESSREFUSED) => true,
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
+                    not_allowed_is_permanent(amqp.get_message().as_str())
+                }
+                _ => false,
+            },
             ErrorKind::AuthProviderError(_) => true,
             _ => false,
         };
@@ -247,6 +251,16 @@ impl AmqpDestination {
     }
 }
 
+/// Whether RabbitMQ's `NOT_ALLOWED` (530) says something no retry changes: the vhost
+/// does not exist, or the user may not use it. The same code also says the vhost is down
+/// or a connection limit is reached (the limit's text also reads "access ... refused"),
+/// which pass: retried.
+fn not_allowed_is_permanent(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    let passing = text.contains("limit") || text.contains("is down");
+    !passing && (text.contains("not found") || text.contains("refused"))
+}
+
 #[async_trait]
 impl Destination for AmqpDestination {
     fn kind(&self) -> &'static str {
@@ -279,5 +293,30 @@ impl Destination for AmqpDestination {
                 )),
                 other => other,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_allowed_is_permanent;
+
+    #[test]
+    fn not_allowed_is_permanent_only_for_a_missing_or_forbidden_vhost() {
+        for text in [
+            "NOT_ALLOWED - vhost /nowhere not found",
+            "NOT_ALLOWED - access to vhost '/' refused for user 'relay'",
+        ] {
+            assert!(not_allowed_is_permanent(text), "{text}");
+        }
+        for text in [
+            "NOT_ALLOWED - vhost / is down",
+            "NOT_ALLOWED - access to vhost '/' refused for user 'relay': \
+             vhost connection limit (10) is reached",
+            "NOT_ALLOWED - access to vhost '/' refused for user 'relay': \
+             user connection limit (5) is reached",
+            "NOT_ALLOWED - something new",
+        ] {
+            assert!(!not_allowed_is_permanent(text), "{text}");
+        }
     }
 }
