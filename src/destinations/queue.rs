@@ -31,17 +31,19 @@ pub(super) fn check_url(cx: &mut KindContext<'_>, text: &str, schemes: &[&str]) 
     false
 }
 
-/// A redactor for a URL (and the password inside it) and other secrets.
+/// A redactor for a URL, the password inside it (as written and decoded) and other
+/// credentials (tokens), each hidden however short.
 pub(super) fn redactor(url: &Secret, others: &[&Secret]) -> Redactor {
     let mut redactor = Redactor::default();
     redactor.add(url.expose());
     if let Ok(url) = reqwest::Url::parse(url.expose())
         && let Some(password) = url.password()
     {
-        redactor.add(password);
+        redactor.add_credential(password);
+        redactor.add_credential(&percent_decoded(password));
     }
     for secret in others {
-        redactor.add(secret.expose());
+        redactor.add_credential(secret.expose());
     }
     redactor
 }
@@ -167,6 +169,18 @@ pub(super) fn preflight_error(e: DeliveryError) -> PreflightError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_short_password_and_its_decoded_form_are_redacted() {
+        let url = Secret::new("amqp://guest:gu%2Fst@127.0.0.1:5672/%2f".to_owned());
+        let token = Secret::new("tok".to_owned());
+        let r = redactor(&url, &[&token]);
+        let text = r.apply("refused gu/st, gu%2Fst and tok for guest");
+        assert_eq!(
+            text,
+            "refused [redacted], [redacted] and [redacted] for guest"
+        );
+    }
 
     #[test]
     fn the_userinfo_leaves_the_url_decoded() {

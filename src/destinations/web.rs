@@ -113,8 +113,18 @@ struct SecretPattern(regex::Regex);
 const MIN_REDACTED_LEN: usize = 6;
 
 impl Redactor {
+    /// Hides `secret` if it is long enough to be worth hiding (see [`MIN_REDACTED_LEN`]).
     pub(super) fn add(&mut self, secret: &str) {
         if secret.len() < MIN_REDACTED_LEN {
+            return;
+        }
+        self.add_credential(secret);
+    }
+
+    /// Hides `secret` whatever its length: a password or token is a secret even when it
+    /// is short (`guest`). Only an empty one is left out.
+    pub(super) fn add_credential(&mut self, secret: &str) {
+        if secret.is_empty() {
             return;
         }
         // Letters and digits are written as they are by every encoder; any other
