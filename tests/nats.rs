@@ -354,6 +354,27 @@ async fn the_urls_password_logs_in_and_never_reaches_the_debug_log() {
 }
 
 #[tokio::test]
+async fn a_core_message_over_max_payload_is_dead_lettered_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 64\n").unwrap();
+    let server = PrivateServer::start(&["-c", conf.to_str().unwrap()]).await;
+    let setup = Setup::new();
+    let cfg = nats_dest(
+        &format!("nats://127.0.0.1:{}", server.port),
+        "faceio.x",
+        "    jetstream: false\n    retry: { max_attempts: 10, initial_delay: 10ms }\n",
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    relay.send(&event("AUTH", "face-big")).await;
+    eventually("dead-lettered", || count(&setup, "dead") == 1).await;
+    let (attempts, error) = the_dead_letter(&setup);
+    assert_eq!(attempts, 1, "not retried");
+    assert!(error.contains("Payload size limit of 64"), "{error}");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
 async fn core_nats_delivers_to_subscribers_when_jetstream_is_off() {
     let client = async_nats::connect(NATS).await.unwrap();
     let subject = format!("core{}.x", uuid::Uuid::now_v7().simple());

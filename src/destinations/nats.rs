@@ -5,8 +5,11 @@
 //! stores the subject answers the publish with its ack. Every message carries the event
 //! ID in `Nats-Msg-Id`, so JetStream drops a second copy within the stream's duplicate
 //! window: a retry after a lost ack does not store the event twice. With `jetstream:
-//! false` (core NATS, no persistence) success means the server has read the message (a
-//! flush round trip after the publish).
+//! false` (core NATS, no persistence) success means only that the message was written
+//! to the connection's socket (`flush`): the server does not confirm core publishes, so
+//! a message written just before the connection drops is lost without an error. Core
+//! NATS delivery is at most once from that point; use JetStream where every event
+//! must arrive.
 //!
 //! # Failures
 //! No stream for the subject (the publish had no responder and JetStream confirms it has
@@ -290,9 +293,17 @@ impl NatsDestination {
         let payload = delivery.body.clone();
         if !self.jetstream {
             client
-                .publish_with_headers(subject, headers, payload)
+                .publish_with_headers(subject.clone(), headers, payload)
                 .await
-                .map_err(|e| self.retryable("publish failed", &e))?;
+                .map_err(|e| match e.kind() {
+                    async_nats::PublishErrorKind::MaxPayloadExceeded => {
+                        DeliveryError::permanent(format!(
+                            "subject `{subject}`: {}",
+                            self.redactor.apply(&e.to_string())
+                        ))
+                    }
+                    _ => self.retryable("publish failed", &e),
+                })?;
             return client
                 .flush()
                 .await
