@@ -414,6 +414,36 @@ async fn futures_next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
 }
 
 #[tokio::test]
+async fn check_only_warns_when_jetstream_does_not_answer_the_lookup() {
+    // A server without JetStream: the stream lookup has no responder, as when JetStream
+    // is still starting or the user may not ask it; deliveries would retry.
+    let server = PrivateServer::start(&[]).await;
+    let setup = Setup::new();
+    let cfg = nats_dest(
+        &format!("nats://127.0.0.1:{}", server.port),
+        "x.{{eventName}}",
+        "",
+    );
+    let out = cli(&setup.write_config(&cfg), &["check"]).await;
+    assert!(
+        out.ok(),
+        "a lookup not answered is not an error:\n{}",
+        out.all()
+    );
+    assert!(
+        out.stderr
+            .contains("warning: destination bus: server not checked"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        out.stderr.contains("cannot look up the stream"),
+        "{}",
+        out.all()
+    );
+}
+
+#[tokio::test]
 async fn check_reports_a_missing_stream_and_only_warns_about_an_unreachable_server() {
     let stream = TestStream::create().await;
     let setup = Setup::new();

@@ -424,6 +424,15 @@ impl Destination for NatsDestination {
                          create one, or set `jetstream: false`"
                     )));
                 }
+                // No answer in time, no responder, a permissions violation: JetStream was
+                // not reached, which deliveries retry. A warning, as for a server down.
+                Err(e) if e.kind() == GetStreamByNameErrorKind::Request => {
+                    return Err(PreflightError::Unreachable(format!(
+                        "cannot look up the stream for subject `{subject}` (is JetStream \
+                         enabled, may this user ask it?): {}",
+                        self.redactor.apply(&e.to_string())
+                    )));
+                }
                 Err(e) => {
                     return Err(PreflightError::Problem(format!(
                         "cannot look up the stream for subject `{subject}` (is JetStream enabled?): {}",
