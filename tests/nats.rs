@@ -16,8 +16,8 @@ use common::*;
 
 const NATS: &str = "127.0.0.1:4222";
 
-/// A JetStream stream of its own for one test, deleted when dropped... by the test's end
-/// (`cleanup`): subjects `<prefix>.>`.
+/// A JetStream stream of its own for one test, deleted when dropped (also when the test
+/// fails): subjects `<prefix>.>`.
 struct TestStream {
     js: jetstream::Context,
     name: String,
@@ -68,9 +68,27 @@ impl TestStream {
         })
         .await
     }
+}
 
-    async fn cleanup(self) {
-        let _ = self.js.delete_stream(&self.name).await;
+/// Deletes the stream, also when the test fails. Drop cannot await: a thread with a
+/// runtime of its own does it.
+impl Drop for TestStream {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                if let Ok(client) = async_nats::connect(NATS).await {
+                    let _ = jetstream::new(client).delete_stream(&name).await;
+                }
+            });
+        })
+        .join();
     }
 }
 
@@ -126,7 +144,6 @@ async fn a_thousand_events_arrive_once_in_order_with_their_ids() {
         assert_eq!(header(m, "Faceio-Relay-Event-Id"), ids[i]);
     }
     relay.shutdown().await;
-    stream.cleanup().await;
 }
 
 #[tokio::test]
@@ -169,7 +186,6 @@ async fn connections_cut_while_200_events_a_second_flow_lose_and_duplicate_nothi
         .unwrap();
     eprintln!("{retried} deliveries needed more than one attempt");
     Arc::into_inner(relay).unwrap().shutdown().await;
-    stream.cleanup().await;
 }
 
 #[tokio::test]
@@ -488,7 +504,6 @@ async fn check_reports_a_missing_stream_and_only_warns_about_an_unreachable_serv
         out.all()
     );
     assert!(!out.all().contains("Hidden-pw9"), "{}", out.all());
-    stream.cleanup().await;
 }
 
 #[tokio::test]
@@ -519,7 +534,6 @@ async fn a_second_attempt_of_one_event_is_not_stored_twice() {
     };
     bus.deliver(&again).await.unwrap();
     assert_eq!(stream.count().await, 1);
-    stream.cleanup().await;
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use redis::aio::MultiplexedConnection;
 
 const REDIS: &str = "redis://127.0.0.1:6379/0";
 
-/// A Redis user and stream key of the test's own; `cleanup` removes both.
+/// A Redis user and stream key of the test's own; dropping it removes both.
 struct TestUser {
     admin: MultiplexedConnection,
     user: String,
@@ -88,15 +88,20 @@ impl TestUser {
         })
         .await
     }
+}
 
-    async fn cleanup(self) {
-        let mut admin = self.admin.clone();
-        let _: Result<(), _> = admin.del(&self.key).await;
+/// Removes the user and the key, also when the test fails (Drop cannot await: a
+/// blocking connection of its own).
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let Ok(mut admin) = redis::Client::open(REDIS).and_then(|c| c.get_connection()) else {
+            return;
+        };
+        let _: Result<(), _> = redis::cmd("DEL").arg(&self.key).query(&mut admin);
         let _: Result<(), _> = redis::cmd("ACL")
             .arg("DELUSER")
             .arg(&self.user)
-            .query_async(&mut admin)
-            .await;
+            .query(&mut admin);
     }
 }
 
@@ -154,7 +159,6 @@ async fn a_thousand_events_are_added_once_in_order_with_their_fields() {
         assert_eq!(ms, events[i].1, "received_at");
     }
     relay.shutdown().await;
-    user.cleanup().await;
 }
 
 #[tokio::test]
@@ -199,7 +203,6 @@ async fn killed_connections_while_200_events_a_second_flow_lose_nothing() {
     );
     eprintln!("{retried} deliveries retried, {duplicates} duplicate entries");
     Arc::into_inner(relay).unwrap().shutdown().await;
-    user.cleanup().await;
 }
 
 #[tokio::test]
@@ -226,7 +229,6 @@ async fn a_wrong_password_is_dead_lettered_at_once_without_showing_it() {
     );
     assert!(!error.contains("Wr0ng-s3cret"), "{error}");
     relay.shutdown().await;
-    user.cleanup().await;
 }
 
 /// Sets the test user's password on the server (existing connections stay logged in).
@@ -269,7 +271,6 @@ async fn a_password_fixed_on_the_server_serves_the_next_event_without_a_restart(
     assert_eq!(user.len().await, 2);
     assert_eq!(count(&setup, "dead"), 1);
     relay.shutdown().await;
-    user.cleanup().await;
 }
 
 #[tokio::test]
@@ -294,7 +295,6 @@ async fn a_key_of_another_type_is_dead_lettered_at_once() {
     assert_eq!(attempts, 1, "not retried");
     assert!(error.contains("WRONGTYPE"), "{error}");
     relay.shutdown().await;
-    user.cleanup().await;
 }
 
 #[tokio::test]
@@ -346,5 +346,4 @@ async fn check_reports_refused_credentials_and_only_warns_about_an_unreachable_s
         out.all()
     );
     assert!(!out.all().contains("Hidden-pw9"), "{}", out.all());
-    user.cleanup().await;
 }
