@@ -176,14 +176,7 @@ async fn connections_cut_while_200_events_a_second_flow_lose_and_duplicate_nothi
     let ids: HashSet<String> = messages.iter().map(|m| header(m, "Nats-Msg-Id")).collect();
     assert_eq!(messages.len(), total, "no duplicate in the stream");
     assert_eq!(ids.len(), total, "every event once");
-    let retried: i64 = setup
-        .db()
-        .query_row(
-            "SELECT COUNT(*) FROM deliveries WHERE attempts > 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let retried = retried(&setup);
     eprintln!("{retried} deliveries needed more than one attempt");
     Arc::into_inner(relay).unwrap().shutdown().await;
 }

@@ -188,14 +188,7 @@ async fn killed_connections_while_200_events_a_second_flow_lose_nothing() {
     let ids: HashSet<String> = entries.iter().map(|e| field(e, "event_id")).collect();
     assert_eq!(ids.len(), total, "every event is in the stream");
     // A second entry only where an attempt's reply was lost (and it was tried again).
-    let retried: i64 = setup
-        .db()
-        .query_row(
-            "SELECT COUNT(*) FROM deliveries WHERE attempts > 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let retried = retried(&setup);
     let duplicates = entries.len() - ids.len();
     assert!(
         duplicates as i64 <= retried,

@@ -78,26 +78,9 @@ pub(super) fn without_userinfo(url: &Secret) -> (Secret, Option<UserInfo>) {
 
 /// `text` with its `%XX` escapes decoded, as a URL's user and password are written.
 fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .filter(|h| h.iter().all(u8::is_ascii_hexdigit));
-        match (bytes[i], hex) {
-            (b'%', Some(hex)) => {
-                let hex = std::str::from_utf8(hex).expect("hex digits are ASCII");
-                out.push(u8::from_str_radix(hex, 16).expect("two hex digits"));
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// One attempt, bounded by the destination's `timeout`: running out is retryable (the
