@@ -469,6 +469,8 @@ struct Claim {
     id: i64,
     /// Its outcome is committed; otherwise the delivery is still pending when released.
     recorded: bool,
+    /// The committed outcome is a retry (the delivery stays pending, due later).
+    retry: bool,
 }
 
 impl Drop for Claim {
@@ -482,7 +484,13 @@ impl Drop for Claim {
             // After the release: a read that starts from here on may claim it.
             self.shared.given_back.store(true, Ordering::SeqCst);
         }
-        self.shared.wake.notify_one();
+        // The dispatcher has new work only when the delivery is still pending: given
+        // back now, or a retry whose time it must sleep to. A delivery done or dead
+        // leaves it nothing to do (its freed slot wakes it through the semaphore), and
+        // waking it for nothing cost a task switch per event at low rates.
+        if !self.recorded || self.retry {
+            self.shared.wake.notify_one();
+        }
     }
 }
 
@@ -545,6 +553,7 @@ async fn attempt(
         shared: Arc::clone(&shared),
         id: delivery.id,
         recorded: false,
+        retry: false,
     };
     let give_back = || unclaim(&shared, std::slice::from_ref(&delivery));
     match wait_turn(&shared, &delivery, &lost).await {
@@ -656,6 +665,7 @@ async fn deliver_and_record(
                 next_attempt_at_ms, ..
             } = outcome
             {
+                claim.retry = true;
                 // Committed: a read of the store from here on sees it.
                 shared
                     .next_retry

@@ -9,14 +9,14 @@
 //!   JSON object per line (`log_format: json`) for log shippers.
 //!
 //! Lines for stderr are formatted on the thread that logs and written by one writer
-//! thread, which takes every line waiting and writes them with one `write(2)` (a
-//! `write(2)` per line cost 12% of the CPU per event at full load: BENCHMARKS.md). Nothing
-//! is dropped: when 64k lines wait unwritten (stderr blocked), loggers wait as they would
-//! on a blocking `write(2)`. The [`LogGuard`] from [`init`] writes what is left when it is
-//! dropped, so `main` holds it to the end (it waits about a second for a stderr that does
-//! not take them; lines still pending then are lost); a `kill -9` loses only lines not yet
-//! written, which at low rates is the line of the moment and under load a few
-//! milliseconds' worth.
+//! thread ([`writer`]), which takes every line waiting and writes them with one `write(2)`
+//! (a `write(2)` per line cost 12% of the CPU per event at full load: BENCHMARKS.md), at
+//! most once per 20 ms while lines keep coming, so loggers never wake it per line. Nothing
+//! is dropped: when 4 MiB of lines wait unwritten (stderr blocked), loggers wait as they
+//! would on a blocking `write(2)`. The [`LogGuard`] from [`init`] writes what is left when
+//! it is dropped, so `main` holds it to the end (it waits about a second for a stderr that
+//! does not take them; lines still pending then are lost); a `kill -9` loses only lines
+//! not yet written: at most the last 20 ms' worth.
 //!
 //! The level comes from `RUST_LOG`, else `log_level:` in the config, else `info`; a
 //! reload applies a changed `log_level` (unless `RUST_LOG` is set). Secrets never reach a
@@ -25,10 +25,9 @@
 
 pub mod events;
 pub mod metrics;
+pub mod writer;
 
-use std::io::{BufWriter, IsTerminal};
-
-use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
+use std::io::{IsTerminal, Stderr};
 
 use tracing_subscriber::layer::{Layered, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
@@ -117,24 +116,29 @@ pub fn under_journald() -> bool {
     dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
 }
 
-/// Lines that may wait for the writer thread before loggers wait for it.
-const PENDING_LINES: usize = 64 * 1024;
-/// Bytes the writer thread gathers into one `write(2)`.
-const WRITE_BUFFER: usize = 64 * 1024;
-
 /// Keeps the stderr writer thread; dropping it writes every pending line.
 #[must_use = "dropping the guard stops the log writer; hold it until the process ends"]
 pub struct LogGuard {
-    _writer: Option<WorkerGuard>,
+    _writer: Option<writer::WriterGuard>,
 }
 
-/// Stderr behind the writer thread, and the guard that flushes it.
-fn stderr_writer() -> (NonBlocking, WorkerGuard) {
-    NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(PENDING_LINES)
-        .thread_name("faceio-relay-log")
-        .finish(BufWriter::with_capacity(WRITE_BUFFER, std::io::stderr()))
+type StderrWriter = writer::LogWriter<Stderr>;
+
+/// Stderr behind the writer thread, and the guard that flushes it. Without a thread
+/// (the system refuses one), lines are written by each logger.
+fn stderr_writer() -> (StderrWriter, Option<writer::WriterGuard>) {
+    match writer::start(
+        "faceio-relay-log",
+        writer::Limits::default(),
+        std::io::stderr,
+        std::io::stderr,
+    ) {
+        Ok((w, guard)) => (w, Some(guard)),
+        Err(e) => {
+            eprintln!("cannot start the log writer thread ({e}); writing lines directly");
+            (writer::LogWriter::direct(std::io::stderr), None)
+        }
+    }
 }
 
 /// Installs the global subscriber. Safe to call more than once (later calls do nothing,
@@ -144,7 +148,7 @@ pub fn init(format: LogFormat, level: Option<&str>) -> (LogControl, LogGuard) {
     let mut writer_guard = None;
     let mut stderr = || {
         let (writer, guard) = stderr_writer();
-        writer_guard = Some(guard);
+        writer_guard = guard;
         writer
     };
     let output: Box<dyn Layer<Base> + Send + Sync> = if under_journald() {
@@ -181,7 +185,7 @@ pub fn init(format: LogFormat, level: Option<&str>) -> (LogControl, LogGuard) {
     (control, guard)
 }
 
-fn text_layer<S>(writer: NonBlocking) -> Box<dyn Layer<S> + Send + Sync>
+fn text_layer<S>(writer: StderrWriter) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {

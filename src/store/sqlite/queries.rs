@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 use rusqlite::{OptionalExtension, Transaction, params};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::SqliteStore;
-use super::writer::Command;
+use super::writer::{Added, Command};
 use crate::event::VerifiedEvent;
 use crate::event::now_ms;
 use crate::store::shared::{
@@ -134,14 +134,20 @@ impl Store for SqliteStore {
 
     async fn record(&self, delivery: &Delivery, outcome: Outcome) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.writer
-            .send(Command::Record {
-                delivery_id: delivery.id,
-                outcome,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        let record = Command::Record {
+            delivery_id: delivery.id,
+            outcome,
+            reply,
+        };
+        match self.outcomes.add(record) {
+            Added::Watched => {}
+            // A full queue holds inserts, whose commit takes the outcomes along.
+            Added::Nudge => match self.writer.try_send(Command::Nudge) {
+                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Closed),
+            },
+            Added::Closed => return Err(StoreError::Closed),
+        }
         rx.await.map_err(|_| StoreError::Closed)?
     }
 

@@ -1,8 +1,9 @@
 //! The writer thread: every write, in groups, one transaction (and at most one fsync) per
 //! group, each command in its own savepoint.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::{Connection, Transaction, params};
@@ -19,12 +20,80 @@ const MAX_BATCH: usize = 2048;
 /// Commands waiting for the writer; ingress waits (up to its `store_timeout`) when full.
 pub(super) const QUEUE_DEPTH: usize = 8192;
 
-/// How long a batch of outcomes alone waits for more commands before it commits.
-/// Outcomes are not synced and only their attempts' claims wait for them, so at low
-/// rates each rides in the next event's commit instead of costing a commit (WAL frames,
-/// a wake-up of this thread, a switch of `synchronous`) of its own. A command that needs
-/// a sync (an insert) ends the wait at once, so no answer waits for it.
+/// Longest an outcome waits for company before it commits by itself. Outcomes are not
+/// synced and only their attempts' claims wait for them, so at low rates each rides in
+/// the next event's commit instead of costing a commit (WAL frames, a switch of
+/// `synchronous`) and a wake-up of this thread of its own. A command that needs a sync
+/// (an insert) ends the wait at once, so no answer waits for it.
 pub(super) const OUTCOME_LINGER: Duration = Duration::from_millis(20);
+
+/// Outcomes waiting for the writer, kept beside its queue so that recording one does
+/// not wake it while it is bound to look at them anyway.
+///
+/// The invariant: while `watched` is set, the writer's next wait ends by a deadline at
+/// most [`OUTCOME_LINGER`] away, after which it commits the list. Outside that, adding
+/// to the list nudges it through its queue. After each commit that handed deliveries
+/// over (their outcomes are on the way), the writer watches; after a commit without, it
+/// stops watching and then looks at the list again, so an outcome added meanwhile is
+/// either seen there or nudges it.
+#[derive(Default)]
+pub(super) struct Outcomes {
+    list: Mutex<OutcomeList>,
+    watched: AtomicBool,
+}
+
+#[derive(Default)]
+struct OutcomeList {
+    records: Vec<Command>,
+    /// The writer has ended: nothing added now would be committed.
+    closed: bool,
+}
+
+/// What [`Outcomes::add`] asks of the caller.
+pub(super) enum Added {
+    /// The writer takes it by its deadline.
+    Watched,
+    /// The writer may be asleep: send it a [`Command::Nudge`].
+    Nudge,
+    /// The writer has ended: nothing will commit it.
+    Closed,
+}
+
+impl Outcomes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutcomeList> {
+        self.list.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a [`Command::Record`] for the writer.
+    pub(super) fn add(&self, record: Command) -> Added {
+        let mut list = self.lock();
+        if list.closed {
+            return Added::Closed;
+        }
+        list.records.push(record);
+        drop(list);
+        if self.watched.load(Ordering::SeqCst) {
+            Added::Watched
+        } else {
+            Added::Nudge
+        }
+    }
+
+    /// Outcomes waiting.
+    pub(super) fn len(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    fn take(&self, into: &mut Vec<Command>) {
+        into.append(&mut self.lock().records);
+    }
+
+    fn close(&self) -> Vec<Command> {
+        let mut list = self.lock();
+        list.closed = true;
+        std::mem::take(&mut list.records)
+    }
+}
 
 type AdminFn = Box<dyn FnOnce(&Transaction<'_>) -> rusqlite::Result<u64> + Send>;
 
@@ -43,6 +112,8 @@ pub(super) enum Command {
         run: AdminFn,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// Outcomes were added to [`Outcomes`] while the writer did not watch it.
+    Nudge,
 }
 
 impl Command {
@@ -63,59 +134,119 @@ pub struct WriterStats {
 }
 
 /// The writer thread: drain the queue, one transaction per batch, reply after commit.
+/// Outcomes ([`Outcomes`]) wait for the next batch that needs a sync, at most `linger`.
 pub(super) fn writer_loop(
     path: PathBuf,
     mut conn: Option<Connection>,
     mut rx: mpsc::Receiver<Command>,
     stats: &WriterStats,
     fresh: Option<&Fresh>,
+    outcomes: &Outcomes,
+    linger: Duration,
 ) {
     let mut synchronous_full = true;
-    // A timer for the outcome linger; without one, outcomes commit at once.
+    // A timer for the outcomes' deadline; without one, outcomes commit at once.
     let timer = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .ok();
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        drain(&mut rx, &mut batch);
-        if let Some(timer) = &timer
-            && !batch.iter().any(Command::needs_sync)
-        {
-            linger(timer, &mut rx, &mut batch);
-        }
-        stats.taken.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        if conn.is_none() {
-            match open_connection(&path) {
-                Ok(c) => {
-                    conn = Some(c);
-                    synchronous_full = true;
-                    tracing::info!(path = %path.display(), "store reopened");
-                }
-                Err(e) => {
-                    fail_all(batch, &e.to_string());
-                    continue;
+    // When the outcomes must be committed by; `None`: the writer sleeps until nudged.
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut closed = false;
+    while !closed {
+        // Ok(Some(cmd)): a command; Ok(None): the deadline passed; Err: the queue closed.
+        let first: Result<Option<Command>, ()> = match (&timer, deadline) {
+            (Some(timer), Some(at)) => {
+                // Built inside the timer's runtime: a timeout needs one to register with.
+                match timer.block_on(async { tokio::time::timeout_at(at, rx.recv()).await }) {
+                    Ok(Some(cmd)) => Ok(Some(cmd)),
+                    Ok(None) => Err(()),
+                    Err(_elapsed) => Ok(None),
                 }
             }
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        let want_full = batch.iter().any(Command::needs_sync);
-        if want_full != synchronous_full {
-            let mode = if want_full { "FULL" } else { "NORMAL" };
-            if let Err(e) = c.pragma_update(None, "synchronous", mode) {
-                fail_all(batch, &e.to_string());
-                conn = None;
-                continue;
+            _ => rx.blocking_recv().map(Some).ok_or(()),
+        };
+        let mut batch = Vec::new();
+        match first {
+            Ok(Some(cmd)) => {
+                batch.push(cmd);
+                drain(&mut rx, &mut batch);
             }
-            synchronous_full = want_full;
+            Ok(None) => {}
+            Err(()) => closed = true,
         }
-        match run_batch(c, batch, stats, fresh) {
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "store commit failed; reopening the database");
-                conn = None;
+        let due = closed
+            || timer.is_none()
+            || deadline.is_some_and(|at| tokio::time::Instant::now() >= at);
+        if !due && !batch.iter().any(Command::needs_sync) {
+            // Only nudges: watch the outcomes until the deadline, without more wake-ups.
+            if deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + linger);
+                outcomes.watched.store(true, Ordering::SeqCst);
+            }
+            continue;
+        }
+        if closed {
+            batch.extend(outcomes.close());
+        } else {
+            outcomes.take(&mut batch);
+        }
+        batch.retain(|c| !matches!(c, Command::Nudge));
+        let hands_over = batch.iter().any(|c| matches!(c, Command::Insert { .. }));
+        if !batch.is_empty() {
+            stats.taken.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            commit(&path, &mut conn, &mut synchronous_full, batch, stats, fresh);
+        }
+        // Deliveries were handed over: their outcomes are on the way, and wait for the
+        // next event's commit (or the deadline) without waking this thread.
+        if hands_over {
+            deadline = Some(tokio::time::Instant::now() + linger);
+            outcomes.watched.store(true, Ordering::SeqCst);
+        } else {
+            deadline = None;
+            outcomes.watched.store(false, Ordering::SeqCst);
+            // Added before the flag fell, without a nudge: watch those too.
+            if outcomes.len() > 0 {
+                deadline = Some(tokio::time::Instant::now() + linger);
+                outcomes.watched.store(true, Ordering::SeqCst);
             }
         }
+    }
+}
+
+/// Commits one batch, (re)opening the database as needed.
+fn commit(
+    path: &Path,
+    conn: &mut Option<Connection>,
+    synchronous_full: &mut bool,
+    batch: Vec<Command>,
+    stats: &WriterStats,
+    fresh: Option<&Fresh>,
+) {
+    if conn.is_none() {
+        match open_connection(path) {
+            Ok(c) => {
+                *conn = Some(c);
+                *synchronous_full = true;
+                tracing::info!(path = %path.display(), "store reopened");
+            }
+            Err(e) => return fail_all(batch, &e.to_string()),
+        }
+    }
+    let Some(c) = conn.as_mut() else { return };
+    let want_full = batch.iter().any(Command::needs_sync);
+    if want_full != *synchronous_full {
+        let mode = if want_full { "FULL" } else { "NORMAL" };
+        if let Err(e) = c.pragma_update(None, "synchronous", mode) {
+            fail_all(batch, &e.to_string());
+            *conn = None;
+            return;
+        }
+        *synchronous_full = want_full;
+    }
+    if let Err(e) = run_batch(c, batch, stats, fresh) {
+        tracing::error!(error = %e, "store commit failed; reopening the database");
+        *conn = None;
     }
 }
 
@@ -125,31 +256,6 @@ fn drain(rx: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>) {
         match rx.try_recv() {
             Ok(cmd) => batch.push(cmd),
             Err(_) => break,
-        }
-    }
-}
-
-/// Adds what arrives within [`OUTCOME_LINGER`] to a batch of outcomes, until a command
-/// that needs a sync arrives (it commits at once, with them), the batch is full or the
-/// queue closes.
-fn linger(
-    timer: &tokio::runtime::Runtime,
-    rx: &mut mpsc::Receiver<Command>,
-    batch: &mut Vec<Command>,
-) {
-    let deadline = tokio::time::Instant::now() + OUTCOME_LINGER;
-    while batch.len() < MAX_BATCH {
-        // Built inside the timer's runtime: a timeout needs one to register with.
-        let next = timer.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await });
-        match next {
-            Ok(Some(cmd)) => {
-                batch.push(cmd);
-                drain(rx, batch);
-                if batch.iter().any(Command::needs_sync) {
-                    return;
-                }
-            }
-            Ok(None) | Err(_) => return,
         }
     }
 }
@@ -193,6 +299,7 @@ fn run_batch(
                 Command::Admin { reply, .. } => {
                     results.push(Pending::Count(reply, Err("transaction aborted".into())));
                 }
+                Command::Nudge => {}
             }
             continue;
         }
@@ -222,6 +329,7 @@ fn run_batch(
                 let r = in_savepoint(&tx, run);
                 results.push(Pending::Count(reply, r));
             }
+            Command::Nudge => {}
         }
         lost = transaction_lost(&tx);
     }
@@ -289,6 +397,7 @@ fn fail_all(batch: Vec<Command>, msg: &str) {
             Command::Admin { reply, .. } => {
                 let _ = reply.send(Err(StoreError::Unavailable(msg.to_string())));
             }
+            Command::Nudge => {}
         }
     }
 }
