@@ -23,6 +23,17 @@ use crate::telemetry::metrics::Metrics;
 /// Most deliveries read ahead from the store per destination.
 const MAX_PREFETCH: usize = 256;
 
+/// Attempts per `concurrency` slot that may be started or waiting for their outcome to be
+/// committed (at least [`MIN_UNRECORDED`]): an attempt frees its slot before recording, so
+/// without this bound a store that records outcomes more slowly than the destination takes
+/// deliveries would let waiting attempts, each with its delivery and claim, pile up
+/// without limit (the PostgreSQL relay's RSS grew to 205 MB that way).
+const UNRECORDED_PER_SLOT: usize = 4;
+
+/// The least bound on attempts waiting for their outcome, so a destination with
+/// `concurrency: 1` is not held to a few deliveries per outcome commit.
+const MIN_UNRECORDED: usize = 256;
+
 /// Added to the destination's `timeout` to make the lease on a delivery claimed for an
 /// attempt (shared stores): covers the time between re-checking the claim and the
 /// request starting, and scheduling delays, so a lease does not run out while its
@@ -80,8 +91,11 @@ impl Shared {
 /// Hands one destination's due deliveries to attempts, within its concurrency.
 pub struct Dispatcher {
     shared: Arc<Shared>,
-    /// `concurrency` permits; an attempt holds one from start to finish.
+    /// `concurrency` permits; an attempt holds one while it delivers.
     slots: Arc<Semaphore>,
+    /// An attempt holds one from start until its outcome is committed (see
+    /// [`UNRECORDED_PER_SLOT`]).
+    unrecorded: Arc<Semaphore>,
     /// How many deliveries to read ahead.
     prefetch: usize,
     /// Longest idle wait before looking at the store again (catches replays made by
@@ -123,6 +137,9 @@ impl Dispatcher {
                 given_back: AtomicBool::new(false),
             }),
             slots: Arc::new(Semaphore::new(concurrency)),
+            unrecorded: Arc::new(Semaphore::new(
+                (concurrency * UNRECORDED_PER_SLOT).max(MIN_UNRECORDED),
+            )),
             prefetch: (concurrency * 2).clamp(16, MAX_PREFETCH),
             poll_interval,
             tracker,
@@ -224,6 +241,16 @@ impl Dispatcher {
                 }
                 continue;
             }
+            // Outcomes not yet committed first: while the store records more slowly than
+            // the destination takes deliveries, new attempts wait here, holding nothing.
+            let unrecorded = tokio::select! {
+                p = Arc::clone(&self.unrecorded).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                () = cancel.cancelled() => break,
+                () = ownership.lost() => break,
+            };
             let permit = tokio::select! {
                 p = Arc::clone(&self.slots).acquire_owned() => match p {
                     Ok(p) => p,
@@ -261,6 +288,7 @@ impl Dispatcher {
                 claimed_at,
                 permit,
                 ownership.lost_token(),
+                unrecorded,
             ));
         }
         // Read-ahead deliveries were never started: give them back in the store first,
@@ -540,6 +568,8 @@ async fn attempt(
     claimed_at: Instant,
     permit: OwnedSemaphorePermit,
     lost: CancellationToken,
+    // Held until the attempt ends: after its outcome is committed, or it gave up.
+    _unrecorded: OwnedSemaphorePermit,
 ) {
     let claim = Claim {
         shared: Arc::clone(&shared),
