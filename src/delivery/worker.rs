@@ -23,6 +23,17 @@ use crate::telemetry::metrics::Metrics;
 /// Most deliveries read ahead from the store per destination.
 const MAX_PREFETCH: usize = 256;
 
+/// Attempts per `concurrency` slot that may be started or waiting for their outcome to be
+/// committed (at least [`MIN_UNRECORDED`]): an attempt frees its slot before recording, so
+/// without this bound a store that records outcomes more slowly than the destination takes
+/// deliveries would let waiting attempts, each with its delivery and claim, pile up
+/// without limit (the PostgreSQL relay's RSS grew to 205 MB that way).
+const UNRECORDED_PER_SLOT: usize = 4;
+
+/// The least bound on attempts waiting for their outcome, so a destination with
+/// `concurrency: 1` is not held to a few deliveries per outcome commit.
+const MIN_UNRECORDED: usize = 256;
+
 /// Added to the destination's `timeout` to make the lease on a delivery claimed for an
 /// attempt (shared stores): covers the time between re-checking the claim and the
 /// request starting, and scheduling delays, so a lease does not run out while its
@@ -80,8 +91,11 @@ impl Shared {
 /// Hands one destination's due deliveries to attempts, within its concurrency.
 pub struct Dispatcher {
     shared: Arc<Shared>,
-    /// `concurrency` permits; an attempt holds one from start to finish.
+    /// `concurrency` permits; an attempt holds one while it delivers.
     slots: Arc<Semaphore>,
+    /// An attempt holds one from start until its outcome is committed (see
+    /// [`UNRECORDED_PER_SLOT`]).
+    unrecorded: Arc<Semaphore>,
     /// How many deliveries to read ahead.
     prefetch: usize,
     /// Longest idle wait before looking at the store again (catches replays made by
@@ -123,6 +137,9 @@ impl Dispatcher {
                 given_back: AtomicBool::new(false),
             }),
             slots: Arc::new(Semaphore::new(concurrency)),
+            unrecorded: Arc::new(Semaphore::new(
+                (concurrency * UNRECORDED_PER_SLOT).max(MIN_UNRECORDED),
+            )),
             prefetch: (concurrency * 2).clamp(16, MAX_PREFETCH),
             poll_interval,
             tracker,
@@ -212,6 +229,15 @@ impl Dispatcher {
         // Claimed deliveries not yet started, each with the moment its claim was asked for.
         let mut queue: VecDeque<(Delivery, Instant)> = VecDeque::new();
         let mut handoff = HandOff::new();
+        // A store other processes write to (PostgreSQL) is read a round trip away, and a
+        // claim waits for its commit to be flushed: while the last claim returned all it
+        // was asked for, the next one is asked for when half the queue is started, so
+        // the attempts need not wait for it (they did: at c=256 the destination sat idle
+        // during each claim). A store that hands deliveries over in memory (SQLite) reads
+        // only when the queue is empty, as its hand-off needs.
+        let read_ahead = !shared.store.hands_off();
+        let mut ahead: Option<ReadAhead> = None;
+        let mut more_due = false;
         loop {
             if ownership.is_lost() {
                 break;
@@ -224,6 +250,16 @@ impl Dispatcher {
                 }
                 continue;
             }
+            // Outcomes not yet committed first: while the store records more slowly than
+            // the destination takes deliveries, new attempts wait here, holding nothing.
+            let unrecorded = tokio::select! {
+                p = Arc::clone(&self.unrecorded).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                () = cancel.cancelled() => break,
+                () = ownership.lost() => break,
+            };
             let permit = tokio::select! {
                 p = Arc::clone(&self.slots).acquire_owned() => match p {
                     Ok(p) => p,
@@ -233,13 +269,20 @@ impl Dispatcher {
                 () = ownership.lost() => break,
             };
             if queue.is_empty() {
-                let take_over = owned_at.elapsed() >= shared.lease;
-                match self.fill(&mut queue, take_over, &mut handoff).await {
-                    Ok(()) => {}
+                let filled = match ahead.take() {
+                    Some(read) => read.join(&mut queue).await,
+                    None => {
+                        let take_over = owned_at.elapsed() >= shared.lease;
+                        self.fill(&mut queue, take_over, &mut handoff).await
+                    }
+                };
+                more_due = match filled {
+                    Ok(full) => full,
                     Err(e) => {
                         tracing::warn!(destination = %shared.name, error = %e, "cannot read pending deliveries");
+                        false
                     }
-                }
+                };
             }
             if cancel.is_cancelled() || ownership.is_lost() {
                 break;
@@ -261,7 +304,17 @@ impl Dispatcher {
                 claimed_at,
                 permit,
                 ownership.lost_token(),
+                unrecorded,
             ));
+            if read_ahead && more_due && ahead.is_none() && queue.len() <= self.prefetch / 2 {
+                more_due = false;
+                let take_over = owned_at.elapsed() >= shared.lease;
+                ahead = Some(ReadAhead::start(self, take_over));
+            }
+        }
+        // A claim under way is waited for: its rows are claimed, and given back below.
+        if let Some(read) = ahead.take() {
+            let _ = read.join(&mut queue).await;
         }
         // Read-ahead deliveries were never started: give them back in the store first,
         // then here (they stay pending). In this order another dispatcher of this
@@ -277,12 +330,13 @@ impl Dispatcher {
 
     /// Claims due deliveries not already in flight into `queue`, marking them in flight:
     /// from the in-memory hand-off while it holds everything due, else from the store.
+    /// `true` when the store returned as many as were asked for (more may be due).
     async fn fill(
         &self,
         queue: &mut VecDeque<(Delivery, Instant)>,
         take_over: bool,
         handoff: &mut HandOff,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let shared = &self.shared;
         if handoff.complete(shared, self.poll_interval)
             && let Some(fresh) = shared.store.take_fresh(&shared.name, self.prefetch)
@@ -297,7 +351,7 @@ impl Dispatcher {
                 }
             }
             claims.read_finished();
-            return Ok(());
+            return Ok(false);
         }
         // A full read. From here, retries recorded and deliveries given back are noted
         // afresh; whatever the read cannot see of them then is noted after it.
@@ -310,54 +364,8 @@ impl Dispatcher {
             shared.next_retry.store(i64::MAX, Ordering::SeqCst);
         }
         handoff.read_at = Instant::now();
-        // Before the claim is asked for: its lease is stamped later, so on this clock it
-        // lasts at least until `asked + lease`.
-        let asked = Instant::now();
-        let (in_flight, read) = {
-            let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            (claims.ids(), claims.read_started())
-        };
-        let due = tokio::time::timeout(
-            STORE_TIMEOUT,
-            shared.store.claim(ClaimRequest {
-                destination: &shared.name,
-                now_ms: now_ms(),
-                want: self.prefetch,
-                in_flight: &in_flight,
-                lease: shared.lease,
-                take_over,
-            }),
-        )
-        .await
-        .unwrap_or_else(|_| Err(timed_out("claiming deliveries")));
-        let mut surplus = Vec::new();
-        let exhausted;
-        {
-            let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            let due = match due {
-                Ok(due) => due,
-                Err(e) => {
-                    claims.read_finished();
-                    return Err(e);
-                }
-            };
-            // Fewer rows than asked for: the read saw every due delivery.
-            exhausted = due.len() < self.prefetch + in_flight.len();
-            handoff.seen = due.iter().map(|d| d.id).collect();
-            for d in due {
-                if queue.len() < self.prefetch && claims.claim(d.id, read) {
-                    queue.push_back((d, asked));
-                } else {
-                    // Claimed in the store but not taken here: give that claim back at
-                    // once (its token names this claim only, never an attempt's).
-                    surplus.push(d);
-                }
-            }
-            claims.read_finished();
-        }
-        // Rows left over for want of room are due and held nowhere else.
-        let everything = exhausted && surplus.is_empty();
-        unclaim(shared, &surplus).await;
+        let Claimed { everything, full } =
+            claim_rows(shared, self.prefetch, take_over, queue, &mut handoff.seen).await?;
         if everything && shared.store.hands_off() && retries_known {
             handoff.known = true;
         } else if everything && shared.store.hands_off() {
@@ -374,7 +382,7 @@ impl Dispatcher {
             }
             handoff.known = true;
         }
-        Ok(())
+        Ok(full)
     }
 
     /// How long to sleep when nothing is due: until the next retry, at most one poll.
@@ -405,6 +413,106 @@ impl Dispatcher {
             _ => self.poll_interval,
         }
     }
+}
+
+/// Claimed deliveries not yet started, each with the moment its claim was asked for.
+type Queue = VecDeque<(Delivery, Instant)>;
+
+/// A claim asked for ahead, while the dispatcher goes on starting attempts.
+struct ReadAhead(tokio::task::JoinHandle<(Queue, Result<Claimed, StoreError>)>);
+
+impl ReadAhead {
+    fn start(dispatcher: &Dispatcher, take_over: bool) -> Self {
+        let shared = Arc::clone(&dispatcher.shared);
+        let prefetch = dispatcher.prefetch;
+        Self(dispatcher.tracker.spawn(async move {
+            let mut rows = VecDeque::new();
+            let claimed =
+                claim_rows(&shared, prefetch, take_over, &mut rows, &mut HashSet::new()).await;
+            (rows, claimed)
+        }))
+    }
+
+    /// Waits for the claim and appends its rows to `queue`; `true` when it returned as
+    /// many as were asked for.
+    async fn join(self, queue: &mut Queue) -> Result<bool, StoreError> {
+        match self.0.await {
+            Ok((rows, claimed)) => {
+                queue.extend(rows);
+                claimed.map(|c| c.full)
+            }
+            Err(e) => Err(StoreError::Unavailable(format!("claiming deliveries: {e}"))),
+        }
+    }
+}
+
+/// What one claim from the store returned.
+struct Claimed {
+    /// The read saw every due delivery not in flight, and none was left over.
+    everything: bool,
+    /// The store returned as many rows as were asked for: more may be due.
+    full: bool,
+}
+
+/// Claims up to `prefetch` due deliveries not in flight from the store into `queue`,
+/// marking them in flight; `seen` gets the IDs the read returned.
+async fn claim_rows(
+    shared: &Shared,
+    prefetch: usize,
+    take_over: bool,
+    queue: &mut VecDeque<(Delivery, Instant)>,
+    seen: &mut HashSet<i64>,
+) -> Result<Claimed, StoreError> {
+    // Before the claim is asked for: its lease is stamped later, so on this clock it
+    // lasts at least until `asked + lease`.
+    let asked = Instant::now();
+    let (in_flight, read) = {
+        let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        (claims.ids(), claims.read_started())
+    };
+    let due = tokio::time::timeout(
+        STORE_TIMEOUT,
+        shared.store.claim(ClaimRequest {
+            destination: &shared.name,
+            now_ms: now_ms(),
+            want: prefetch,
+            in_flight: &in_flight,
+            lease: shared.lease,
+            take_over,
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| Err(timed_out("claiming deliveries")));
+    let mut surplus = Vec::new();
+    let (exhausted, full);
+    {
+        let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let due = match due {
+            Ok(due) => due,
+            Err(e) => {
+                claims.read_finished();
+                return Err(e);
+            }
+        };
+        // Fewer rows than asked for: the read saw every due delivery.
+        exhausted = due.len() < prefetch + in_flight.len();
+        full = due.len() >= prefetch;
+        *seen = due.iter().map(|d| d.id).collect();
+        for d in due {
+            if queue.len() < prefetch && claims.claim(d.id, read) {
+                queue.push_back((d, asked));
+            } else {
+                // Claimed in the store but not taken here: give that claim back at
+                // once (its token names this claim only, never an attempt's).
+                surplus.push(d);
+            }
+        }
+        claims.read_finished();
+    }
+    // Rows left over for want of room are due and held nowhere else.
+    let everything = exhausted && surplus.is_empty();
+    unclaim(shared, &surplus).await;
+    Ok(Claimed { everything, full })
 }
 
 /// What a dispatcher knows about the in-memory hand-off ([`Store::take_fresh`]).
@@ -548,6 +656,8 @@ async fn attempt(
     claimed_at: Instant,
     permit: OwnedSemaphorePermit,
     lost: CancellationToken,
+    // Held until the attempt ends: after its outcome is committed, or it gave up.
+    _unrecorded: OwnedSemaphorePermit,
 ) {
     let claim = Claim {
         shared: Arc::clone(&shared),

@@ -154,10 +154,13 @@ impl Store for PostgresStore {
             return Ok(());
         }
         let mut c = self.conn().await?;
+        // Found through the primary key only, each row's claim by its position in `$1`:
+        // no join for the planner to order (see `write_outcomes`, whose join form took
+        // seconds per group on a table without statistics).
         let r = sqlx::query(
             "UPDATE deliveries d SET claimed_by = NULL, lease_until = NULL
-             FROM unnest($1::bigint[], $2::bigint[]) AS mine(id, seq)
-             WHERE d.id = mine.id AND d.claim_seq = mine.seq AND d.claimed_by = $3",
+             WHERE d.id = ANY($1::bigint[]) AND d.claimed_by = $3
+               AND d.claim_seq = ($2::bigint[])[array_position($1::bigint[], d.id)]",
         )
         .bind(&ids)
         .bind(&seqs)
