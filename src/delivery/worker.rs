@@ -854,3 +854,234 @@ fn decide(
     .emit(&shared.metrics);
     outcome
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+    use std::path::PathBuf;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::delivery::Claims;
+    use crate::destinations::{DestinationKind, FileConfig};
+    use crate::event::VerifiedEvent;
+    use crate::store::{DeadLetter, DestinationStats, ReplayDecisions, ReplayVerdict, Selection};
+
+    /// A store whose `record` does not complete until `gate` is closed: outcomes are
+    /// recorded more slowly than the destination takes deliveries.
+    struct SlowRecords {
+        pending: Mutex<BTreeMap<i64, Delivery>>,
+        gate: Semaphore,
+        outcomes: Mutex<HashMap<i64, Vec<Outcome>>>,
+        recorded: watch::Sender<usize>,
+    }
+
+    #[async_trait]
+    impl Store for SlowRecords {
+        async fn insert_event(&self, _: &VerifiedEvent, _: &[&str]) -> Result<(), StoreError> {
+            unreachable!("the test inserts no event")
+        }
+        async fn due(&self, _: &str, _: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+            let pending = self.pending.lock().unwrap();
+            Ok(pending.values().take(limit).cloned().collect())
+        }
+        async fn next_due_after(&self, _: &str, _: i64) -> Result<Option<i64>, StoreError> {
+            Ok(None)
+        }
+        async fn record(&self, delivery: &Delivery, outcome: Outcome) -> Result<(), StoreError> {
+            // Blocks until the gate is closed (the test releases every record at once).
+            let _ = self.gate.acquire().await;
+            if matches!(outcome, Outcome::Done { .. } | Outcome::Dead { .. }) {
+                self.pending.lock().unwrap().remove(&delivery.id);
+            }
+            self.outcomes
+                .lock()
+                .unwrap()
+                .entry(delivery.id)
+                .or_default()
+                .push(outcome);
+            self.recorded.send_modify(|n| *n += 1);
+            Ok(())
+        }
+        async fn dead_letters(
+            &self,
+            _: Option<&str>,
+            _: usize,
+        ) -> Result<Vec<DeadLetter>, StoreError> {
+            unreachable!()
+        }
+        async fn dead_letter(&self, _: i64) -> Result<Option<(DeadLetter, Bytes)>, StoreError> {
+            unreachable!()
+        }
+        async fn request_replay(&self, _: &Selection, _: &str) -> Result<u64, StoreError> {
+            unreachable!()
+        }
+        async fn replay_verdict(&self, _: &str) -> Result<ReplayVerdict, StoreError> {
+            unreachable!()
+        }
+        async fn forget_replay(&self, _: &str) -> Result<(), StoreError> {
+            unreachable!()
+        }
+        async fn decide_replays(&self, _: &[&str]) -> Result<ReplayDecisions, StoreError> {
+            unreachable!()
+        }
+        async fn purge(&self, _: &Selection) -> Result<u64, StoreError> {
+            unreachable!()
+        }
+        async fn dead_letter_orphans(&self, _: &[&str]) -> Result<Vec<(String, u64)>, StoreError> {
+            unreachable!()
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn destination_stats(&self) -> Result<Vec<DestinationStats>, StoreError> {
+            unreachable!()
+        }
+        async fn prune(&self, _: i64) -> Result<u64, StoreError> {
+            unreachable!()
+        }
+        fn backend(&self) -> &'static str {
+            "slow-records"
+        }
+    }
+
+    /// A destination that takes every delivery at once.
+    struct TakesAll {
+        delivered: Mutex<Vec<i64>>,
+        count: watch::Sender<usize>,
+    }
+
+    #[async_trait]
+    impl Destination for TakesAll {
+        fn kind(&self) -> &'static str {
+            "file"
+        }
+        async fn deliver(&self, delivery: &Delivery) -> Result<(), DeliveryError> {
+            self.delivered.lock().unwrap().push(delivery.id);
+            self.count.send_modify(|n| *n += 1);
+            Ok(())
+        }
+    }
+
+    /// While the store records no outcome, the dispatcher starts no more than its bound
+    /// of attempts (each holds its delivery in memory), however many deliveries are due;
+    /// once outcomes are recorded again, every delivery is delivered and recorded.
+    #[tokio::test(start_paused = true)]
+    async fn attempts_waiting_for_their_outcome_are_bounded() {
+        const CONCURRENCY: usize = 80;
+        const DUE: i64 = 1000;
+        let bound = (CONCURRENCY * UNRECORDED_PER_SLOT).max(MIN_UNRECORDED);
+        assert!(
+            (DUE as usize) > bound + MAX_PREFETCH,
+            "enough due to exceed the bound"
+        );
+
+        let pending = (1..=DUE)
+            .map(|id| {
+                let d = Delivery {
+                    id,
+                    event_id: format!("evt-{id}"),
+                    destination: "d".into(),
+                    attempts: 0,
+                    received_at_ms: now_ms(),
+                    body: Bytes::from_static(b"{}"),
+                    claim: None,
+                };
+                (id, d)
+            })
+            .collect();
+        let store = Arc::new(SlowRecords {
+            pending: Mutex::new(pending),
+            gate: Semaphore::new(0),
+            outcomes: Mutex::new(HashMap::new()),
+            recorded: watch::Sender::new(0),
+        });
+        let destination = Arc::new(TakesAll {
+            delivered: Mutex::new(Vec::new()),
+            count: watch::Sender::new(0),
+        });
+        let config = DestinationConfig {
+            name: "d".into(),
+            kind: DestinationKind::File(FileConfig {
+                path: PathBuf::from("unused.jsonl"),
+            }),
+            concurrency: CONCURRENCY,
+            timeout: DestinationConfig::DEFAULT_TIMEOUT,
+            retry: RetryPolicy::default(),
+            rate_limit: None,
+        };
+        let shutdown = Shutdown {
+            soft: CancellationToken::new(),
+            hard: CancellationToken::new(),
+        };
+        let tracker = TaskTracker::new();
+        let dispatcher = Dispatcher::new(
+            &config,
+            Arc::clone(&destination) as Arc<dyn Destination>,
+            Arc::clone(&store) as Arc<dyn Store>,
+            Arc::new(Metrics::new()),
+            Arc::new(Mutex::new(Claims::default())),
+            Duration::from_secs(1),
+            shutdown.clone(),
+            tracker.clone(),
+        );
+        tracker.spawn(dispatcher.run());
+
+        // The destination takes deliveries until the bound is reached...
+        let mut delivered = destination.count.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(3600),
+            delivered.wait_for(|n| *n >= bound),
+        )
+        .await
+        .expect("the dispatcher starts attempts up to its bound")
+        .unwrap();
+        // ...and no further, however long the dispatcher and its attempts run. The clock
+        // is paused: it moves on only once every task waits, so this is not a bet on
+        // timing; and well past STORE_TIMEOUT, so the attempts also retry their records.
+        tokio::time::sleep(STORE_TIMEOUT * 3).await;
+        assert_eq!(*store.recorded.borrow(), 0, "no outcome committed yet");
+        assert_eq!(
+            *destination.count.borrow(),
+            bound,
+            "attempts started while no outcome is committed stop at the bound"
+        );
+
+        // Outcomes are recorded again: every delivery is delivered and recorded.
+        store.gate.close();
+        let mut recorded = store.recorded.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(3600),
+            recorded.wait_for(|n| *n >= DUE as usize),
+        )
+        .await
+        .expect("every delivery is recorded once records complete")
+        .unwrap();
+        shutdown.soft.cancel();
+        tracker.close();
+        tracker.wait().await;
+
+        assert!(
+            store.pending.lock().unwrap().is_empty(),
+            "none left pending"
+        );
+        let outcomes = store.outcomes.lock().unwrap();
+        for id in 1..=DUE {
+            assert_eq!(
+                outcomes.get(&id).map(Vec::as_slice),
+                Some(&[Outcome::Done { attempts: 1 }][..]),
+                "delivery {id} recorded done once"
+            );
+        }
+        let mut delivered = destination.delivered.lock().unwrap().clone();
+        delivered.sort_unstable();
+        assert_eq!(
+            delivered,
+            (1..=DUE).collect::<Vec<_>>(),
+            "each delivered once"
+        );
+    }
+}
