@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 
 use crate::servers;
 
-/// `loadgen __forwarder SINK CONCURRENCY`: runs the forwarder until stdin closes.
+/// `loadgen __forwarder SINK CONCURRENCY CLIENT`: runs the forwarder until stdin closes.
 pub const SUBCOMMAND: &str = "__forwarder";
 
 /// The running forwarder child.
@@ -21,10 +21,19 @@ pub struct ForwarderProc {
 
 impl ForwarderProc {
     /// Starts `loadgen __forwarder` and waits for the address it listens on.
-    pub fn start(sink: SocketAddr, concurrency: usize) -> anyhow::Result<Self> {
+    pub fn start(
+        sink: SocketAddr,
+        concurrency: usize,
+        client: servers::ForwardClient,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
-            .args([SUBCOMMAND, &sink.to_string(), &concurrency.to_string()])
+            .args([
+                SUBCOMMAND,
+                &sink.to_string(),
+                &concurrency.to_string(),
+                client.name(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -59,16 +68,17 @@ impl Drop for ForwarderProc {
 /// The child's `main`: a runtime like the relay's (`#[tokio::main]`: one worker per
 /// vCPU), the forwarder, its address on stdout, and an end when the parent goes.
 pub fn child_main(args: &[String]) -> anyhow::Result<()> {
-    let [sink, concurrency] = args else {
-        bail!("usage: loadgen {SUBCOMMAND} SINK_ADDR CONCURRENCY");
+    let [sink, concurrency, client] = args else {
+        bail!("usage: loadgen {SUBCOMMAND} SINK_ADDR CONCURRENCY hyper|reqwest");
     };
     let sink: SocketAddr = sink.parse()?;
     let concurrency: usize = concurrency.parse()?;
+    let client = servers::ForwardClient::parse(client)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let addr = servers::start_forwarder(sink, concurrency).await?;
+        let addr = servers::start_forwarder(sink, concurrency, client).await?;
         let mut out = std::io::stdout();
         writeln!(out, "addr={addr}")?;
         out.flush()?;

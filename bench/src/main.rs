@@ -107,6 +107,8 @@ struct Args {
     rates: Option<Vec<f64>>,
     starts: Option<usize>,
     skip_baseline: bool,
+    /// `--forward-reqwest`: a second forwarder row, sending with reqwest.
+    forward_reqwest: bool,
     /// A database URL of the PostgreSQL server for the `relay-pg` rows; `None`: skipped.
     postgres: Option<String>,
     /// `--idle S`: only the idle measurement, over S seconds.
@@ -142,6 +144,7 @@ fn parse_args() -> anyhow::Result<Args> {
         rates: None,
         starts: None,
         skip_baseline: false,
+        forward_reqwest: false,
         postgres: Some(
             std::env::var("FACEIO_BENCH_PG").unwrap_or_else(|_| DEFAULT_POSTGRES.to_string()),
         ),
@@ -181,6 +184,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.starts = Some(it.next().context("--starts needs a number")?.parse()?)
             }
             "--skip-baseline" => args.skip_baseline = true,
+            "--forward-reqwest" => args.forward_reqwest = true,
             "--postgres" => {
                 args.postgres = Some(it.next().context("--postgres needs a URL")?);
             }
@@ -199,7 +203,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 println!(
                     "loadgen [--quick] [--backlog N | --skip-backlog] [--out FILE] [--relay-bin PATH]\n\
                      \x20       [--closed-count N] [--open-secs S] [--concurrencies 64,256] [--rates 1000,5000]\n\
-                     \x20       [--starts N] [--skip-baseline] [--relay-log RUST_LOG]\n\
+                     \x20       [--starts N] [--skip-baseline] [--forward-reqwest] [--relay-log RUST_LOG]\n\
                      \x20       [--postgres URL | --skip-postgres] [--idle SECONDS] [--queues N]\n\
                      Full run (default): 100k requests per closed-loop scenario, 20 s per open-loop rate,\n\
                      a 1,000,000-event backlog; --quick: small counts, under a minute."
@@ -602,7 +606,11 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
     if !args.skip_baseline {
         targets.push(Target::new("baseline", baseline, None));
         // The ceiling of any relay that delivers by HTTP: one request in, one out.
-        let forwarder = forwarder::ForwarderProc::start(sink.addr, relay::DESTINATION_CONCURRENCY)?;
+        let forwarder = forwarder::ForwarderProc::start(
+            sink.addr,
+            relay::DESTINATION_CONCURRENCY,
+            servers::ForwardClient::Hyper,
+        )?;
         eprintln!("forward pid {} on {}", forwarder.pid(), forwarder.addr);
         targets.push(Target::new(
             "forward",
@@ -610,6 +618,25 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
             Some(forwarder.pid()),
         ));
         targets.last_mut().expect("pushed").forwarder = Some(forwarder);
+        if args.forward_reqwest {
+            // The same forwarder sending with reqwest, as the relay's HTTP destinations do.
+            let forwarder = forwarder::ForwarderProc::start(
+                sink.addr,
+                relay::DESTINATION_CONCURRENCY,
+                servers::ForwardClient::Reqwest,
+            )?;
+            eprintln!(
+                "forward-reqwest pid {} on {}",
+                forwarder.pid(),
+                forwarder.addr
+            );
+            targets.push(Target::new(
+                "forward-reqwest",
+                forwarder.addr,
+                Some(forwarder.pid()),
+            ));
+            targets.last_mut().expect("pushed").forwarder = Some(forwarder);
+        }
     }
     targets.push(Target::relay(
         "relay",

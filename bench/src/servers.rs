@@ -181,44 +181,130 @@ pub async fn start_baseline() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// The HTTP client a forwarder sends with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardClient {
+    /// hyper-util's client (hyper's own): the ceiling.
+    Hyper,
+    /// reqwest (on the same hyper-util client), as the relay's HTTP destinations use it:
+    /// the difference between the two rows is what reqwest costs per event.
+    Reqwest,
+}
+
+impl ForwardClient {
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardClient::Hyper => "hyper",
+            ForwardClient::Reqwest => "reqwest",
+        }
+    }
+
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "hyper" => Ok(ForwardClient::Hyper),
+            "reqwest" => Ok(ForwardClient::Reqwest),
+            other => anyhow::bail!("unknown forwarder client {other:?}"),
+        }
+    }
+}
+
+/// One forwarder's way of sending a body on to the sink; the status to answer with.
+/// Built once per forwarder and cloned per connection: the size difference does not matter.
+#[derive(Clone)]
+#[allow(clippy::large_enum_variant)]
+enum Sender {
+    Hyper(
+        hyper_util::client::legacy::Client<
+            hyper_util::client::legacy::connect::HttpConnector,
+            Full<Bytes>,
+        >,
+        hyper::Uri,
+    ),
+    Reqwest(reqwest::Client, reqwest::Url),
+}
+
+impl Sender {
+    async fn send(&self, body: Bytes) -> u16 {
+        match self {
+            Sender::Hyper(client, uri) => {
+                let forward = Request::post(uri.clone())
+                    .header("content-type", "application/json")
+                    .body(Full::new(body))
+                    .expect("request");
+                match client.request(forward).await {
+                    Ok(r) => {
+                        let ok = r.status().is_success();
+                        let _ = r.into_body().collect().await;
+                        if ok { 200 } else { 502 }
+                    }
+                    Err(_) => 502,
+                }
+            }
+            Sender::Reqwest(client, url) => {
+                let sent = client
+                    .post(url.clone())
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) => {
+                        let ok = r.status().is_success();
+                        let _ = r.bytes().await;
+                        if ok { 200 } else { 502 }
+                    }
+                    Err(_) => 502,
+                }
+            }
+        }
+    }
+}
+
 /// The forwarder: a bare hyper server that POSTs each body to the sink (at most
 /// `concurrency` at once, over kept-alive connections, like the relay's destination) and
 /// answers 200 once the sink did. No parsing, no store, no log line: the ceiling of any
 /// relay on this machine that delivers each event with one HTTP request.
-pub async fn start_forwarder(sink: SocketAddr, concurrency: usize) -> anyhow::Result<SocketAddr> {
+pub async fn start_forwarder(
+    sink: SocketAddr,
+    concurrency: usize,
+    client: ForwardClient,
+) -> anyhow::Result<SocketAddr> {
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let sender = match client {
+        ForwardClient::Hyper => Sender::Hyper(
+            Client::builder(TokioExecutor::new()).build_http(),
+            format!("http://{sink}/sink").parse()?,
+        ),
+        ForwardClient::Reqwest => Sender::Reqwest(
+            // As the relay's HTTP destination builds it (destinations/web.rs).
+            reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
+                .pool_max_idle_per_host(concurrency)
+                .build()?,
+            format!("http://{sink}/sink").parse()?,
+        ),
+    };
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let uri: hyper::Uri = format!("http://{sink}/sink").parse()?;
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let (client, slots, uri) = (client.clone(), Arc::clone(&slots), uri.clone());
+            let (sender, slots) = (sender.clone(), Arc::clone(&slots));
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<Incoming>| {
-                    let (client, slots, uri) = (client.clone(), Arc::clone(&slots), uri.clone());
+                    let (sender, slots) = (sender.clone(), Arc::clone(&slots));
                     async move {
                         let body = read_body(req).await;
                         let _slot = slots.acquire().await;
-                        let forward = Request::post(uri)
-                            .header("content-type", "application/json")
-                            .body(Full::new(body))
-                            .expect("request");
-                        let status = match client.request(forward).await {
-                            Ok(r) => {
-                                let ok = r.status().is_success();
-                                let _ = r.into_body().collect().await;
-                                if ok { 200 } else { 502 }
-                            }
-                            Err(_) => 502,
-                        };
+                        let status = sender.send(body).await;
                         let mut answer =
                             Response::new(Full::new(Bytes::from_static(br#"{"id":"forwarded"}"#)));
                         *answer.status_mut() = hyper::StatusCode::from_u16(status).expect("status");

@@ -404,16 +404,20 @@ fn fail_all(batch: Vec<Command>, msg: &str) {
 
 /// The pending deliveries `insert` wrote for `e`, with their row IDs.
 fn deliveries(e: &EventRow, ids: &[i64]) -> impl Iterator<Item = Delivery> {
+    // A copy of its own: the request's body is a slice of the connection's read buffer,
+    // and a hand-off queue thousands long would keep those buffers (8 KiB and more each)
+    // alive with it.
+    let body = bytes::Bytes::copy_from_slice(&e.body);
     e.destinations
         .iter()
         .zip(ids)
-        .map(|(destination, &id)| Delivery {
+        .map(move |(destination, &id)| Delivery {
             id,
             event_id: e.id.clone(),
             destination: destination.clone(),
             attempts: 0,
             received_at_ms: e.received_at,
-            body: e.body.clone(),
+            body: body.clone(),
             claim: None,
         })
 }
