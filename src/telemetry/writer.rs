@@ -124,7 +124,6 @@ pub fn start<W: Write + Send + 'static>(
         .name(name.to_string())
         .spawn(move || {
             write_loop(&thread, out());
-            thread.lock().done = true;
             thread.room.notify_all();
         })?;
     let guard = WriterGuard {
@@ -156,6 +155,9 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
         }
         while state.buf.is_empty() {
             if state.closed {
+                // Under the same lock as the check: a line logged from here on is
+                // written by its logger, never left in the buffer.
+                state.done = true;
                 return;
             }
             // Quiet: sleep until a line comes, and write that one at once.

@@ -455,13 +455,74 @@ mod tests {
             .unwrap();
         assert_eq!(store.stats().commits.load(Ordering::Relaxed), commits + 1);
         assert!(store.due("a", now_ms(), 10).await.unwrap().is_empty());
-        // Nothing else is waiting: a later outcome nudges the sleeping writer again.
+    }
+
+    #[tokio::test]
+    async fn an_outcome_wakes_a_writer_that_watches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SqliteStore::start(&dir.path().join("relay.db"), None, Duration::from_millis(5))
+                .unwrap();
         store.insert_event(&event("AUTH"), &["a"]).await.unwrap();
-        let d = store.due("a", now_ms(), 10).await.unwrap().remove(0);
+        store.insert_event(&event("AUTH"), &["a"]).await.unwrap();
+        let mut due = store.due("a", now_ms(), 10).await.unwrap();
+        let (d1, d2) = (due.remove(0), due.remove(0));
         store
-            .record(&d, Outcome::Done { attempts: 1 })
+            .record(&d1, Outcome::Done { attempts: 1 })
             .await
             .unwrap();
+        // That commit handed nothing over: the writer stops watching and sleeps until
+        // woken. Only the nudge of the next outcome can wake it now.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store
+            .outcomes
+            .watched
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer kept watching"
+            );
+            tokio::task::yield_now().await;
+        }
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            store.record(&d2, Outcome::Done { attempts: 1 }),
+        )
+        .await
+        .expect("the outcome woke the sleeping writer")
+        .unwrap();
+        assert!(store.due("a", now_ms(), 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn enough_outcomes_commit_without_waiting_for_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        // An hour's linger: only the number of outcomes waiting can end it.
+        let store = Arc::new(
+            SqliteStore::start(
+                &dir.path().join("relay.db"),
+                None,
+                Duration::from_secs(3600),
+            )
+            .unwrap(),
+        );
+        for _ in 0..writer::OUTCOME_BATCH {
+            store.insert_event(&event("AUTH"), &["a"]).await.unwrap();
+        }
+        let due = store.due("a", now_ms(), 1000).await.unwrap();
+        assert_eq!(due.len(), writer::OUTCOME_BATCH);
+        let recorded = due.into_iter().map(|d| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.record(&d, Outcome::Done { attempts: 1 }).await })
+        });
+        for r in recorded.collect::<Vec<_>>() {
+            tokio::time::timeout(Duration::from_secs(30), r)
+                .await
+                .expect("a drain's outcomes do not wait for the linger")
+                .unwrap()
+                .unwrap();
+        }
         assert!(store.due("a", now_ms(), 10).await.unwrap().is_empty());
     }
 
@@ -484,7 +545,12 @@ mod tests {
             async move { store.record(&d, Outcome::Done { attempts: 1 }).await }
         });
         // Waits in the writer's list (counted as queued) until an insert comes.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while store.queued() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the outcome never queued"
+            );
             tokio::task::yield_now().await;
         }
         assert!(!recording.is_finished());

@@ -27,6 +27,9 @@ pub(super) const QUEUE_DEPTH: usize = 8192;
 /// (an insert) ends the wait at once, so no answer waits for it.
 pub(super) const OUTCOME_LINGER: Duration = Duration::from_millis(20);
 
+/// Outcomes waiting that end the linger at once.
+pub(super) const OUTCOME_BATCH: usize = 64;
+
 /// Outcomes waiting for the writer, kept beside its queue so that recording one does
 /// not wake it while it is bound to look at them anyway.
 ///
@@ -39,7 +42,7 @@ pub(super) const OUTCOME_LINGER: Duration = Duration::from_millis(20);
 #[derive(Default)]
 pub(super) struct Outcomes {
     list: Mutex<OutcomeList>,
-    watched: AtomicBool,
+    pub(super) watched: AtomicBool,
 }
 
 #[derive(Default)]
@@ -71,8 +74,11 @@ impl Outcomes {
             return Added::Closed;
         }
         list.records.push(record);
+        // Enough to be worth a commit of their own: the writer need not wait (a drain
+        // with no events coming in would otherwise commit outcomes once per linger).
+        let enough = list.records.len() == OUTCOME_BATCH;
         drop(list);
-        if self.watched.load(Ordering::SeqCst) {
+        if self.watched.load(Ordering::SeqCst) && !enough {
             Added::Watched
         } else {
             Added::Nudge
@@ -144,6 +150,8 @@ pub(super) fn writer_loop(
     outcomes: &Outcomes,
     linger: Duration,
 ) {
+    // However the loop ends (a panic too), no recorder waits for a commit that cannot come.
+    let _close = CloseOnExit(outcomes);
     let mut synchronous_full = true;
     // A timer for the outcomes' deadline; without one, outcomes commit at once.
     let timer = tokio::runtime::Builder::new_current_thread()
@@ -177,7 +185,8 @@ pub(super) fn writer_loop(
         }
         let due = closed
             || timer.is_none()
-            || deadline.is_some_and(|at| tokio::time::Instant::now() >= at);
+            || deadline.is_some_and(|at| tokio::time::Instant::now() >= at)
+            || outcomes.len() >= OUTCOME_BATCH;
         if !due && !batch.iter().any(Command::needs_sync) {
             // Only nudges: watch the outcomes until the deadline, without more wake-ups.
             if deadline.is_none() {
@@ -199,18 +208,27 @@ pub(super) fn writer_loop(
         }
         // Deliveries were handed over: their outcomes are on the way, and wait for the
         // next event's commit (or the deadline) without waking this thread.
-        if hands_over {
+        if hands_over && timer.is_some() {
             deadline = Some(tokio::time::Instant::now() + linger);
             outcomes.watched.store(true, Ordering::SeqCst);
         } else {
             deadline = None;
             outcomes.watched.store(false, Ordering::SeqCst);
             // Added before the flag fell, without a nudge: watch those too.
-            if outcomes.len() > 0 {
+            if outcomes.len() > 0 && timer.is_some() {
                 deadline = Some(tokio::time::Instant::now() + linger);
                 outcomes.watched.store(true, Ordering::SeqCst);
             }
         }
+    }
+}
+
+/// Fails the outcomes still listed when the writer ends.
+struct CloseOnExit<'a>(&'a Outcomes);
+
+impl Drop for CloseOnExit<'_> {
+    fn drop(&mut self) {
+        fail_all(self.0.close(), "the store writer stopped");
     }
 }
 
