@@ -227,7 +227,7 @@ impl Dispatcher {
         // finishing attempts whose lease looks over on the database's clock.
         let owned_at = Instant::now();
         // Claimed deliveries not yet started, each with the moment its claim was asked for.
-        let mut queue: VecDeque<(Delivery, Instant)> = VecDeque::new();
+        let mut queue = Queue::new();
         let mut handoff = HandOff::new();
         // A store other processes write to (PostgreSQL) is read a round trip away, and a
         // claim waits for its commit to be flushed: while the last claim returned all it
@@ -333,7 +333,7 @@ impl Dispatcher {
     /// `true` when the store returned as many as were asked for (more may be due).
     async fn fill(
         &self,
-        queue: &mut VecDeque<(Delivery, Instant)>,
+        queue: &mut Queue,
         take_over: bool,
         handoff: &mut HandOff,
     ) -> Result<bool, StoreError> {
@@ -366,19 +366,19 @@ impl Dispatcher {
         handoff.read_at = Instant::now();
         let Claimed { everything, full } =
             claim_rows(shared, self.prefetch, take_over, queue, &mut handoff.seen).await?;
-        if everything && shared.store.hands_off() && retries_known {
-            handoff.known = true;
-        } else if everything && shared.store.hands_off() {
-            // Retries scheduled before the read: the hand-off will not show them.
-            let now = now_ms();
-            let next = tokio::time::timeout(
-                STORE_TIMEOUT,
-                shared.store.next_due_after(&shared.name, now),
-            )
-            .await
-            .unwrap_or_else(|_| Err(timed_out("reading the next retry")))?;
-            if let Some(at) = next {
-                shared.next_retry.fetch_min(at, Ordering::SeqCst);
+        if everything && shared.store.hands_off() {
+            if !retries_known {
+                // Retries scheduled before the read: the hand-off will not show them.
+                let now = now_ms();
+                let next = tokio::time::timeout(
+                    STORE_TIMEOUT,
+                    shared.store.next_due_after(&shared.name, now),
+                )
+                .await
+                .unwrap_or_else(|_| Err(timed_out("reading the next retry")))?;
+                if let Some(at) = next {
+                    shared.next_retry.fetch_min(at, Ordering::SeqCst);
+                }
             }
             handoff.known = true;
         }
@@ -460,7 +460,7 @@ async fn claim_rows(
     shared: &Shared,
     prefetch: usize,
     take_over: bool,
-    queue: &mut VecDeque<(Delivery, Instant)>,
+    queue: &mut Queue,
     seen: &mut HashSet<i64>,
 ) -> Result<Claimed, StoreError> {
     // Before the claim is asked for: its lease is stamped later, so on this clock it

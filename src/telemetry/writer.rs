@@ -21,7 +21,7 @@
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Longest a line waits in the buffer while lines keep coming.
 pub const LINGER: Duration = Duration::from_millis(20);
@@ -72,6 +72,22 @@ struct Shared {
 }
 
 impl Shared {
+    /// `ended`: no writer thread; loggers write their own lines.
+    fn new(limits: Limits, ended: bool) -> Arc<Self> {
+        Arc::new(Shared {
+            state: Mutex::new(State {
+                buf: Vec::with_capacity(if ended { 0 } else { limits.flush_at }),
+                asleep: false,
+                urgent: false,
+                closed: ended,
+                done: ended,
+            }),
+            writer: Condvar::new(),
+            room: Condvar::new(),
+            limits,
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -107,18 +123,7 @@ pub fn start<W: Write + Send + 'static>(
     out: impl FnOnce() -> W + Send + 'static,
     direct: fn() -> W,
 ) -> std::io::Result<(LogWriter<W>, WriterGuard)> {
-    let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            buf: Vec::with_capacity(limits.flush_at),
-            asleep: false,
-            urgent: false,
-            closed: false,
-            done: false,
-        }),
-        writer: Condvar::new(),
-        room: Condvar::new(),
-        limits,
-    });
+    let shared = Shared::new(limits, false);
     let thread = Arc::clone(&shared);
     std::thread::Builder::new()
         .name(name.to_string())
@@ -140,18 +145,11 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
         let mut state = shared.lock();
         if lingering {
             // Lines that come now wait for the timeout, without a wake-up each.
-            let deadline = Instant::now() + limits.linger;
-            while !state.closed && !state.urgent {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                state = shared
-                    .writer
-                    .wait_timeout(state, left)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
+            state = shared
+                .writer
+                .wait_timeout_while(state, limits.linger, |s| !s.closed && !s.urgent)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         while state.buf.is_empty() {
             if state.closed {
@@ -186,29 +184,18 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
 impl<W: Write + Send + 'static> LogWriter<W> {
     /// A writer without a thread: each logger writes its own line.
     pub fn direct(direct: fn() -> W) -> Self {
-        let limits = Limits::default();
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                buf: Vec::new(),
-                asleep: false,
-                urgent: false,
-                closed: true,
-                done: true,
-            }),
-            writer: Condvar::new(),
-            room: Condvar::new(),
-            limits,
-        });
+        let shared = Shared::new(Limits::default(), true);
         Self { shared, direct }
     }
 
     fn append(&self, line: &[u8]) -> std::io::Result<()> {
         let shared = &*self.shared;
         let limits = shared.limits;
-        let mut state = shared.lock();
-        while state.buf.len() >= limits.max_pending && !state.done {
-            state = shared.room.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
+        let state = shared.lock();
+        let mut state = shared
+            .room
+            .wait_while(state, |s| s.buf.len() >= limits.max_pending && !s.done)
+            .unwrap_or_else(|p| p.into_inner());
         if state.done {
             drop(state);
             return (self.direct)().write_all(line);
@@ -257,18 +244,10 @@ impl Drop for WriterGuard {
         let mut state = shared.lock();
         state.closed = true;
         shared.writer.notify_one();
-        let deadline = Instant::now() + CLOSE_WAIT;
-        while !state.done {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            state = shared
-                .room
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        let _ = shared
+            .room
+            .wait_timeout_while(state, CLOSE_WAIT, |s| !s.done)
+            .unwrap_or_else(|p| p.into_inner());
     }
 }
 
@@ -276,6 +255,7 @@ impl Drop for WriterGuard {
 mod tests {
     use super::*;
     use std::sync::mpsc;
+    use std::time::Instant;
 
     /// A sink that reports each `write_all` it gets.
     struct Reported(mpsc::Sender<Vec<u8>>);

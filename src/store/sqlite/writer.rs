@@ -189,10 +189,8 @@ pub(super) fn writer_loop(
             || outcomes.len() >= OUTCOME_BATCH;
         if !due && !batch.iter().any(Command::needs_sync) {
             // Only nudges: watch the outcomes until the deadline, without more wake-ups.
-            if deadline.is_none() {
-                deadline = Some(tokio::time::Instant::now() + linger);
-                outcomes.watched.store(true, Ordering::SeqCst);
-            }
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + linger);
+            outcomes.watched.store(true, Ordering::SeqCst);
             continue;
         }
         if closed {
@@ -207,19 +205,16 @@ pub(super) fn writer_loop(
             commit(&path, &mut conn, &mut synchronous_full, batch, stats, fresh);
         }
         // Deliveries were handed over: their outcomes are on the way, and wait for the
-        // next event's commit (or the deadline) without waking this thread.
-        if hands_over && timer.is_some() {
-            deadline = Some(tokio::time::Instant::now() + linger);
-            outcomes.watched.store(true, Ordering::SeqCst);
-        } else {
-            deadline = None;
-            outcomes.watched.store(false, Ordering::SeqCst);
-            // Added before the flag fell, without a nudge: watch those too.
-            if outcomes.len() > 0 && timer.is_some() {
-                deadline = Some(tokio::time::Instant::now() + linger);
-                outcomes.watched.store(true, Ordering::SeqCst);
-            }
-        }
+        // next event's commit (or the deadline) without waking this thread. Otherwise
+        // the flag falls first, then the list is looked at: one added before it fell
+        // came without a nudge, and is watched too.
+        let watch = timer.is_some()
+            && (hands_over || {
+                outcomes.watched.store(false, Ordering::SeqCst);
+                outcomes.len() > 0
+            });
+        deadline = watch.then(|| tokio::time::Instant::now() + linger);
+        outcomes.watched.store(watch, Ordering::SeqCst);
     }
 }
 
