@@ -4,7 +4,8 @@
 //! The channel is in confirm mode: an attempt succeeds when the broker acks the publish.
 //! Messages are published `mandatory`, persistent (`delivery_mode: 2`), with
 //! `message_id` (the event ID, for consumers to deduplicate on), `content_type:
-//! application/json`, `timestamp`, and headers `event_id`, `event_name` and `app_id`;
+//! application/json`, `timestamp`, and headers `event_id`, `event_name`, `app_id` and
+//! `received_at`;
 //! the body is the FACEIO body byte for byte.
 //!
 //! # Failures

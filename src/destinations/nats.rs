@@ -143,7 +143,7 @@ impl KindConfig for NatsConfig {
 
 /// Whether `subject` can be published to: not empty, no whitespace, no empty token, no
 /// wildcard token (`*`, `>`), which would be a subscription pattern.
-pub fn check_subject(subject: &str) -> Result<(), &'static str> {
+fn check_subject(subject: &str) -> Result<(), &'static str> {
     if subject.is_empty() {
         return Err("the subject is empty");
     }
@@ -217,7 +217,7 @@ impl NatsDestination {
     }
 
     /// The subject for one delivery; a subject that cannot be published to is permanent.
-    pub fn subject_for(&self, delivery: &Delivery) -> Result<String, DeliveryError> {
+    fn subject_for(&self, delivery: &Delivery) -> Result<String, DeliveryError> {
         let ctx = template::context(&delivery.body, &delivery.event_id, delivery.received_at_ms)
             .map_err(DeliveryError::permanent)?;
         let subject = self

@@ -62,12 +62,10 @@ pub struct RedisConfig {
     pub maxlen: Option<u64>,
 }
 
-/// Commands in flight on the one connection do not wait for each other.
-const DEFAULT_CONCURRENCY: usize = 16;
-
 impl KindConfig for RedisConfig {
     const TYPE: &'static str = "redis";
-    const DEFAULT_CONCURRENCY: usize = DEFAULT_CONCURRENCY;
+    /// Commands in flight on the one connection do not wait for each other.
+    const DEFAULT_CONCURRENCY: usize = 16;
     type Raw = RawRedis;
 
     fn validate(raw: RawRedis, cx: &mut KindContext<'_>) -> Option<Self> {
@@ -225,7 +223,7 @@ impl RedisDestination {
     }
 
     /// The `XADD` for one delivery.
-    pub fn command(&self, delivery: &Delivery) -> Result<redis::Cmd, DeliveryError> {
+    fn command(&self, delivery: &Delivery) -> Result<redis::Cmd, DeliveryError> {
         let ctx = template::context(&delivery.body, &delivery.event_id, delivery.received_at_ms)
             .map_err(DeliveryError::permanent)?;
         let key = self.stream.render(&ctx).map_err(DeliveryError::permanent)?;
