@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     id              INTEGER PRIMARY KEY,
     event_id        TEXT NOT NULL,
     destination     TEXT NOT NULL,
-    state           TEXT NOT NULL CHECK (state IN ('pending', 'done', 'dead')),
+    state           TEXT NOT NULL CHECK (state = 'pending' OR state = 'done' OR state = 'dead'),
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER NOT NULL,
     last_error      TEXT,
@@ -94,7 +94,7 @@ CREATE TABLE IF NOT EXISTS replay_requests (
     delivery_id  INTEGER PRIMARY KEY,
     batch        TEXT NOT NULL,
     requested_at INTEGER NOT NULL,
-    outcome      TEXT CHECK (outcome IN ('replayed', 'refused', 'gone')),
+    outcome      TEXT CHECK (outcome = 'replayed' OR outcome = 'refused' OR outcome = 'gone'),
     destination  TEXT,
     decided_at   INTEGER
 );
@@ -102,6 +102,26 @@ CREATE INDEX IF NOT EXISTS replay_requests_batch ON replay_requests (batch);
 CREATE INDEX IF NOT EXISTS replay_requests_undecided
     ON replay_requests (delivery_id) WHERE outcome IS NULL;
 ";
+
+/// The CHECK constraints as the first releases wrote them, and the same tests as
+/// [`SCHEMA`] writes them now. SQLite evaluates `x IN (a, b, c)` over three or more
+/// constants by filling a temporary b-tree, once per statement that checks it: every
+/// delivery insert and every outcome update built and dropped one (about 12% of the
+/// relay's instructions per event under callgrind; BENCHMARKS.md, "Issue 14, third
+/// round"). `=` joined by `OR` accepts exactly the same values (and NULL alike) with a
+/// few comparisons.
+const CHECK_REWRITES: [(&str, &str, &str); 2] = [
+    (
+        "deliveries",
+        "CHECK (state IN ('pending', 'done', 'dead'))",
+        "CHECK (state = 'pending' OR state = 'done' OR state = 'dead')",
+    ),
+    (
+        "replay_requests",
+        "CHECK (outcome IN ('replayed', 'refused', 'gone'))",
+        "CHECK (outcome = 'replayed' OR outcome = 'refused' OR outcome = 'gone')",
+    ),
+];
 
 /// SQLite-backed [`Store`](super::Store).
 pub struct SqliteStore {
@@ -296,8 +316,46 @@ fn migrate(conn: &Connection) -> Result<(), String> {
         ));
     }
     conn.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+    rewrite_checks(conn).map_err(|e| format!("cannot update the CHECK constraints: {e}"))?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(|e| e.to_string())
+}
+
+/// Rewrites a database's CHECK constraints from the first releases' `IN` lists to the
+/// equivalent tests in [`CHECK_REWRITES`], in place: SQLite's documented procedure for
+/// changing a CHECK constraint (<https://sqlite.org/lang_altertable.html>, "making other
+/// kinds of table schema changes"): in one transaction, edit the table's text in
+/// `sqlite_schema` and bump `schema_version`, so every connection re-reads the schema.
+/// No row is touched (each already passed the old, identical test), so it is instant on
+/// any size of database, and `user_version` stays: older binaries open the file as
+/// before. A database already rewritten (or created by this build) is left alone.
+fn rewrite_checks(conn: &Connection) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    let mut edits = Vec::new();
+    for (table, old, new) in CHECK_REWRITES {
+        let sql: String = tx.query_row(
+            "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get(0),
+        )?;
+        if sql.contains(old) {
+            edits.push((table, sql.replace(old, new)));
+        }
+    }
+    if edits.is_empty() {
+        return Ok(());
+    }
+    let version: i64 = tx.pragma_query_value(None, "schema_version", |r| r.get(0))?;
+    tx.pragma_update(None, "writable_schema", true)?;
+    for (table, sql) in &edits {
+        tx.execute(
+            "UPDATE sqlite_schema SET sql = ?1 WHERE type = 'table' AND name = ?2",
+            (sql, table),
+        )?;
+    }
+    tx.pragma_update(None, "schema_version", version + 1)?;
+    tx.pragma_update(None, "writable_schema", false)?;
+    tx.commit()
 }
 
 #[cfg(test)]
@@ -329,6 +387,90 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db/relay.db")).unwrap();
         (dir, store)
+    }
+
+    /// The tables' text in `sqlite_schema`, by name.
+    fn table_sql(conn: &Connection) -> Vec<(String, String)> {
+        let mut stmt = conn
+            .prepare("SELECT name, sql FROM sqlite_schema WHERE type = 'table' ORDER BY name")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// The opcodes SQLite compiles `sql` to.
+    fn opcodes(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut stmt = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
+        stmt.query_map([], |r| r.get(1))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// A database the first releases wrote (CHECK constraints as `IN` lists) is rewritten
+    /// in place when opened: its rows stay, its tables read exactly as a new database's,
+    /// the constraints still refuse a state that does not exist, and neither a delivery
+    /// insert nor an outcome update builds a temporary b-tree any more.
+    #[tokio::test]
+    async fn the_first_releases_check_constraints_are_rewritten_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let mut old_schema = SCHEMA.to_string();
+        for (_, old, new) in CHECK_REWRITES {
+            assert!(old_schema.contains(new), "SCHEMA writes {new}");
+            old_schema = old_schema.replace(new, old);
+        }
+        let insert = "INSERT INTO deliveries (event_id, destination, state, next_attempt_at, \
+                      updated_at) VALUES ('e1', 'sink', 'dead', 1, 2)";
+        let outcome = "UPDATE deliveries SET state = 'done', updated_at = 3 WHERE id = 1";
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&old_schema).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(insert, []).unwrap();
+            // What the rewrite removes: a temporary b-tree per checked statement.
+            assert!(opcodes(&conn, insert).contains(&"OpenEphemeral".to_string()));
+        }
+        drop(SqliteStore::open(&path).unwrap());
+        let fresh = dir.path().join("fresh.db");
+        drop(SqliteStore::open(&fresh).unwrap());
+
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(
+            table_sql(&conn),
+            table_sql(&Connection::open(&fresh).unwrap())
+        );
+        let state: String = conn
+            .query_row(
+                "SELECT state FROM deliveries WHERE event_id = 'e1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(state, "dead", "the rows are kept");
+        let refused = conn
+            .execute(&insert.replace("'dead'", "'lost'"), [])
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("CHECK constraint failed"),
+            "{refused}"
+        );
+        let integrity: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(integrity, "ok");
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 1, "older binaries still open the file");
+        for sql in [insert, outcome] {
+            assert!(
+                !opcodes(&conn, sql).contains(&"OpenEphemeral".to_string()),
+                "{sql} still builds a temporary b-tree"
+            );
+        }
     }
 
     #[tokio::test]
