@@ -633,3 +633,41 @@ async fn text_log_lines_carry_the_event_id_unquoted() {
     }
     assert!(daemon.terminate().success());
 }
+
+/// An HTTP destination sends through the proxy the environment names (`HTTP_PROXY`, read
+/// as curl reads it), so a relay behind an egress proxy delivers: the proxy gets the
+/// event for the configured host, a name the relay never resolves itself. The HTTP
+/// client gives this; the test keeps it through a change of client.
+#[tokio::test]
+async fn http_destinations_send_through_the_proxy_the_environment_names() {
+    let mut proxy = Receiver::ok().await;
+    let setup = Setup::new();
+    let config = setup.path("relay.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nadmin_listen: off\nstore:\n  path: relay.db\n\
+             applications:\n  - app_id: {APP}\n    token: {TOKEN}\n\
+             destinations:\n  api:\n    type: http\n    url: http://api.internal.invalid/hook\n\
+             routes:\n  - to: [api]\n"
+        ),
+    )
+    .unwrap();
+    let proxy_url = format!("http://{}", proxy.addr);
+    let daemon = proc::Relayd::start_with(
+        &config,
+        &[
+            ("HTTP_PROXY", proxy_url.as_str()),
+            ("http_proxy", proxy_url.as_str()),
+            ("NO_PROXY", ""),
+            ("no_proxy", ""),
+        ],
+    )
+    .await;
+    let e = event("AUTH", "face-proxy");
+    let (status, _) = send(&reqwest::Client::new(), &daemon.url(), Some(TOKEN), &e).await;
+    assert_eq!(status, 200);
+    let got = proxy.next().await;
+    assert_eq!(got.header("host").as_deref(), Some("api.internal.invalid"));
+    assert_eq!(got.body, e.to_string().as_bytes());
+}
