@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn http_dest(name: &str, url: &str, extra: &str) -> String {
@@ -670,4 +671,151 @@ async fn http_destinations_send_through_the_proxy_the_environment_names() {
     let got = proxy.next().await;
     assert_eq!(got.header("host").as_deref(), Some("api.internal.invalid"));
     assert_eq!(got.body, e.to_string().as_bytes());
+}
+
+/// A proxy on 127.0.0.1:0 that reports each request head it gets (up to the blank line)
+/// and refuses every request and tunnel with a 403.
+async fn refusing_proxy() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (mut head, mut buf) = (Vec::new(), [0u8; 1024]);
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                let _ = conn
+                    .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// An `https` destination behind the environment's proxy is reached through a CONNECT
+/// tunnel with the proxy URL's credentials: the proxy learns the host and port, never
+/// the request (whose path is often the credential, as a Slack URL's is).
+#[tokio::test]
+async fn https_destinations_tunnel_through_the_environments_proxy() {
+    let (proxy, mut heads) = refusing_proxy().await;
+    let setup = Setup::new();
+    let config = setup.path("relay.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nadmin_listen: off\nstore:\n  path: relay.db\n\
+             applications:\n  - app_id: {APP}\n    token: {TOKEN}\n\
+             destinations:\n  api:\n    type: http\n    \
+             url: https://api.internal.invalid/services/pathSECRET42\n\
+             routes:\n  - to: [api]\n"
+        ),
+    )
+    .unwrap();
+    let proxy_url = format!("http://relay:pw%40x@{proxy}");
+    let daemon = proc::Relayd::start_with(
+        &config,
+        &[
+            ("HTTPS_PROXY", proxy_url.as_str()),
+            ("https_proxy", proxy_url.as_str()),
+            ("NO_PROXY", ""),
+            ("no_proxy", ""),
+        ],
+    )
+    .await;
+    let (status, _) = send(
+        &reqwest::Client::new(),
+        &daemon.url(),
+        Some(TOKEN),
+        &event("AUTH", "face-tunnel"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let head = tokio::time::timeout(WAIT, heads.recv())
+        .await
+        .expect("the proxy was asked in time")
+        .unwrap();
+    assert!(
+        head.starts_with("CONNECT api.internal.invalid:443 HTTP/1.1\r\n"),
+        "{head}"
+    );
+    // base64("relay:pw@x"): the proxy URL's user and (decoded) password.
+    let auth = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("proxy-authorization: ")
+                .map(|_| l["proxy-authorization: ".len()..].to_string())
+        })
+        .expect("the CONNECT carries Proxy-Authorization");
+    assert_eq!(auth, "Basic cmVsYXk6cHdAeA==", "{head}");
+    assert!(!head.contains("pathSECRET42"), "{head}");
+}
+
+/// An `https` destination must prove its name with a certificate from the public roots:
+/// a self-signed one fails the attempt (a retryable error naming the certificate), and
+/// no request is sent on the connection.
+#[tokio::test]
+async fn an_https_destination_with_an_untrusted_certificate_gets_nothing() {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let pem = self_signed();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(pem.cert.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, mut handshakes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let _ = tx.send(acceptor.accept(conn).await.is_ok());
+        }
+    });
+
+    let setup = Setup::new();
+    let cfg = format!(
+        "destinations:\n{}routes:\n  - to: [api]\n",
+        http_dest(
+            "api",
+            &format!("https://localhost:{port}/hook"),
+            "    retry: { max_attempts: 1 }\n"
+        )
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    relay.send(&event("AUTH", "face-tls")).await;
+    let completed = tokio::time::timeout(WAIT, handshakes.recv())
+        .await
+        .expect("the relay connected in time")
+        .unwrap();
+    assert!(
+        !completed,
+        "the relay completed a handshake with a self-signed server"
+    );
+    eventually("delivery dead-lettered", || count(&setup, "dead") == 1).await;
+    let error: String = setup
+        .db()
+        .query_row("SELECT last_error FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    assert!(error.contains("certificate"), "{error}");
 }
