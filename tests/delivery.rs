@@ -635,41 +635,60 @@ async fn text_log_lines_carry_the_event_id_unquoted() {
     assert!(daemon.terminate().success());
 }
 
-/// An HTTP destination sends through the proxy the environment names (`HTTP_PROXY`, read
-/// as curl reads it), so a relay behind an egress proxy delivers: the proxy gets the
-/// event for the configured host, a name the relay never resolves itself. The HTTP
-/// client gives this; the test keeps it through a change of client.
-#[tokio::test]
-async fn http_destinations_send_through_the_proxy_the_environment_names() {
-    let mut proxy = Receiver::ok().await;
-    let setup = Setup::new();
+/// A config for the daemon binary (`proc::Relayd`, `proc::cli_env`): one `http`
+/// destination `api` at `url`, every event routed to it.
+fn daemon_config(setup: &Setup, url: &str) -> std::path::PathBuf {
     let config = setup.path("relay.yaml");
     std::fs::write(
         &config,
         format!(
             "listen: 127.0.0.1:0\nadmin_listen: off\nstore:\n  path: relay.db\n\
              applications:\n  - app_id: {APP}\n    token: {TOKEN}\n\
-             destinations:\n  api:\n    type: http\n    url: http://api.internal.invalid/hook\n\
+             destinations:\n  api:\n    type: http\n    url: {url}\n\
              routes:\n  - to: [api]\n"
         ),
     )
     .unwrap();
-    let proxy_url = format!("http://{}", proxy.addr);
-    let daemon = proc::Relayd::start_with(
-        &config,
-        &[
-            ("HTTP_PROXY", proxy_url.as_str()),
-            ("http_proxy", proxy_url.as_str()),
-            ("NO_PROXY", ""),
-            ("no_proxy", ""),
-        ],
-    )
-    .await;
+    config
+}
+
+/// The environment naming `proxy` in `var` (`HTTP_PROXY` or `HTTPS_PROXY`) and its
+/// lower-case spelling, with no `NO_PROXY` exceptions whatever the test's own
+/// environment holds.
+fn proxy_env<'a>(var: &'static str, proxy: &'a str) -> [(&'a str, &'a str); 4] {
+    let lower = match var {
+        "HTTP_PROXY" => "http_proxy",
+        _ => "https_proxy",
+    };
+    [
+        (var, proxy),
+        (lower, proxy),
+        ("NO_PROXY", ""),
+        ("no_proxy", ""),
+    ]
+}
+
+/// An HTTP destination sends through the proxy the environment names (`HTTP_PROXY`, read
+/// as curl reads it), so a relay behind an egress proxy delivers: the proxy gets the
+/// event for the configured host (a name the relay never resolves itself) with the proxy
+/// URL's credentials.
+#[tokio::test]
+async fn http_destinations_send_through_the_proxy_the_environment_names() {
+    let mut proxy = Receiver::ok().await;
+    let setup = Setup::new();
+    let config = daemon_config(&setup, "http://api.internal.invalid/hook");
+    let proxy_url = format!("http://relay:pw%40x@{}", proxy.addr);
+    let daemon = proc::Relayd::start_with(&config, &proxy_env("HTTP_PROXY", &proxy_url)).await;
     let e = event("AUTH", "face-proxy");
     let (status, _) = send(&reqwest::Client::new(), &daemon.url(), Some(TOKEN), &e).await;
     assert_eq!(status, 200);
     let got = proxy.next().await;
     assert_eq!(got.header("host").as_deref(), Some("api.internal.invalid"));
+    // base64("relay:pw@x"): the proxy URL's user and (decoded) password.
+    assert_eq!(
+        got.header("proxy-authorization").as_deref(),
+        Some("Basic cmVsYXk6cHdAeA==")
+    );
     assert_eq!(got.body, e.to_string().as_bytes());
 }
 
@@ -711,29 +730,9 @@ async fn refusing_proxy() -> (
 async fn https_destinations_tunnel_through_the_environments_proxy() {
     let (proxy, mut heads) = refusing_proxy().await;
     let setup = Setup::new();
-    let config = setup.path("relay.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:0\nadmin_listen: off\nstore:\n  path: relay.db\n\
-             applications:\n  - app_id: {APP}\n    token: {TOKEN}\n\
-             destinations:\n  api:\n    type: http\n    \
-             url: https://api.internal.invalid/services/pathSECRET42\n\
-             routes:\n  - to: [api]\n"
-        ),
-    )
-    .unwrap();
+    let config = daemon_config(&setup, "https://api.internal.invalid/services/pathSECRET42");
     let proxy_url = format!("http://relay:pw%40x@{proxy}");
-    let daemon = proc::Relayd::start_with(
-        &config,
-        &[
-            ("HTTPS_PROXY", proxy_url.as_str()),
-            ("https_proxy", proxy_url.as_str()),
-            ("NO_PROXY", ""),
-            ("no_proxy", ""),
-        ],
-    )
-    .await;
+    let daemon = proc::Relayd::start_with(&config, &proxy_env("HTTPS_PROXY", &proxy_url)).await;
     let (status, _) = send(
         &reqwest::Client::new(),
         &daemon.url(),
@@ -818,4 +817,91 @@ async fn an_https_destination_with_an_untrusted_certificate_gets_nothing() {
         .query_row("SELECT last_error FROM deliveries", [], |r| r.get(0))
         .unwrap();
     assert!(error.contains("certificate"), "{error}");
+}
+
+/// A 2xx is a delivery even when its body stalls: the body is read until the attempt's
+/// deadline and no longer, and the status decides. (A timeout here would send the event
+/// again on every attempt and finally dead-letter it, though the API took it each time.)
+#[tokio::test]
+async fn a_success_whose_body_stalls_is_delivered_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut requests) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (mut head, mut buf) = (Vec::new(), [0u8; 4096]);
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = tx.send(());
+            // Two bytes of the hundred promised, then nothing: the connection stays open.
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nok")
+                .await;
+            held.push(conn);
+        }
+    });
+    let setup = Setup::new();
+    let cfg = format!(
+        "destinations:\n{}routes:\n  - to: [api]\n",
+        http_dest(
+            "api",
+            &format!("http://{addr}/hook"),
+            "    timeout: 300ms\n    retry: { max_attempts: 3, initial_delay: 10ms }\n"
+        )
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    relay.send(&event("AUTH", "face-stall")).await;
+    eventually("delivery marked done", || count(&setup, "done") == 1).await;
+    let attempts: i64 = setup
+        .db()
+        .query_row("SELECT attempts FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(attempts, 1, "delivered at the first attempt");
+    requests.recv().await.unwrap();
+    assert!(requests.try_recv().is_err(), "the event was sent once");
+}
+
+/// Credentials in a destination's URL (`https://user:pass@host/…`) are sent as
+/// `Authorization: Basic`, decoded, as curl sends them.
+#[tokio::test]
+async fn credentials_in_the_url_are_sent_as_basic_authorization() {
+    let mut api = Receiver::ok().await;
+    let setup = Setup::new();
+    let url = format!("http://relay:pw%40x@{}/hook", api.addr);
+    let cfg = format!(
+        "destinations:\n{}routes:\n  - to: [api]\n",
+        http_dest("api", &url, "")
+    );
+    let relay = TestRelay::start(setup.config(&cfg)).await;
+    relay.send(&event("AUTH", "face-basic")).await;
+    let got = api.next().await;
+    // base64("relay:pw@x")
+    assert_eq!(
+        got.header("authorization").as_deref(),
+        Some("Basic cmVsYXk6cHdAeA==")
+    );
+}
+
+/// A destination the environment sends through a proxy the relay cannot speak to
+/// (`https://`, `socks5://`) is refused by `check` and at start, naming the problem,
+/// rather than failing every attempt.
+#[tokio::test]
+async fn a_proxy_of_another_kind_is_refused_by_check() {
+    let setup = Setup::new();
+    let config = daemon_config(&setup, "https://api.example.com/hook");
+    for proxy in ["https://proxy.example:3128", "socks5://proxy.example:1080"] {
+        let out = proc::cli_env(&config, &["check"], &proxy_env("HTTPS_PROXY", proxy)).await;
+        assert!(!out.ok(), "{}", out.all());
+        assert!(
+            out.all().contains("only http:// proxies are supported"),
+            "{}",
+            out.all()
+        );
+    }
 }

@@ -15,10 +15,11 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 
-use super::web::{Redactor, drain, http_client, status_error, transport_error};
+use super::client::HttpClient;
+use super::web::Redactor;
 use super::{DeliveryError, Destination, KindConfig, SetupError};
 use crate::config::raw::destination_keys;
 use crate::config::{DestinationConfig, KindContext, Secret};
@@ -197,8 +198,8 @@ impl Signer {
 
 /// An HTTP API destination.
 pub struct HttpDestination {
-    client: reqwest::Client,
-    url: Secret<reqwest::Url>,
+    /// Holds the URL (never shown: the client has no `Debug`).
+    client: HttpClient,
     /// Built once: content type plus the configured headers.
     headers: HeaderMap,
     signer: Option<Signer>,
@@ -214,7 +215,7 @@ impl HttpDestination {
             destination: common.name.clone(),
             reason,
         };
-        let url = reqwest::Url::parse(config.url.expose())
+        let url = url::Url::parse(config.url.expose())
             .map_err(|e| invalid(format!("invalid url: {e}")))?;
         let mut headers = HeaderMap::new();
         let content_type = HeaderValue::from_str(&config.content_type)
@@ -252,8 +253,7 @@ impl HttpDestination {
             redactor.add(secret.expose());
         }
         Ok(Self {
-            client: http_client(common, config.follow_redirects)?,
-            url: Secret::new(url),
+            client: HttpClient::new(common, &url, config.follow_redirects)?,
             headers,
             signer,
             body,
@@ -286,35 +286,25 @@ impl Destination for HttpDestination {
 
     async fn deliver(&self, delivery: &Delivery) -> Result<(), DeliveryError> {
         let body = self.body_for(delivery)?;
-        let mut request = self
-            .client
-            .post(self.url.expose().clone())
-            .headers(self.headers.clone())
-            .header(EVENT_ID_HEADER, &delivery.event_id)
-            .header(ATTEMPT_HEADER, delivery.attempts + 1);
+        let mut headers = self.headers.clone();
+        let event_id = HeaderValue::from_str(&delivery.event_id)
+            .map_err(|_| DeliveryError::permanent("the event ID is not a valid header value"))?;
+        headers.insert(EVENT_ID_HEADER, event_id.clone());
+        headers.insert(ATTEMPT_HEADER, HeaderValue::from(delivery.attempts + 1));
         if let Some(signer) = &self.signer {
             let ts = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            request = request
-                .header("webhook-id", &delivery.event_id)
-                .header("webhook-timestamp", ts)
-                .header(
-                    "webhook-signature",
-                    signer.sign(&delivery.event_id, ts, &body),
-                );
+            let signature = signer.sign(&delivery.event_id, ts, &body);
+            headers.insert("webhook-id", event_id);
+            headers.insert("webhook-timestamp", HeaderValue::from(ts));
+            headers.insert(
+                "webhook-signature",
+                HeaderValue::from_str(&signature).expect("base64 is a valid header value"),
+            );
         }
-        let response = request.body(body).send().await.map_err(transport_error)?;
-        if response.status().is_success() {
-            drain(response).await;
-            Ok(())
-        } else {
-            // Redirects are not followed unless configured (and then only 307 and 308,
-            // which keep the POST and its body), so a 3xx here is the endpoint's answer
-            // and trying again will not change it.
-            Err(status_error(response, &self.redactor).await)
-        }
+        self.client.post(headers, body, &self.redactor).await
     }
 }
 

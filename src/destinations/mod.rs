@@ -16,9 +16,11 @@
 //! a destination never sleeps or loops.
 //!
 //! Error texts go to logs and to the dead-letter store, so they never contain a URL, a
-//! header value or a token: reqwest errors are stripped of their URL before formatting.
+//! header value or a token: the HTTP client's errors (hyper's) name no URL, and response
+//! bodies quoted in errors pass through the destination's redactor.
 
 mod amqp;
+mod client;
 mod file;
 mod http;
 mod nats;
@@ -93,9 +95,6 @@ pub enum SetupError {
     /// `signing_secret` starts with `whsec_` but the rest is not base64.
     #[error("signing_secret: whsec_ value is not valid base64")]
     SigningSecret,
-    /// The HTTP client could not be built (TLS setup).
-    #[error(transparent)]
-    Client(#[from] reqwest::Error),
     /// A file destination's file or directory could not be created, opened, read or
     /// synced. `error` is not a `source`: its text is already in the message.
     #[error("{action} {}: {error}", .path.display())]

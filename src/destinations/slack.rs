@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::web::{Redactor, drain, http_client, status_error, transport_error};
+use super::client::HttpClient;
+use super::web::Redactor;
 use super::{DeliveryError, Destination, KindConfig, SetupError};
 use crate::config::raw::destination_keys;
 use crate::config::{DestinationConfig, KindContext, Secret};
@@ -114,8 +115,8 @@ impl KindConfig for SlackConfig {
 /// A Slack incoming-webhook destination.
 pub struct SlackDestination {
     name: String,
-    client: reqwest::Client,
-    url: Secret<reqwest::Url>,
+    /// Holds the webhook URL (never shown: the client has no `Debug`).
+    client: HttpClient,
     /// The compiled message templates.
     message: SlackMessage,
     /// The webhook URL must not be echoed into errors.
@@ -128,7 +129,7 @@ impl SlackDestination {
             destination: common.name.clone(),
             reason,
         };
-        let url = reqwest::Url::parse(config.webhook_url.expose())
+        let url = url::Url::parse(config.webhook_url.expose())
             .map_err(|e| invalid(format!("invalid webhook_url: {e}")))?;
         let message = SlackMessage::new(config.text.as_deref(), config.blocks.as_ref()).map_err(
             |errors| {
@@ -141,8 +142,7 @@ impl SlackDestination {
         Ok(Self {
             name: common.name.clone(),
             redactor,
-            client: http_client(common, false)?,
-            url: Secret::new(url),
+            client: HttpClient::new(common, &url, false)?,
             message,
         })
     }
@@ -175,18 +175,16 @@ impl Destination for SlackDestination {
 
     async fn deliver(&self, delivery: &Delivery) -> Result<(), DeliveryError> {
         let payload = self.render(delivery)?;
-        let response = self
-            .client
-            .post(self.url.expose().clone())
-            .json(&payload)
-            .send()
+        let body =
+            serde_json::to_vec(&payload).map_err(|e| DeliveryError::permanent(e.to_string()))?;
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        // Slack's documented 4xx answers are permanent; only 408/429/5xx are retried.
+        self.client
+            .post(headers, bytes::Bytes::from(body), &self.redactor)
             .await
-            .map_err(transport_error)?;
-        if response.status().is_success() {
-            drain(response).await;
-            return Ok(());
-        }
-        // Slack's documented 4xx answers are permanent; status_error retries only 408/429/5xx.
-        Err(status_error(response, &self.redactor).await)
     }
 }

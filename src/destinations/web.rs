@@ -1,86 +1,34 @@
-//! What the destinations that speak HTTP (`slack`, `http`) share: the client's settings
-//! (timeouts, pool, redirects only within the configured origin), how a transport error
-//! or a status is classified, `Retry-After`, and the [`Redactor`] that keeps URLs,
+//! What the destinations that speak HTTP (`slack`, `http`) share besides their client
+//! (`client.rs`): which redirects stay within the origin, how a status is classified,
+//! `Retry-After`, bounded reads of a response, and the [`Redactor`] that keeps URLs,
 //! header values and secrets out of error texts even when a server echoes them back
 //! escaped.
 
 use std::time::{Duration, SystemTime};
 
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use url::Url;
+
 use super::DeliveryError;
-use crate::config::DestinationConfig;
-
-/// Redirects followed in a row, when `follow_redirects` is on.
-const MAX_REDIRECTS: usize = 5;
-
-/// The HTTP client settings every HTTP-speaking destination shares.
-pub(super) fn http_client(
-    config: &DestinationConfig,
-    follow_redirects: bool,
-) -> reqwest::Result<reqwest::Client> {
-    let redirects = if follow_redirects {
-        // Only 307 and 308 repeat the POST with its body; on 301, 302 and 303 an HTTP
-        // client sends a GET without the event, which would then count as delivered. Those
-        // are answered as they are (a permanent failure naming the status). And only
-        // within the configured URL's origin (see `same_origin`): the request carries
-        // the configured headers and the signature, which must not go to another host.
-        reqwest::redirect::Policy::custom(|attempt| {
-            let status = attempt.status();
-            let origin_kept = attempt
-                .previous()
-                .first()
-                .is_some_and(|from| same_origin(from, attempt.url()));
-            if (status != reqwest::StatusCode::TEMPORARY_REDIRECT
-                && status != reqwest::StatusCode::PERMANENT_REDIRECT)
-                || !origin_kept
-            {
-                attempt.stop()
-            } else if attempt.previous().len() > MAX_REDIRECTS {
-                attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
-            } else {
-                attempt.follow()
-            }
-        })
-    } else {
-        reqwest::redirect::Policy::none()
-    };
-    reqwest::Client::builder()
-        .timeout(config.timeout)
-        .connect_timeout(config.timeout.min(Duration::from_secs(5)))
-        .redirect(redirects)
-        .user_agent(concat!("faceio-relay/", env!("CARGO_PKG_VERSION")))
-        .pool_max_idle_per_host(config.concurrency)
-        .build()
-}
 
 /// Whether a redirect from `from` (the configured URL) to `to` may be followed: the same
 /// scheme, host and port. So every header (`Authorization` and the other configured
-/// headers, the signature headers) goes only where the configuration sends it: reqwest
-/// would drop `Authorization` on a cross-host hop but keep custom headers such as an API
-/// key, and an `https` to `http` hop would send everything in clear text.
-fn same_origin(from: &reqwest::Url, to: &reqwest::Url) -> bool {
+/// headers, the signature headers) goes only where the configuration sends it: a cross-host
+/// hop would carry custom headers such as an API key, and an `https` to `http` hop would
+/// send everything in clear text.
+pub(super) fn same_origin(from: &Url, to: &Url) -> bool {
     from.scheme() == to.scheme()
         && from.host_str() == to.host_str()
         && from.port_or_known_default() == to.port_or_known_default()
 }
 
-/// Classifies a transport error. Every reqwest error before a response (connect, timeout,
-/// reset) is worth retrying; the URL is stripped so no credential reaches the message.
-pub(super) fn transport_error(e: reqwest::Error) -> DeliveryError {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "request failed"
-    };
-    let detail = crate::telemetry::error_chain(&e.without_url());
-    DeliveryError::retryable(format!("{kind}: {detail}"))
-}
-
 /// Status classes shared by HTTP and Slack: 408, 429 and 5xx are worth retrying.
-fn status_is_retryable(status: reqwest::StatusCode) -> bool {
-    status == reqwest::StatusCode::REQUEST_TIMEOUT
-        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+fn status_is_retryable(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
 }
 
@@ -153,8 +101,11 @@ impl Redactor {
         self.patterns.push(SecretPattern(regex));
     }
 
-    pub(super) fn add_url(&mut self, url: &reqwest::Url) {
+    pub(super) fn add_url(&mut self, url: &Url) {
         self.add(url.as_str());
+        if let Some(password) = url.password() {
+            self.add_credential(password);
+        }
         self.add(url.path());
         if let Some(q) = url.query() {
             self.add(q);
@@ -172,30 +123,38 @@ impl Redactor {
     }
 }
 
-/// Reads enough of a response for an error message, and no more: a misbehaving server
-/// cannot make an attempt buffer an unbounded body.
-async fn read_prefix(response: &mut reqwest::Response, max: usize) -> Vec<u8> {
+/// Reads enough of a response for an error message, and no more, until `deadline`: a
+/// misbehaving server cannot make an attempt buffer an unbounded body or wait for ever.
+async fn read_prefix(body: &mut Incoming, max: usize, deadline: Instant) -> Vec<u8> {
     let mut buf = Vec::new();
-    while buf.len() < max {
-        match response.chunk().await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
-            _ => break,
+    let fill = async {
+        while buf.len() < max {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                _ => break,
+            }
         }
-    }
+    };
+    // At the deadline, what has come so far.
+    let _ = tokio::time::timeout_at(deadline, fill).await;
     buf
 }
 
 /// Reads (a bounded amount of) a successful response so the connection can be reused.
-pub(super) async fn drain(mut response: reqwest::Response) {
+pub(super) async fn drain(response: Response<Incoming>, deadline: Instant) {
     const MAX_DRAIN: usize = 64 * 1024;
-    read_prefix(&mut response, MAX_DRAIN).await;
+    read_prefix(&mut response.into_body(), MAX_DRAIN, deadline).await;
 }
 
 /// A short, printable, redacted excerpt of a failed response's body.
-async fn body_excerpt(mut response: reqwest::Response, redactor: &Redactor) -> String {
+async fn body_excerpt(mut body: Incoming, redactor: &Redactor, deadline: Instant) -> String {
     const SHOWN: usize = 200;
     // Read more than is shown so a secret straddling the cut is still recognised.
-    let bytes = read_prefix(&mut response, 4 * SHOWN).await;
+    let bytes = read_prefix(&mut body, 4 * SHOWN, deadline).await;
     let text = redactor.apply(&String::from_utf8_lossy(&bytes));
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -207,16 +166,17 @@ async fn body_excerpt(mut response: reqwest::Response, redactor: &Redactor) -> S
 
 /// Turns a non-success response into an error: retryable by status, with `Retry-After`.
 pub(super) async fn status_error(
-    response: reqwest::Response,
+    response: Response<Incoming>,
     redactor: &Redactor,
+    deadline: Instant,
 ) -> DeliveryError {
     let status = response.status();
     let retry_after = response
         .headers()
-        .get(reqwest::header::RETRY_AFTER)
+        .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let excerpt = body_excerpt(response, redactor).await;
+    let excerpt = body_excerpt(response.into_body(), redactor, deadline).await;
     let reason = if excerpt.is_empty() {
         format!("HTTP {status}")
     } else {
@@ -255,8 +215,7 @@ mod tests {
     fn redaction_hides_urls_paths_queries_and_headers() {
         let mut r = Redactor::default();
         r.add_url(
-            &reqwest::Url::parse("https://hooks.slack.com/services/T0/B0/XYZsecret?key=abc123")
-                .unwrap(),
+            &Url::parse("https://hooks.slack.com/services/T0/B0/XYZsecret?key=abc123").unwrap(),
         );
         r.add("Bearer sk-live-42");
         r.add("abc");
@@ -271,7 +230,7 @@ mod tests {
 
     #[test]
     fn redirects_stay_on_the_configured_origin() {
-        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        let url = |u: &str| Url::parse(u).unwrap();
         let from = url("https://api.example.com/hook?key=1");
         for ok in [
             "https://api.example.com/moved",
@@ -294,8 +253,7 @@ mod tests {
     fn slack_redactor() -> Redactor {
         let mut r = Redactor::default();
         r.add_url(
-            &reqwest::Url::parse("https://hooks.slack.com/services/T0/B0/XYZsecret?key=abc123")
-                .unwrap(),
+            &Url::parse("https://hooks.slack.com/services/T0/B0/XYZsecret?key=abc123").unwrap(),
         );
         r.add("Bearer sk-live-42");
         r
@@ -347,14 +305,11 @@ mod tests {
     #[test]
     fn retryable_statuses() {
         for s in [408, 429, 500, 502, 503] {
-            assert!(
-                status_is_retryable(reqwest::StatusCode::from_u16(s).unwrap()),
-                "{s}"
-            );
+            assert!(status_is_retryable(StatusCode::from_u16(s).unwrap()), "{s}");
         }
         for s in [400, 401, 403, 404, 410, 301] {
             assert!(
-                !status_is_retryable(reqwest::StatusCode::from_u16(s).unwrap()),
+                !status_is_retryable(StatusCode::from_u16(s).unwrap()),
                 "{s}"
             );
         }
