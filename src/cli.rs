@@ -336,7 +336,15 @@ async fn preflight(config: &Config) -> usize {
     use crate::destinations::PreflightError;
     let checks = config.destinations.iter().map(|d| async move {
         let outcome = match crate::destinations::build(d) {
-            Err(e) => Err(PreflightError::Problem(e.to_string())),
+            Err(e) => {
+                // Printed below after the destination's name: not twice.
+                let text = e.to_string();
+                let prefix = format!("destination {}: ", d.name);
+                Err(PreflightError::Problem(
+                    text.strip_prefix(&prefix)
+                        .map_or(text.clone(), str::to_string),
+                ))
+            }
             Ok(dest) => tokio::time::timeout(PREFLIGHT_TIMEOUT, dest.preflight())
                 .await
                 .unwrap_or_else(|_| {

@@ -899,6 +899,12 @@ async fn a_proxy_of_another_kind_is_refused_by_check() {
         let out = proc::cli_env(&config, &["check"], &proxy_env("HTTPS_PROXY", proxy)).await;
         assert!(!out.ok(), "{}", out.all());
         assert!(
+            out.all()
+                .contains("error: destination api: the environment's proxy for this URL"),
+            "{}",
+            out.all()
+        );
+        assert!(
             out.all().contains("only http:// proxies are supported"),
             "{}",
             out.all()

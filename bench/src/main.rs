@@ -619,7 +619,7 @@ async fn run(args: Args, plan: Plan, bin: PathBuf) -> anyhow::Result<()> {
         ));
         targets.last_mut().expect("pushed").forwarder = Some(forwarder);
         if args.forward_reqwest {
-            // The same forwarder sending with reqwest, as the relay's HTTP destinations do.
+            // The same forwarder sending with reqwest, as the relay's HTTP destinations did.
             let forwarder = forwarder::ForwarderProc::start(
                 sink.addr,
                 relay::DESTINATION_CONCURRENCY,

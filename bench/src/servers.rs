@@ -186,7 +186,8 @@ pub async fn start_baseline() -> anyhow::Result<SocketAddr> {
 pub enum ForwardClient {
     /// hyper-util's client (hyper's own): the ceiling.
     Hyper,
-    /// reqwest (on the same hyper-util client), as the relay's HTTP destinations use it:
+    /// reqwest (on the same hyper-util client), as the relay's HTTP destinations used it
+    /// until they moved to hyper-util's client (BENCHMARKS.md, issue 14, third round):
     /// the difference between the two rows is what reqwest costs per event.
     Reqwest,
 }
@@ -280,7 +281,7 @@ pub async fn start_forwarder(
             format!("http://{sink}/sink").parse()?,
         ),
         ForwardClient::Reqwest => Sender::Reqwest(
-            // As the relay's HTTP destination builds it (destinations/web.rs).
+            // As the relay's HTTP destination built it before it moved to hyper-util.
             reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(10))
                 .connect_timeout(std::time::Duration::from_secs(5))
