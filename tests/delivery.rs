@@ -868,29 +868,67 @@ async fn a_success_whose_body_stalls_is_delivered_once() {
 }
 
 /// Credentials in a destination's URL (`https://user:pass@host/…`) are sent as
-/// `Authorization: Basic`, decoded, as curl sends them.
+/// `Authorization: Basic`, decoded, as curl sends them, unless `headers` sets
+/// `Authorization`; and a server that quotes them back in an error does not get them
+/// into the dead letter (decoded, or as the token).
 #[tokio::test]
-async fn credentials_in_the_url_are_sent_as_basic_authorization() {
+async fn credentials_in_the_url_are_sent_as_basic_authorization_and_never_shown() {
+    let token = "YXBpa2V5X3VzZXIxOnBAc3Mtc2VjcmV0"; // base64("apikey_user1:p@ss-secret")
     let mut api = Receiver::ok().await;
+    let mut own = Receiver::ok().await;
+    let mut refusing = Receiver::start(
+        Reply::status(401).body(&format!("bad Basic {token} for apikey_user1 / p@ss-secret")),
+    )
+    .await;
     let setup = Setup::new();
-    let url = format!("http://relay:pw%40x@{}/hook", api.addr);
+    let creds = |r: &Receiver| format!("http://apikey_user1:p%40ss-secret@{}/hook", r.addr);
     let cfg = format!(
-        "destinations:\n{}routes:\n  - to: [api]\n",
-        http_dest("api", &url, "")
+        "destinations:
+{}{}{}routes:
+  - to: [api, own, refusing]
+",
+        http_dest("api", &creds(&api), ""),
+        http_dest(
+            "own",
+            &creds(&own),
+            "    headers:
+      Authorization: Bearer configured
+"
+        ),
+        http_dest("refusing", &creds(&refusing), ""),
     );
     let relay = TestRelay::start(setup.config(&cfg)).await;
     relay.send(&event("AUTH", "face-basic")).await;
-    let got = api.next().await;
-    // base64("relay:pw@x")
     assert_eq!(
-        got.header("authorization").as_deref(),
-        Some("Basic cmVsYXk6cHdAeA==")
+        api.next().await.header("authorization").as_deref(),
+        Some(format!("Basic {token}").as_str())
     );
+    assert_eq!(
+        own.next().await.header("authorization").as_deref(),
+        Some("Bearer configured")
+    );
+    refusing.next().await;
+    eventually("the refused delivery is dead", || {
+        count(&setup, "dead") == 1
+    })
+    .await;
+    let error: String = setup
+        .db()
+        .query_row(
+            "SELECT last_error FROM deliveries WHERE state = 'dead'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(error.starts_with("HTTP 401"), "{error}");
+    for secret in [token, "apikey_user1", "p@ss-secret"] {
+        assert!(!error.contains(secret), "{secret} in {error}");
+    }
 }
 
 /// A destination the environment sends through a proxy the relay cannot speak to
-/// (`https://`, `socks5://`) is refused by `check` and at start, naming the problem,
-/// rather than failing every attempt.
+/// (`https://`, `socks5://`) is refused by `check` (and the same way at start), naming
+/// the problem, rather than failing every attempt.
 #[tokio::test]
 async fn a_proxy_of_another_kind_is_refused_by_check() {
     let setup = Setup::new();

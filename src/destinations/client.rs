@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, LOCATION, PROXY_AUTHORIZATION, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
@@ -49,7 +48,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use url::Url;
 
-use super::web::{Redactor, drain, same_origin, status_error};
+use super::web::{Redactor, basic_credentials, drain, same_origin, status_error};
 use super::{DeliveryError, SetupError};
 use crate::config::{DestinationConfig, Secret};
 
@@ -86,19 +85,7 @@ impl HttpClient {
         };
         // Credentials in the URL become a header and leave the URL.
         let mut url = url.clone();
-        let basic = (!url.username().is_empty() || url.password().is_some()).then(|| {
-            let decode = |s: &str| {
-                percent_encoding::percent_decode_str(s)
-                    .decode_utf8_lossy()
-                    .into_owned()
-            };
-            let pair = format!(
-                "{}:{}",
-                decode(url.username()),
-                decode(url.password().unwrap_or(""))
-            );
-            base64::engine::general_purpose::STANDARD.encode(pair)
-        });
+        let basic = basic_credentials(&url);
         let _ = url.set_username("");
         let _ = url.set_password(None);
         let uri: Uri = url
@@ -139,7 +126,12 @@ impl HttpClient {
         direct.set_keepalive(Some(Duration::from_secs(15)));
         direct.set_keepalive_interval(Some(Duration::from_secs(15)));
         direct.set_keepalive_retries(Some(3));
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
         direct.set_tcp_user_timeout(Some(Duration::from_secs(30)));
+        let connect_limit = config.timeout.min(Duration::from_secs(5));
+        // Per address tried (a host with several addresses gets them all a share), and
+        // over the whole connection below.
+        direct.set_connect_timeout(Some(connect_limit));
         let provider = tokio_rustls::rustls::crypto::ring::default_provider();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(provider)
@@ -154,7 +146,7 @@ impl HttpClient {
             });
         let connector = ConnectTimeout {
             inner: https,
-            limit: config.timeout.min(Duration::from_secs(5)),
+            limit: connect_limit,
         };
         let pool = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(config.concurrency)

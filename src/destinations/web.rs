@@ -25,6 +25,26 @@ pub(super) fn same_origin(from: &Url, to: &Url) -> bool {
         && from.port_or_known_default() == to.port_or_known_default()
 }
 
+/// The `Basic` token for the user and password in `url`, percent-decoded as curl and
+/// reqwest send them; `None` without either.
+pub(super) fn basic_credentials(url: &Url) -> Option<String> {
+    use base64::Engine as _;
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let pair = format!(
+        "{}:{}",
+        decode(url.username()),
+        decode(url.password().unwrap_or(""))
+    );
+    Some(base64::engine::general_purpose::STANDARD.encode(pair))
+}
+
 /// Status classes shared by HTTP and Slack: 408, 429 and 5xx are worth retrying.
 fn status_is_retryable(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
@@ -103,8 +123,19 @@ impl Redactor {
 
     pub(super) fn add_url(&mut self, url: &Url) {
         self.add(url.as_str());
+        // The user and password as sent (decoded, and as the `Basic` token): for many
+        // APIs the user name is the key.
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        self.add(&decode(url.username()));
         if let Some(password) = url.password() {
-            self.add_credential(password);
+            self.add_credential(&decode(password));
+        }
+        if let Some(token) = basic_credentials(url) {
+            self.add_credential(&token);
         }
         self.add(url.path());
         if let Some(q) = url.query() {

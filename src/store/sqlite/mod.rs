@@ -316,45 +316,68 @@ fn migrate(conn: &Connection) -> Result<(), String> {
         ));
     }
     conn.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
-    rewrite_checks(conn).map_err(|e| format!("cannot update the CHECK constraints: {e}"))?;
+    if let Err(e) = rewrite_checks(conn) {
+        tracing::warn!(
+            error = %e,
+            "the store's CHECK constraints were left in their first form (equivalent, \
+             slower); the next start tries again"
+        );
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(|e| e.to_string())
 }
 
 /// Rewrites a database's CHECK constraints from the first releases' `IN` lists to the
-/// equivalent tests in [`CHECK_REWRITES`], in place: SQLite's documented procedure for
-/// changing a CHECK constraint (<https://sqlite.org/lang_altertable.html>, "making other
-/// kinds of table schema changes"): in one transaction, edit the table's text in
+/// equivalent tests in [`CHECK_REWRITES`], in place, by the procedure SQLite documents
+/// for removing a CHECK constraint (<https://sqlite.org/lang_altertable.html>, "making
+/// other kinds of table schema changes"): in one transaction, edit the table's text in
 /// `sqlite_schema` and bump `schema_version`, so every connection re-reads the schema.
-/// No row is touched (each already passed the old, identical test), so it is instant on
+/// Putting an equivalent test in its place is as safe as removing it: no stored row can
+/// fail it (each passed the old, identical one). No row is touched, so it is instant on
 /// any size of database, and `user_version` stays: older binaries open the file as
-/// before. A database already rewritten (or created by this build) is left alone.
+/// before. A database already rewritten (or created by this build) is only read.
+///
+/// The edit runs in an immediate transaction (waiting `BUSY_TIMEOUT` for a writer in
+/// another process, such as an older daemon still running) and re-reads the text inside
+/// it. It is only a speed-up: when it fails, the caller logs it and carries on with the
+/// old, equivalent constraints.
 fn rewrite_checks(conn: &Connection) -> rusqlite::Result<()> {
-    let tx = conn.unchecked_transaction()?;
-    let mut edits = Vec::new();
-    for (table, old, new) in CHECK_REWRITES {
-        let sql: String = tx.query_row(
-            "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
-            [table],
-            |r| r.get(0),
-        )?;
-        if sql.contains(old) {
-            edits.push((table, sql.replace(old, new)));
+    let edits = |conn: &Connection| -> rusqlite::Result<Vec<(&str, String)>> {
+        let mut edits = Vec::new();
+        for (table, old, new) in CHECK_REWRITES {
+            let sql: String = conn.query_row(
+                "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )?;
+            if sql.contains(old) {
+                edits.push((table, sql.replace(old, new)));
+            }
         }
+        Ok(edits)
+    };
+    if edits(conn)?.is_empty() {
+        return Ok(());
     }
+    let tx = Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    let edits = edits(&tx)?;
     if edits.is_empty() {
         return Ok(());
     }
     let version: i64 = tx.pragma_query_value(None, "schema_version", |r| r.get(0))?;
     tx.pragma_update(None, "writable_schema", true)?;
-    for (table, sql) in &edits {
-        tx.execute(
-            "UPDATE sqlite_schema SET sql = ?1 WHERE type = 'table' AND name = ?2",
-            (sql, table),
-        )?;
-    }
-    tx.pragma_update(None, "schema_version", version + 1)?;
-    tx.pragma_update(None, "writable_schema", false)?;
+    let edited = (|| {
+        for (table, sql) in &edits {
+            tx.execute(
+                "UPDATE sqlite_schema SET sql = ?1 WHERE type = 'table' AND name = ?2",
+                (sql, table),
+            )?;
+        }
+        tx.pragma_update(None, "schema_version", version + 1)
+    })();
+    // A connection setting, not undone by a rollback: off whatever happened.
+    let off = tx.pragma_update(None, "writable_schema", false);
+    edited.and(off)?;
     tx.commit()
 }
 
