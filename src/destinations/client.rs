@@ -66,18 +66,20 @@ pub(super) struct HttpClient {
     uri: Secret<Uri>,
     timeout: Duration,
     follow_redirects: bool,
-    /// Sent with every request: `User-Agent`, `Accept`, `Authorization` from the URL's
-    /// credentials, and `Proxy-Authorization` for an `http` URL sent through a proxy with
-    /// credentials.
+    /// Sent with every request, merged once: `User-Agent`, `Accept`, `Authorization` from
+    /// the URL's credentials, `Proxy-Authorization` for an `http` URL sent through a proxy
+    /// with credentials, then the destination's own (which replace any of those).
     headers: HeaderMap,
 }
 
 impl HttpClient {
-    /// A client for `url` with the destination's settings.
+    /// A client for `url` with the destination's settings; `own` are the headers the
+    /// destination sends with every request (content type, configured headers).
     pub(super) fn new(
         config: &DestinationConfig,
         url: &Url,
         follow_redirects: bool,
+        own: HeaderMap,
     ) -> Result<Self, SetupError> {
         let invalid = |reason: String| SetupError::Invalid {
             destination: config.name.clone(),
@@ -119,6 +121,8 @@ impl HttpClient {
             auth.set_sensitive(true);
             headers.insert(PROXY_AUTHORIZATION, auth);
         }
+        // `extend` replaces every value of a name already there.
+        headers.extend(own);
 
         let mut direct = HttpConnector::new();
         direct.enforce_http(false);
@@ -162,18 +166,21 @@ impl HttpClient {
         })
     }
 
-    /// POSTs `body` with `headers` (on top of the client's own) to the URL: delivered on a
+    /// POSTs `body` with `extra` (this request's own headers, on top of the client's) to
+    /// the URL: delivered on a
     /// 2xx answer, else the error the status or the transport gives. The answer's status
     /// must come within the destination's `timeout`; its body is then read (a success's,
     /// so the connection is reused; a failure's, for the error's excerpt) until the same
     /// deadline and no longer.
     pub(super) async fn post(
         &self,
-        headers: HeaderMap,
+        extra: HeaderMap,
         body: Bytes,
         redactor: &Redactor,
     ) -> Result<(), DeliveryError> {
         let deadline = Instant::now() + self.timeout;
+        let mut headers = self.headers.clone();
+        headers.extend(extra);
         let response =
             match tokio::time::timeout_at(deadline, self.send(headers, body, deadline)).await {
                 Ok(response) => response?,
@@ -207,9 +214,7 @@ impl HttpClient {
             let mut request = Request::post(uri.clone())
                 .body(Full::new(body.clone()))
                 .expect("a POST to a parsed URI is a valid request");
-            let all = request.headers_mut();
-            all.extend(self.headers.clone());
-            all.extend(headers.clone());
+            *request.headers_mut() = headers.clone();
             let response = self.pool.request(request).await.map_err(transport_error)?;
             let current = url.as_ref().unwrap_or(self.url.expose());
             let Some(next) = self.redirect(current, &response) else {

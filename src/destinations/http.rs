@@ -200,8 +200,6 @@ impl Signer {
 pub struct HttpDestination {
     /// Holds the URL (never shown: the client has no `Debug`).
     client: HttpClient,
-    /// Built once: content type plus the configured headers.
-    headers: HeaderMap,
     signer: Option<Signer>,
     /// `body:`; `None` sends the FACEIO body as received.
     body: Option<JsonBody>,
@@ -253,8 +251,7 @@ impl HttpDestination {
             redactor.add(secret.expose());
         }
         Ok(Self {
-            client: HttpClient::new(common, &url, config.follow_redirects)?,
-            headers,
+            client: HttpClient::new(common, &url, config.follow_redirects, headers)?,
             signer,
             body,
             redactor,
@@ -286,7 +283,7 @@ impl Destination for HttpDestination {
 
     async fn deliver(&self, delivery: &Delivery) -> Result<(), DeliveryError> {
         let body = self.body_for(delivery)?;
-        let mut headers = self.headers.clone();
+        let mut headers = HeaderMap::new();
         let event_id = HeaderValue::from_str(&delivery.event_id)
             .map_err(|_| DeliveryError::permanent("the event ID is not a valid header value"))?;
         headers.insert(EVENT_ID_HEADER, event_id.clone());

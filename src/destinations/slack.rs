@@ -139,10 +139,15 @@ impl SlackDestination {
         )?;
         let mut redactor = Redactor::default();
         redactor.add_url(&url);
+        let mut json = http::HeaderMap::new();
+        json.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
         Ok(Self {
             name: common.name.clone(),
             redactor,
-            client: HttpClient::new(common, &url, false)?,
+            client: HttpClient::new(common, &url, false, json)?,
             message,
         })
     }
@@ -177,14 +182,13 @@ impl Destination for SlackDestination {
         let payload = self.render(delivery)?;
         let body =
             serde_json::to_vec(&payload).map_err(|e| DeliveryError::permanent(e.to_string()))?;
-        let mut headers = http::HeaderMap::new();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
         // Slack's documented 4xx answers are permanent; only 408/429/5xx are retried.
         self.client
-            .post(headers, bytes::Bytes::from(body), &self.redactor)
+            .post(
+                http::HeaderMap::new(),
+                bytes::Bytes::from(body),
+                &self.redactor,
+            )
             .await
     }
 }
