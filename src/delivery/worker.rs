@@ -252,21 +252,11 @@ impl Dispatcher {
             }
             // Outcomes not yet committed first: while the store records more slowly than
             // the destination takes deliveries, new attempts wait here, holding nothing.
-            let unrecorded = tokio::select! {
-                p = Arc::clone(&self.unrecorded).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-                () = cancel.cancelled() => break,
-                () = ownership.lost() => break,
+            let Some(unrecorded) = permit(&self.unrecorded, cancel, ownership).await else {
+                break;
             };
-            let permit = tokio::select! {
-                p = Arc::clone(&self.slots).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-                () = cancel.cancelled() => break,
-                () = ownership.lost() => break,
+            let Some(permit) = permit(&self.slots, cancel, ownership).await else {
+                break;
             };
             if queue.is_empty() {
                 let filled = match ahead.take() {
@@ -452,6 +442,20 @@ struct Claimed {
     everything: bool,
     /// The store returned as many rows as were asked for: more may be due.
     full: bool,
+}
+
+/// A permit of `semaphore`, or `None` at the soft cancel, at the loss of `ownership`,
+/// or if the semaphore is closed.
+async fn permit(
+    semaphore: &Arc<Semaphore>,
+    cancel: &CancellationToken,
+    ownership: &Ownership,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        p = Arc::clone(semaphore).acquire_owned() => p.ok(),
+        () = cancel.cancelled() => None,
+        () = ownership.lost() => None,
+    }
 }
 
 /// Claims up to `prefetch` due deliveries not in flight from the store into `queue`,
