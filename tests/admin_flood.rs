@@ -103,9 +103,10 @@ async fn attack_admin_while_faceio_posts(config: &Path) {
     assert_eq!(
         report.non_200(),
         0,
-        "{} of {} webhooks not answered 200",
+        "{} of {} webhooks not answered 200 ({})",
         report.non_200(),
-        report.statuses.len()
+        report.statuses.len(),
+        report.why()
     );
     assert!(flooded > 100, "the flood was answered too ({flooded})");
     // Far inside any health checker's timeout (the README records the measured value).

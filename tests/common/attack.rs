@@ -14,6 +14,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use faceio_relay::telemetry::error_chain;
+
 use super::{TOKEN, event};
 
 /// Where the attacks come from.
@@ -136,6 +138,9 @@ pub struct SenderReport {
     pub statuses: Vec<u16>,
     /// Latency of each answered request.
     pub latencies: Vec<Duration>,
+    /// Why each unanswered request failed (the client's error with its sources, and after
+    /// how long), in send order: a failure names its cause (timeout, reset, refused).
+    pub failures: Vec<String>,
 }
 
 impl SenderReport {
@@ -155,11 +160,24 @@ impl SenderReport {
         assert_eq!(
             self.non_200(),
             0,
-            "{label}: {} of {} not answered 200",
+            "{label}: {} of {} not answered 200 ({})",
             self.non_200(),
-            self.statuses.len()
+            self.statuses.len(),
+            self.why()
         );
         assert!(self.p99() < p99_bound, "{label}: p99 {:?}", self.p99());
+    }
+
+    /// The statuses other than 200 with their counts, and the first few failures' causes.
+    pub fn why(&self) -> String {
+        let mut counts = std::collections::BTreeMap::<u16, usize>::new();
+        for &s in self.statuses.iter().filter(|&&s| s != 200) {
+            *counts.entry(s).or_default() += 1;
+        }
+        format!(
+            "statuses {counts:?} (0 = no answer); first failures: {:?}",
+            &self.failures[..self.failures.len().min(5)]
+        )
     }
 
     /// The 99th-percentile latency.
@@ -199,16 +217,22 @@ pub async fn paced_sender(
                 .send()
                 .await;
             match sent {
-                Ok(r) => (r.status().as_u16(), Some(t.elapsed())),
-                Err(_) => (0, None),
+                Ok(r) => (r.status().as_u16(), Ok(t.elapsed())),
+                Err(e) => (
+                    0,
+                    Err(format!("after {:?}: {}", t.elapsed(), error_chain(&e))),
+                ),
             }
         }));
     }
     let mut report = SenderReport::default();
     for t in tasks {
-        let (status, latency) = t.await.unwrap();
+        let (status, outcome) = t.await.unwrap();
         report.statuses.push(status);
-        report.latencies.extend(latency);
+        match outcome {
+            Ok(latency) => report.latencies.push(latency),
+            Err(why) => report.failures.push(why),
+        }
     }
     report
 }
