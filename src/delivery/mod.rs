@@ -20,11 +20,15 @@
 //! - **Rate-limited is not failed.** A delivery waiting for its rate limit holds a
 //!   concurrency slot and waits; it is neither dropped nor counted as an attempt.
 //! - **The store is read when memory may not hold everything due.** With a store that
-//!   hands committed deliveries over in memory ([`Store::take_fresh`], SQLite), the
-//!   dispatcher takes new deliveries from there after a read of the store that saw
-//!   everything due; it reads the store again when a retry it recorded falls due, an
-//!   attempt ends without an outcome, the store stops the hand-off (a full queue,
-//!   replays, an orphan sweep) or `poll_interval` has passed since the last read.
+//!   hands committed deliveries over in memory ([`Store::take_fresh`]: SQLite, and
+//!   PostgreSQL for the deliveries this relay accepts for a destination it owns,
+//!   claimed as they are inserted), the dispatcher takes new deliveries from there after
+//!   a read of the store that saw everything due; it reads the store again when a retry
+//!   it recorded falls due, an attempt ends without an outcome, the store stops the
+//!   hand-off (a full queue, replays, an orphan sweep, another relay's insert) or
+//!   `poll_interval` has passed since the last read. A shared store's claimed deliveries
+//!   are taken after every read too ([`Store::take_claimed`]: a read does not return
+//!   them while their lease runs).
 //!
 //! Shutdown: on the soft cancel, dispatchers stop handing out work and deliveries waiting
 //! for a rate limit give up their turn (still pending). Attempts already under way get the

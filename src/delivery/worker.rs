@@ -233,9 +233,9 @@ impl Dispatcher {
         // claim waits for its commit to be flushed: while the last claim returned all it
         // was asked for, the next one is asked for when half the queue is started, so
         // the attempts need not wait for it (they did: at c=256 the destination sat idle
-        // during each claim). A store that hands deliveries over in memory (SQLite) reads
-        // only when the queue is empty, as its hand-off needs.
-        let read_ahead = !shared.store.hands_off();
+        // during each claim). A store used by one daemon that hands deliveries over in
+        // memory (SQLite) reads only when the queue is empty, as its hand-off needs.
+        let read_ahead = shared.store.shared() || !shared.store.hands_off();
         let mut ahead: Option<ReadAhead> = None;
         let mut more_due = false;
         loop {
@@ -260,7 +260,11 @@ impl Dispatcher {
             };
             if queue.is_empty() {
                 let filled = match ahead.take() {
-                    Some(read) => read.join(&mut queue).await,
+                    Some(read) => {
+                        let filled = read.join(&mut queue).await;
+                        self.take_claimed(&mut queue);
+                        filled
+                    }
                     None => {
                         let take_over = owned_at.elapsed() >= shared.lease;
                         self.fill(&mut queue, take_over, &mut handoff).await
@@ -312,6 +316,16 @@ impl Dispatcher {
         // claimed for this one.
         let unstarted: Vec<Delivery> = queue.into_iter().map(|(d, _)| d).collect();
         unclaim(shared, &unstarted).await;
+        // So are those a shared store claimed here as they committed and never handed
+        // over (never in flight here). Any that commit after this are given back when the
+        // ownership is dropped.
+        let handed: Vec<Delivery> = shared
+            .store
+            .take_claimed(&shared.name, usize::MAX)
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        unclaim(shared, &handed).await;
         let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         for d in &unstarted {
             in_flight.release(d.id);
@@ -331,10 +345,9 @@ impl Dispatcher {
         if handoff.complete(shared, self.poll_interval)
             && let Some(fresh) = shared.store.take_fresh(&shared.name, self.prefetch)
         {
-            let asked = Instant::now();
             let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             let read = claims.read_started();
-            for d in fresh {
+            for (d, asked) in fresh {
                 // Committed while the last read ran: that read returned it already.
                 if !handoff.seen.contains(&d.id) && claims.claim(d.id, read) {
                     queue.push_back((d, asked));
@@ -356,6 +369,7 @@ impl Dispatcher {
         handoff.read_at = Instant::now();
         let Claimed { everything, full } =
             claim_rows(shared, self.prefetch, take_over, queue, &mut handoff.seen).await?;
+        self.take_claimed(queue);
         if everything && shared.store.hands_off() {
             if !retries_known {
                 // Retries scheduled before the read: the hand-off will not show them.
@@ -373,6 +387,31 @@ impl Dispatcher {
             handoff.known = true;
         }
         Ok(full)
+    }
+
+    /// Appends what a shared store claimed for this dispatcher as the deliveries
+    /// committed here (a read of the store does not return them while their lease runs),
+    /// up to the prefetch, marking them in flight. A delivery already in flight (its
+    /// lease ran out while it waited here, and a read claimed it again) is dropped: that
+    /// newer claim attempts it.
+    fn take_claimed(&self, queue: &mut Queue) {
+        let shared = &self.shared;
+        let room = self.prefetch.saturating_sub(queue.len());
+        if room == 0 {
+            return;
+        }
+        let claimed = shared.store.take_claimed(&shared.name, room);
+        if claimed.is_empty() {
+            return;
+        }
+        let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let read = claims.read_started();
+        for (d, asked) in claimed {
+            if claims.claim(d.id, read) {
+                queue.push_back((d, asked));
+            }
+        }
+        claims.read_finished();
     }
 
     /// How long to sleep when nothing is due: until the next retry, at most one poll.

@@ -144,6 +144,20 @@ impl Ownership {
     }
 }
 
+impl Ownership {
+    /// The same ownership, running `first` on drop before its own release.
+    pub(crate) fn on_release(mut self, first: impl FnOnce() + Send + Sync + 'static) -> Self {
+        let then = self.release.take();
+        self.release = Some(Box::new(move || {
+            first();
+            if let Some(then) = then {
+                then();
+            }
+        }));
+        self
+    }
+}
+
 impl Drop for Ownership {
     fn drop(&mut self) {
         if let Some(release) = self.release.take() {
@@ -413,20 +427,39 @@ pub trait Store: Send + Sync + 'static {
     /// Whether [`Store::take_fresh`] hands this process's committed deliveries over in
     /// memory. Then every delivery that can fall due without a write of this process is
     /// known to the dispatcher: fresh ones are handed over, retries it records itself,
-    /// and anything else (replays, orphan sweeps, a full hand-off queue) stops the
-    /// hand-off until the next [`Store::claim`]. False for a store other processes
-    /// write to.
+    /// and anything else (replays, orphan sweeps, a full hand-off queue, and in a shared
+    /// store another process's insert, as its notification arrives) stops the hand-off
+    /// until the next [`Store::claim`]. False by default; a shared store only while it
+    /// listens for the other processes' notifications.
     fn hands_off(&self) -> bool {
         false
     }
 
     /// Deliveries for `destination` committed by this process since its last
     /// [`Store::claim`] began (at most `max`, in commit order), taken over so they need
-    /// not be read back; `None` when they are not all held (read the store). A delivery
-    /// that committed while that claim ran may be in both. Only for stores that
-    /// [`Store::hands_off`].
-    fn take_fresh(&self, _destination: &str, _max: usize) -> Option<Vec<Delivery>> {
+    /// not be read back, each with the moment its claim was asked for (a shared store
+    /// claims them as it inserts them; a store used by one daemon claims nothing: now);
+    /// `None` when they are not all held (read the store). A delivery that committed
+    /// while that claim ran may be in both. Only for stores that [`Store::hands_off`].
+    fn take_fresh(
+        &self,
+        _destination: &str,
+        _max: usize,
+    ) -> Option<Vec<(Delivery, tokio::time::Instant)>> {
         None
+    }
+
+    /// A shared store's deliveries for `destination` that this process claimed as it
+    /// committed them and has not handed over (at most `max`, in commit order), whether
+    /// or not [`Store::take_fresh`] would say the hand-off holds everything: a claim
+    /// read of the store does not return them (their lease is live), so the dispatcher
+    /// takes them after each read. Empty for a store that claims nothing.
+    fn take_claimed(
+        &self,
+        _destination: &str,
+        _max: usize,
+    ) -> Vec<(Delivery, tokio::time::Instant)> {
+        Vec::new()
     }
 
     /// Just before an attempt: extends this process's claim on `delivery` to `lease`

@@ -9,6 +9,7 @@ mod common;
 
 mod announcements;
 mod claims;
+mod handed;
 mod operations;
 mod ownership;
 mod relays;

@@ -31,7 +31,10 @@
 //! caller stopped waiting (its answer was a 503) is still written: the sender does not
 //! retry, so it is delivered rather than lost.
 //!
-//! The wake-up notification is *not* part of the insert's transaction (a `NOTIFY`
+//! A delivery for a destination this relay dispatches is claimed in that same statement
+//! and handed to its dispatcher in memory once committed (see `handed.rs`): no
+//! notification, no claim statement. The others are notified:
+//! the wake-up notification is *not* part of the insert's transaction (a `NOTIFY`
 //! serializes every notifying commit in the cluster on one lock, across its WAL flush): a
 //! background task sends it after the commit, coalesced per destination, as its own
 //! asynchronously committed statement. Losing one costs a poll, not an event.
@@ -85,6 +88,7 @@
 //!   connection instead of returning it.
 //! - `migrations.rs`: the schema migrations and applying them on start.
 //! - `locks.rs`: the lock connection and destination ownership.
+//! - `handed.rs`: deliveries claimed as they are inserted, handed over in memory.
 //! - `wakes.rs`: LISTEN/NOTIFY, both directions.
 //! - `writers.rs`: the inserter and recorder tasks that write in groups.
 //! - `queries.rs`: the [`Store`] implementation; `rows.rs`: reading its rows.
@@ -100,6 +104,7 @@
 //! [`Store`]: super::Store
 
 mod conn;
+mod handed;
 mod locks;
 mod migrations;
 mod queries;
@@ -114,9 +119,12 @@ use tokio::sync::{Mutex, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use self::conn::{ACQUIRE_TIMEOUT, Conn, SESSION_OPTIONS, conn, open_err, set_synchronous_commit};
+use self::handed::Handed;
 use self::locks::Locks;
 use self::wakes::{Notices, send_notices};
-use self::writers::{INSERT_QUEUE, PendingInsert, PendingOutcome, insert_events, record_outcomes};
+use self::writers::{
+    INSERT_QUEUE, Inserter, PendingInsert, PendingOutcome, insert_events, record_outcomes,
+};
 use super::{StoreError, Wake};
 use crate::config::PostgresConfig;
 use crate::event::now_ms;
@@ -136,6 +144,10 @@ pub struct PostgresStore {
     instance: String,
     /// The connection holding this relay's destination locks.
     locks: Arc<Locks>,
+    /// Deliveries claimed as they were inserted, for this relay's dispatchers.
+    handed: Arc<Handed>,
+    /// Destinations to notify the relays of (sent by a background task).
+    notices: Arc<Notices>,
     /// New-delivery notifications from the listening connection; started on the first
     /// [`Store::subscribe`](super::Store::subscribe).
     wakes: std::sync::Mutex<Option<broadcast::Sender<Wake>>>,
@@ -219,17 +231,23 @@ impl PostgresStore {
         // only while it writes.
         let (inserts, queue) = tokio::sync::mpsc::channel(INSERT_QUEUE);
         let queue = Arc::new(Mutex::new(queue));
+        let instance = uuid::Uuid::now_v7().simple().to_string();
+        let handed = Arc::new(Handed::default());
         for _ in 0..(config.pool_size / 2).clamp(1, 4) {
+            let inserter = Inserter {
+                pool: pool.clone(),
+                instance: instance.clone(),
+                notices: Arc::clone(&notices),
+                handed: Arc::clone(&handed),
+            };
             tokio::spawn(insert_events(
-                pool.clone(),
+                inserter,
                 Arc::clone(&queue),
-                Arc::clone(&notices),
                 stop.child_token(),
             ));
         }
         // Outcomes: one recorder, one connection at a time (they are small and unsynced).
         let (outcomes, queue) = tokio::sync::mpsc::channel(INSERT_QUEUE);
-        let instance = uuid::Uuid::now_v7().simple().to_string();
         tokio::spawn(record_outcomes(
             pool.clone(),
             instance.clone(),
@@ -241,6 +259,8 @@ impl PostgresStore {
             admin,
             instance,
             locks: Arc::new(Locks::new(options.clone(), stop.child_token())),
+            handed,
+            notices,
             wakes: std::sync::Mutex::new(None),
             inserts,
             outcomes,

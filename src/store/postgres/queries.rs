@@ -1,17 +1,20 @@
 //! The [`Store`] implementation: the statements behind each operation.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 
 use super::PostgresStore;
 use super::conn::{CONNECT_TIMEOUT, conn, unavailable};
 use super::rows::{dead_letter_row, delivery_row, selection_query};
 use super::wakes::{CHANNEL, WAKE_BUFFER, listen};
-use super::writers::{PendingInsert, PendingOutcome, hand_over};
+use super::writers::{PendingInsert, PendingOutcome, hand_over, unclaim_rows};
 use crate::event::VerifiedEvent;
 use crate::event::now_ms;
 use crate::store::shared::{DEAD_LETTER_COLUMNS, ORPHANED, PRUNE_CHUNK};
@@ -83,6 +86,8 @@ impl Store for PostgresStore {
         // another's may be taken; rows this process has under way never are (their lease
         // may have run out while they waited for the rate limit); rows another claim is
         // locking right now are skipped. Each claim gets a new `claim_seq`.
+        // Before the read: from here on the hand-off (see `handed`) holds what commits here.
+        self.handed.track(request.destination, request.lease);
         let mut c = self.conn().await?;
         let r = sqlx::query(
             "WITH picked AS (
@@ -146,29 +151,33 @@ impl Store for PostgresStore {
     }
 
     async fn unclaim(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
-        let (ids, seqs): (Vec<i64>, Vec<i64>) = deliveries
-            .iter()
-            .filter_map(|d| d.claim.map(|seq| (d.id, seq)))
-            .unzip();
-        if ids.is_empty() {
-            return Ok(());
+        unclaim_rows(&self.pool, &self.instance, deliveries).await?;
+        // Due again without an insert: whichever dispatcher has the destination (another
+        // of this relay's after a reload, or another relay's) reads the store.
+        let destinations: HashSet<String> =
+            deliveries.iter().map(|d| d.destination.clone()).collect();
+        for d in &destinations {
+            self.handed.untrack(d);
         }
-        let mut c = self.conn().await?;
-        // Found through the primary key only, each row's claim by its position in `$1`:
-        // no join for the planner to order (see `write_outcomes`, whose join form took
-        // seconds per group on a table without statistics).
-        let r = sqlx::query(
-            "UPDATE deliveries d SET claimed_by = NULL, lease_until = NULL
-             WHERE d.id = ANY($1::bigint[]) AND d.claimed_by = $3
-               AND d.claim_seq = ($2::bigint[])[array_position($1::bigint[], d.id)]",
-        )
-        .bind(&ids)
-        .bind(&seqs)
-        .bind(&self.instance)
-        .execute(c.get())
-        .await;
-        c.finish(r)?;
+        self.notices.notify(destinations);
         Ok(())
+    }
+
+    fn hands_off(&self) -> bool {
+        // Only while another relay's insert is heard of (the listener clears the
+        // hand-off's completeness before passing its notification on).
+        self.wakes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    fn take_fresh(&self, destination: &str, max: usize) -> Option<Vec<(Delivery, Instant)>> {
+        self.handed.take(destination, max)
+    }
+
+    fn take_claimed(&self, destination: &str, max: usize) -> Vec<(Delivery, Instant)> {
+        self.handed.take_claimed(destination, max)
     }
 
     async fn next_due_after(
@@ -398,6 +407,10 @@ impl Store for PostgresStore {
             }
         }
         if !decided.replayed.is_empty() {
+            // Pending again without an insert: a dispatcher here reads the store.
+            for (destination, _) in &decided.replayed {
+                self.handed.untrack(destination);
+            }
             // Wake the relays that own them (as a new delivery does); a failure costs a poll.
             let names: Vec<&str> = decided.replayed.iter().map(|(d, _)| d.as_str()).collect();
             let mut c = self.conn().await?;
@@ -588,7 +601,33 @@ impl Store for PostgresStore {
     }
 
     async fn own(&self, destination: &str) -> Result<Option<Ownership>, StoreError> {
-        self.locks.try_own(destination).await
+        let Some(ownership) = self.locks.try_own(destination).await? else {
+            return Ok(None);
+        };
+        // While it lasts, deliveries inserted here are claimed and handed over (see
+        // `handed`); when it ends, those not taken are given back and the destination's
+        // next owner (here or at another relay) is told.
+        let id = self.handed.own(destination);
+        let handed = Arc::clone(&self.handed);
+        let (pool, instance) = (self.pool.clone(), self.instance.clone());
+        let notices = Arc::clone(&self.notices);
+        let destination = destination.to_string();
+        Ok(Some(ownership.on_release(move || {
+            let waiting = handed.disown(&destination, id);
+            if waiting.is_empty() {
+                return;
+            }
+            let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                return; // the process is ending: the claims run out with their lease
+            };
+            rt.spawn(async move {
+                if let Err(e) = unclaim_rows(&pool, &instance, &waiting).await {
+                    tracing::warn!(destination = %destination, error = %e,
+                        "cannot give back deliveries claimed for this relay's dispatcher; they wait for their lease");
+                }
+                notices.notify([destination]);
+            });
+        })))
     }
 
     fn subscribe(&self) -> Option<broadcast::Receiver<Wake>> {
@@ -599,6 +638,7 @@ impl Store for PostgresStore {
         let (tx, rx) = broadcast::channel(WAKE_BUFFER);
         tokio::spawn(listen(
             self.options.clone(),
+            Arc::clone(&self.handed),
             tx.clone(),
             self.stop.child_token(),
         ));

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{CONNECT_TIMEOUT, conn};
+use super::handed::Handed;
 use crate::store::Wake;
 
 /// The NOTIFY channel for new deliveries; the payload is the destination name.
@@ -48,8 +49,20 @@ const NOTIFY_COALESCE: Duration = Duration::from_millis(2);
 /// Destinations waiting for their notification, and the task's wake-up.
 #[derive(Default)]
 pub(super) struct Notices {
-    pub(super) pending: std::sync::Mutex<HashSet<String>>,
-    pub(super) ready: Notify,
+    pending: std::sync::Mutex<HashSet<String>>,
+    ready: Notify,
+}
+
+impl Notices {
+    /// Queues a notification for each of `destinations` (coalesced with those waiting).
+    pub(super) fn notify(&self, destinations: impl IntoIterator<Item = String>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let before = pending.len();
+        pending.extend(destinations);
+        if pending.len() > before {
+            self.ready.notify_one();
+        }
+    }
 }
 
 /// Sends the notifications for committed deliveries until `stop`: one statement for
@@ -112,6 +125,7 @@ enum Ended {
 /// [`WAKE_ALL_INTERVAL`].
 pub(super) async fn listen(
     options: PgConnectOptions,
+    handed: Arc<Handed>,
     tx: broadcast::Sender<Wake>,
     stop: CancellationToken,
 ) {
@@ -148,8 +162,11 @@ pub(super) async fn listen(
                     }
                 }
                 last_wake_all = Some(Instant::now());
+                handed.untrack_all();
                 let _ = tx.send(Wake::All);
-                let ended = listen_until_lost(&mut listener, &tx, &stop).await;
+                let ended = listen_until_lost(&mut listener, &handed, &tx, &stop).await;
+                // Whatever is committed from here is not heard of until the next listen.
+                handed.untrack_all();
                 if since.elapsed() >= LISTEN_STABLE {
                     backoff = LISTEN_BACKOFF;
                 }
@@ -175,6 +192,7 @@ pub(super) async fn listen(
 /// `stop`.
 async fn listen_until_lost(
     listener: &mut PgListener,
+    handed: &Handed,
     tx: &broadcast::Sender<Wake>,
     stop: &CancellationToken,
 ) -> Ended {
@@ -187,6 +205,8 @@ async fn listen_until_lost(
         tokio::select! {
             n = listener.try_recv() => match n {
                 Ok(Some(n)) => {
+                    // The hand-off first: the dispatcher this wakes must read the store.
+                    handed.untrack(n.payload());
                     let _ = tx.send(Wake::Destination(n.payload().to_string()));
                 }
                 Ok(None) => return Ended::Lost("the connection was closed".into()),

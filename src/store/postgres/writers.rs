@@ -2,17 +2,21 @@
 //! the recorder task that writes every waiting outcome in one statement.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use sqlx::Row;
 use sqlx::postgres::PgPool;
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{conn, unavailable};
+use super::handed::Handed;
 use super::wakes::Notices;
-use crate::store::{EventRow, StoreError};
+use crate::store::{Delivery, EventRow, StoreError};
 
 /// Most events written by one insert statement.
 pub const MAX_INSERT_BATCH: usize = 256;
@@ -81,15 +85,36 @@ async fn next_group<T>(
     }
 }
 
+/// What an inserter needs besides its queue.
+pub(super) struct Inserter {
+    pub(super) pool: PgPool,
+    /// This process's ID in `deliveries.claimed_by`.
+    pub(super) instance: String,
+    pub(super) notices: Arc<Notices>,
+    pub(super) handed: Arc<Handed>,
+}
+
 /// An inserter: takes every event waiting (up to [`MAX_INSERT_BATCH`]) and writes them in
 /// one statement, until `stop` (events still queued then are answered with an error: the
-/// relay is closing the store, ingress no longer answers 200).
+/// relay is closing the store, ingress no longer answers 200). Deliveries for the
+/// destinations this relay dispatches are claimed in that statement and handed to their
+/// dispatcher before the events are answered (see `handed`); the others' destinations
+/// are notified.
 pub(super) async fn insert_events(
-    pool: PgPool,
+    inserter: Inserter,
     queue: SharedQueue<PendingInsert>,
-    notices: Arc<Notices>,
     stop: CancellationToken,
 ) {
+    let Inserter {
+        pool,
+        instance,
+        notices,
+        handed,
+    } = inserter;
+    let claim = Claim {
+        instance: &instance,
+        handed: &handed,
+    };
     let mut batch = Vec::with_capacity(MAX_INSERT_BATCH);
     // One inserter gathers at a time; the others write meanwhile.
     while next_group(&queue, &mut batch, MAX_INSERT_BATCH, &stop).await {
@@ -98,8 +123,12 @@ pub(super) async fn insert_events(
         if batch.is_empty() {
             continue;
         }
-        let written: Vec<Result<(), StoreError>> = match write_group(&pool, &batch).await {
-            Ok(()) => batch.iter().map(|_| Ok(())).collect(),
+        let mut claimed = Vec::new();
+        let written: Vec<Result<(), StoreError>> = match write_group(&pool, &batch, &claim).await {
+            Ok(c) => {
+                claimed = c;
+                batch.iter().map(|_| Ok(())).collect()
+            }
             // PostgreSQL refused the statement (not the connection): find the event it
             // refused by writing them one by one.
             Err(Refused::Statement(_)) if batch.len() > 1 => {
@@ -111,8 +140,11 @@ pub(super) async fn insert_events(
                         each.push(Err(StoreError::Unavailable(reason(e))));
                         continue;
                     }
-                    match write_group(&pool, std::slice::from_ref(one)).await {
-                        Ok(()) => each.push(Ok(())),
+                    match write_group(&pool, std::slice::from_ref(one), &claim).await {
+                        Ok(c) => {
+                            claimed.extend(c);
+                            each.push(Ok(()));
+                        }
                         Err(Refused::Statement(e)) => each.push(Err(e)),
                         Err(Refused::Unreachable(e)) => {
                             each.push(Err(StoreError::Unavailable(reason(&e))));
@@ -131,24 +163,36 @@ pub(super) async fn insert_events(
                     .collect()
             }
         };
+        // Handed over before the answers, so the dispatchers ingress wakes find them.
+        let handed_to: HashSet<String> =
+            claimed.iter().map(|(d, _)| d.destination.clone()).collect();
+        let orphans = handed.push(claimed);
         let mut committed: HashSet<String> = HashSet::new();
         for (pending, result) in batch.drain(..).zip(written) {
             if result.is_ok() {
-                committed.extend(pending.row.destinations.iter().cloned());
+                committed.extend(
+                    pending
+                        .row
+                        .destinations
+                        .iter()
+                        .filter(|d| !handed_to.contains(*d))
+                        .cloned(),
+                );
             }
             // The caller may have given up waiting (its answer was a 503); the event is
             // stored all the same, and delivered: at least once.
             let _ = pending.done.send(result);
         }
-        // Committed: now tell the other relays (in the background, see `send_notices`).
-        if !committed.is_empty() {
-            notices
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(committed);
-            notices.ready.notify_one();
+        // Claimed for a dispatcher that stopped meanwhile: given back, and the
+        // destination's next owner told.
+        if !orphans.is_empty() {
+            if let Err(e) = unclaim_rows(&pool, &instance, &orphans).await {
+                tracing::warn!(error = %e, "cannot give back the claims of deliveries whose dispatcher stopped; they wait for their lease");
+            }
+            committed.extend(orphans.into_iter().map(|d| d.destination));
         }
+        // Committed: now tell the other relays (in the background, see `send_notices`).
+        notices.notify(committed);
     }
 }
 
@@ -282,9 +326,21 @@ async fn write_outcomes(
     Ok(c.finish(r)?.into_iter().collect())
 }
 
+/// How an inserter claims deliveries as it inserts them.
+struct Claim<'a> {
+    instance: &'a str,
+    handed: &'a Handed,
+}
+
 /// Writes `events` and their deliveries, due now on the database's clock, in one
-/// statement (its own transaction).
-async fn write_group(pool: &PgPool, events: &[PendingInsert]) -> Result<(), Refused> {
+/// statement (its own transaction). The deliveries [`Handed::leases`] names a lease for
+/// are claimed for this process in the same statement; they are returned, each with the
+/// moment the statement was sent, to be handed over once the events are answered.
+async fn write_group(
+    pool: &PgPool,
+    events: &[PendingInsert],
+    claim: &Claim<'_>,
+) -> Result<Vec<(Delivery, Instant)>, Refused> {
     let rows = || events.iter().map(|e| &e.row);
     let col = |f: fn(&EventRow) -> &str| -> Vec<&str> { rows().map(f).collect() };
     let received: Vec<i64> = rows().map(|e| e.received_at).collect();
@@ -299,19 +355,37 @@ async fn write_group(pool: &PgPool, events: &[PendingInsert]) -> Result<(), Refu
             destinations.push(d.as_str());
         }
     }
+    let leases = claim.handed.leases(&destinations);
+    let lease_ms: Vec<Option<i64>> = leases.iter().map(|l| l.map(millis)).collect();
+    let claiming = || {
+        destinations
+            .iter()
+            .zip(&leases)
+            .filter(|(_, l)| l.is_some())
+            .map(|(d, _)| *d)
+    };
+    let asked = Instant::now();
     let write = async {
         let mut c = conn(pool).await.map_err(Refused::Unreachable)?;
+        // A claimed delivery gets what a claim statement would give it: this process's
+        // ID, a lease from the database's clock and the first `claim_seq`.
         let r = sqlx::query(
             "WITH e AS (
                  INSERT INTO events (id, received_at, app_id, event_name, facial_id, client_ip, payload)
                  SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[],
                                       $5::text[], $6::text[], $7::text[])
+             ), d AS (
+                 INSERT INTO deliveries (event_id, destination, state, attempts, next_attempt_at,
+                                         updated_at, claimed_by, lease_until, claim_seq)
+                 SELECT ev, dest, 'pending', 0, clock.now, clock.now,
+                        CASE WHEN lease IS NULL THEN NULL ELSE $10 END, clock.now + lease,
+                        CASE WHEN lease IS NULL THEN 0 ELSE 1 END
+                 FROM unnest($8::text[], $9::text[], $11::bigint[]) WITH ORDINALITY AS d(ev, dest, lease, n),
+                      (SELECT faceio_relay_now_ms() AS now) AS clock
+                 ORDER BY d.n
+                 RETURNING id, event_id, destination, claim_seq
              )
-             INSERT INTO deliveries (event_id, destination, state, attempts, next_attempt_at, updated_at)
-             SELECT ev, dest, 'pending', 0, clock.now, clock.now
-             FROM unnest($8::text[], $9::text[]) WITH ORDINALITY AS d(ev, dest, n),
-                  (SELECT faceio_relay_now_ms() AS now) AS clock
-             ORDER BY d.n",
+             SELECT id, event_id, destination, claim_seq FROM d WHERE claim_seq > 0",
         )
         .bind(col(|e| &e.id))
         .bind(&received)
@@ -322,7 +396,9 @@ async fn write_group(pool: &PgPool, events: &[PendingInsert]) -> Result<(), Refu
         .bind(&payloads)
         .bind(&event_ids)
         .bind(&destinations)
-        .execute(c.get())
+        .bind(claim.instance)
+        .bind(&lease_ms)
+        .fetch_all(c.get())
         .await;
         // Refused for its data (class 22) or a constraint (class 23): another group
         // without the offending event can succeed. Anything else (shutdown, a timeout,
@@ -330,16 +406,95 @@ async fn write_group(pool: &PgPool, events: &[PendingInsert]) -> Result<(), Refu
         let refused_statement = matches!(&r, Err(sqlx::Error::Database(db))
             if db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")));
         match c.finish(r) {
-            Ok(_) => Ok(()),
+            Ok(rows) => Ok(rows),
             Err(e) if refused_statement => Err(Refused::Statement(e)),
             Err(e) => Err(Refused::Unreachable(e)),
         }
     };
-    tokio::time::timeout(INSERT_TIMEOUT, write)
+    let returned = tokio::time::timeout(INSERT_TIMEOUT, write)
         .await
         .unwrap_or_else(|_| {
             Err(Refused::Unreachable(unavailable(
                 "writing events timed out",
             )))
         })
+        .and_then(|returned| {
+            handed_deliveries(events, &returned, asked)
+                .map_err(|e| Refused::Unreachable(unavailable(e)))
+        });
+    if returned.is_err() {
+        claim.handed.abandon(claiming());
+    }
+    returned
+}
+
+/// The claimed deliveries an insert returned, as the dispatcher attempts them. An
+/// event's body is copied once, out of the request's buffer (a queue of deliveries must
+/// not keep whole connection buffers alive).
+fn handed_deliveries(
+    events: &[PendingInsert],
+    returned: &[sqlx::postgres::PgRow],
+    asked: Instant,
+) -> Result<Vec<(Delivery, Instant)>, sqlx::Error> {
+    let by_id: HashMap<&str, &EventRow> =
+        events.iter().map(|e| (e.row.id.as_str(), &e.row)).collect();
+    let mut bodies: HashMap<&str, Bytes> = HashMap::new();
+    let mut claimed = Vec::with_capacity(returned.len());
+    for r in returned {
+        let event_id: String = r.try_get("event_id")?;
+        let Some(event) = by_id.get(event_id.as_str()) else {
+            continue;
+        };
+        let body = bodies
+            .entry(event.id.as_str())
+            .or_insert_with(|| Bytes::copy_from_slice(&event.body))
+            .clone();
+        let delivery = Delivery {
+            id: r.try_get("id")?,
+            destination: r.try_get("destination")?,
+            attempts: 0,
+            received_at_ms: event.received_at,
+            body,
+            claim: Some(r.try_get("claim_seq")?),
+            event_id,
+        };
+        claimed.push((delivery, asked));
+    }
+    Ok(claimed)
+}
+
+/// Gives back this process's claims on `deliveries` (each still carrying the claim its
+/// `claim` names), so they are due to whoever dispatches their destination.
+pub(super) async fn unclaim_rows(
+    pool: &PgPool,
+    instance: &str,
+    deliveries: &[Delivery],
+) -> Result<(), StoreError> {
+    let (ids, seqs): (Vec<i64>, Vec<i64>) = deliveries
+        .iter()
+        .filter_map(|d| d.claim.map(|seq| (d.id, seq)))
+        .unzip();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut c = conn(pool).await?;
+    // Found through the primary key only, each row's claim by its position in `$1`:
+    // no join for the planner to order (see `write_outcomes`, whose join form took
+    // seconds per group on a table without statistics).
+    let r = sqlx::query(
+        "UPDATE deliveries d SET claimed_by = NULL, lease_until = NULL
+         WHERE d.id = ANY($1::bigint[]) AND d.claimed_by = $3
+           AND d.claim_seq = ($2::bigint[])[array_position($1::bigint[], d.id)]",
+    )
+    .bind(&ids)
+    .bind(&seqs)
+    .bind(instance)
+    .execute(c.get())
+    .await;
+    c.finish(r)?;
+    Ok(())
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

@@ -391,7 +391,7 @@ mod tests {
     use crate::config::{Application, Secret};
     use crate::event::verify::{authenticate, verify};
     use crate::event::{VerifiedEvent, now_ms};
-    use crate::store::{Outcome, Store};
+    use crate::store::{Delivery, Outcome, Store};
 
     fn app() -> Vec<Application> {
         vec![Application::new("fioa1", Secret::new("t".into()))]
@@ -570,7 +570,12 @@ mod tests {
         assert!(store.claim(read(10)).await.unwrap().is_empty());
         let ev = event("AUTH");
         store.insert_event(&ev, &["a", "b"]).await.unwrap();
-        let handed = store.take_fresh("a", 10).unwrap();
+        let handed: Vec<Delivery> = store
+            .take_fresh("a", 10)
+            .unwrap()
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
         let stored = store.due("a", now_ms(), 10).await.unwrap();
         assert_eq!(handed.len(), 1);
         assert_eq!(

@@ -112,8 +112,14 @@ impl Store for SqliteStore {
         self.fresh.is_some()
     }
 
-    fn take_fresh(&self, destination: &str, max: usize) -> Option<Vec<Delivery>> {
-        self.fresh.as_ref()?.take(destination, max)
+    fn take_fresh(
+        &self,
+        destination: &str,
+        max: usize,
+    ) -> Option<Vec<(Delivery, tokio::time::Instant)>> {
+        let fresh = self.fresh.as_ref()?.take(destination, max)?;
+        let now = tokio::time::Instant::now();
+        Some(fresh.into_iter().map(|d| (d, now)).collect())
     }
 
     async fn next_due_after(
