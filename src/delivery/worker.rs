@@ -316,16 +316,9 @@ impl Dispatcher {
         // claimed for this one.
         let unstarted: Vec<Delivery> = queue.into_iter().map(|(d, _)| d).collect();
         unclaim(shared, &unstarted).await;
-        // So are those a shared store claimed here as they committed and never handed
-        // over (never in flight here). Any that commit after this are given back when the
-        // ownership is dropped.
-        let handed: Vec<Delivery> = shared
-            .store
-            .take_claimed(&shared.name, usize::MAX)
-            .into_iter()
-            .map(|(d, _)| d)
-            .collect();
-        unclaim(shared, &handed).await;
+        // Those a shared store claimed here as they committed, and never handed over, it
+        // gives back itself when the ownership is dropped (unless a newer dispatcher of
+        // this relay owns the destination by then: a reload; they are its).
         let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         for d in &unstarted {
             in_flight.release(d.id);
@@ -538,7 +531,14 @@ async fn claim_rows(
             }
         };
         // Fewer rows than asked for: the read saw every due delivery.
-        exhausted = due.len() < prefetch + in_flight.len();
+        // A store used by one daemon returns the in-flight rows too (the caller skips
+        // them); a shared store leaves them out in its query.
+        let asked_for = if shared.store.shared() {
+            prefetch
+        } else {
+            prefetch + in_flight.len()
+        };
+        exhausted = due.len() < asked_for;
         full = due.len() >= prefetch;
         *seen = due.iter().map(|d| d.id).collect();
         for d in due {

@@ -92,11 +92,17 @@ async fn an_owned_destinations_deliveries_are_claimed_as_inserted_and_handed_ove
         "a destination this relay does not own is left unclaimed"
     );
     // Nobody was notified of h (the relay that dispatches it inserted it), while the
-    // destination it does not own was (the later insert's notice comes after).
-    let before = wake_for(&mut wakes, "elsewhere").await;
+    // destination it does not own was. Notices wait in a set until sent, so one for h
+    // would go out with "elsewhere" at the latest: it would have arrived before the
+    // notice of a later insert.
+    let mut heard = wake_for(&mut wakes, "elsewhere").await;
+    one.insert_event(&verified("AUTH"), &["later"])
+        .await
+        .unwrap();
+    heard.extend(wake_for(&mut wakes, "later").await);
     assert!(
-        !before.contains(&Wake::Destination("h".into())),
-        "notified of an owned destination: {before:?}"
+        !heard.contains(&Wake::Destination("h".into())),
+        "notified of an owned destination: {heard:?}"
     );
 
     // The claim is as good as any: renewed, then recorded.

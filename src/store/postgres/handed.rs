@@ -5,8 +5,9 @@
 //!
 //! # When a delivery is claimed as it is inserted
 //! Only while this relay owns the destination ([`Store::own`]: an entry's `owner`) and
-//! its dispatcher has read the store once (which gives the lease, [`Handed::track`]), and
-//! only while fewer than [`MAX_FRESH`] wait in its queue. The claim is the one a claim
+//! its dispatcher has read the store since (which gives the lease, [`Handed::track`]),
+//! and only while fewer than its prefetch wait in its queue (a relay that dies leaves no
+//! more waiting for their lease than one claim statement would have). The claim is the one a claim
 //! statement would make (this process's ID, a lease from the database's clock, the first
 //! `claim_seq`), committed and flushed with the event: a claim read of the store never
 //! returns the row while that lease runs, a renewal checks it, and another relay that
@@ -34,15 +35,16 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::store::Delivery;
 
-/// Most claimed deliveries waiting per destination; past it new ones are left unclaimed
-/// in the store (the dispatcher has fallen behind and reads the store anyway).
+/// Most claimed deliveries waiting per destination when the dispatcher names no smaller
+/// bound (its prefetch, [`Handed::track`]); past it new ones are left unclaimed in the
+/// store.
 pub(super) const MAX_FRESH: usize = 4096;
 
 /// One destination's hand-off.
@@ -52,6 +54,11 @@ struct Entry {
     owner: Option<u64>,
     /// The lease its dispatcher claims for; set by its first read of the store.
     lease: Option<Duration>,
+    /// Most deliveries claimed and waiting: the dispatcher's prefetch, so no more are
+    /// claimed ahead than one read of the store would claim (a relay that dies leaves
+    /// no more than that waiting for a lease, and a destination that falls behind leaves
+    /// the rest unclaimed for whoever dispatches it).
+    max: usize,
     /// The last read of the store and this queue hold every due delivery.
     complete: bool,
     /// Claimed, committed, not yet taken: each with the moment its claim was asked for.
@@ -65,6 +72,9 @@ struct Entry {
 pub(super) struct Handed {
     by_destination: Mutex<HashMap<String, Entry>>,
     next_owner: AtomicU64,
+    /// The listener is connected: another relay's insert is heard of. Without it the
+    /// hand-off never holds everything.
+    listening: AtomicBool,
 }
 
 impl Handed {
@@ -75,13 +85,24 @@ impl Handed {
     }
 
     /// This relay now owns `destination`; returns the ID [`Handed::disown`] takes.
+    /// Nothing is claimed as inserted until the new owner's dispatcher reads the store
+    /// (with its own lease: a reload may have changed the destination's timeout).
     pub fn own(&self, destination: &str) -> u64 {
         let id = self.next_owner.fetch_add(1, Ordering::Relaxed);
-        self.lock()
-            .entry(destination.to_string())
-            .or_default()
-            .owner = Some(id);
+        let mut by_destination = self.lock();
+        let entry = by_destination.entry(destination.to_string()).or_default();
+        entry.owner = Some(id);
+        entry.lease = None;
+        entry.complete = false;
         id
+    }
+
+    /// Whether the listener is connected (set by it).
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.store(listening, Ordering::SeqCst);
+        if !listening {
+            self.untrack_all();
+        }
     }
 
     /// Ownership `id` of `destination` ended: nothing more is claimed as it is inserted,
@@ -101,14 +122,17 @@ impl Handed {
         entry.queue.drain(..).map(|(d, _)| d).collect()
     }
 
-    /// The dispatcher is about to read `destination` with `lease`: from now on the
-    /// hand-off holds whatever commits here, and new deliveries are claimed as they are
+    /// The dispatcher is about to read `destination` with `lease`, `max` deliveries at a
+    /// time: from now on the hand-off holds whatever commits here (while the listener
+    /// hears the other relays), and up to `max` new deliveries are claimed as they are
     /// inserted while this relay owns the destination.
-    pub fn track(&self, destination: &str, lease: Duration) {
+    pub fn track(&self, destination: &str, lease: Duration, max: usize) {
+        let listening = self.listening.load(Ordering::SeqCst);
         let mut by_destination = self.lock();
         let entry = by_destination.entry(destination.to_string()).or_default();
         entry.lease = Some(lease);
-        entry.complete = true;
+        entry.max = max.clamp(1, MAX_FRESH);
+        entry.complete = listening;
     }
 
     /// Due deliveries of `destination` may be in the store and not here: the dispatcher
@@ -137,7 +161,7 @@ impl Handed {
             .map(|d| {
                 let entry = by_destination.get_mut(*d)?;
                 let lease = entry.owner.and(entry.lease)?;
-                if entry.queue.len() + entry.reserved >= MAX_FRESH {
+                if entry.queue.len() + entry.reserved >= entry.max {
                     entry.complete = false;
                     return None;
                 }
@@ -232,17 +256,30 @@ mod tests {
         v.iter().map(|(d, _)| d.id).collect()
     }
 
+    /// A hand-off that hears the other relays.
+    fn listening() -> Handed {
+        let h = Handed::default();
+        h.set_listening(true);
+        h
+    }
+
     #[test]
     fn claims_only_for_an_owned_destination_whose_dispatcher_has_read() {
-        let h = Handed::default();
+        let h = listening();
         assert_eq!(h.leases(&["a"]), [None], "unknown: not claimed");
-        h.track("a", LEASE);
+        h.track("a", LEASE, 10);
         assert_eq!(
             h.leases(&["a"]),
             [None],
             "read but not owned (a test, a reload)"
         );
         let id = h.own("a");
+        assert_eq!(
+            h.leases(&["a"]),
+            [None],
+            "owned, not read since: no lease yet"
+        );
+        h.track("a", LEASE, 10);
         assert_eq!(h.leases(&["a", "b"]), [Some(LEASE), None]);
         assert!(h.push(vec![delivery(1, "a")]).is_empty());
         assert_eq!(ids(&h.take("a", 10).unwrap()), [1]);
@@ -270,26 +307,36 @@ mod tests {
 
     #[test]
     fn a_newer_ownership_is_not_ended_by_the_older_ones_drop() {
-        let h = Handed::default();
+        let h = listening();
         let old = h.own("a");
-        h.track("a", LEASE);
-        let new = h.own("a");
+        h.track("a", LEASE, 10);
         assert_eq!(h.leases(&["a"]), [Some(LEASE)]);
         assert!(h.push(vec![delivery(1, "a")]).is_empty());
+        // A reload: the new dispatcher owns before the old one lets go, and claims with
+        // its own lease once it has read.
+        let new = h.own("a");
+        assert_eq!(
+            h.leases(&["a"]),
+            [None],
+            "the old lease is not used for the new owner"
+        );
+        h.track("a", 2 * LEASE, 10);
+        assert_eq!(h.leases(&["a"]), [Some(2 * LEASE)]);
+        assert!(h.push(vec![delivery(2, "a")]).is_empty());
         assert!(
             h.disown("a", old).is_empty(),
             "the reload's new dispatcher keeps it"
         );
-        assert_eq!(ids(&h.take_claimed("a", 10)), [1]);
+        assert_eq!(ids(&h.take_claimed("a", 10)), [1, 2]);
         assert!(h.disown("a", new).is_empty());
         assert_eq!(h.leases(&["a"]), [None]);
     }
 
     #[test]
     fn outside_changes_and_a_full_queue_send_the_dispatcher_to_the_store() {
-        let h = Handed::default();
+        let h = listening();
         h.own("a");
-        h.track("a", LEASE);
+        h.track("a", LEASE, 10);
         h.untrack("a");
         assert!(
             h.take("a", 10).is_none(),
@@ -304,24 +351,30 @@ mod tests {
             "handed over after the read"
         );
 
-        h.track("a", LEASE);
-        let many = vec!["a"; MAX_FRESH];
-        assert!(h.leases(&many).iter().all(Option::is_some));
+        // No more claimed ahead than the dispatcher's prefetch.
+        h.track("a", LEASE, 3);
+        assert_eq!(h.leases(&["a"; 3]), [Some(LEASE); 3]);
         assert_eq!(
             h.leases(&["a"]),
             [None],
             "no room: left unclaimed in the store"
         );
         assert!(h.take("a", 10).is_none(), "and the store must be read");
-        h.abandon(many);
-        h.track("a", LEASE);
+        h.abandon(["a"; 3]);
+        h.track("a", LEASE, 3);
         assert_eq!(h.leases(&["a"]), [Some(LEASE)], "room again");
 
-        h.track("a", LEASE);
+        h.track("a", LEASE, 3);
         h.untrack_all();
         assert!(
             h.take("a", 10).is_none(),
             "a lost listener: read everything"
+        );
+        h.set_listening(false);
+        h.track("a", LEASE, 3);
+        assert!(
+            h.take("a", 10).is_none(),
+            "not listening: another relay's insert would go unheard"
         );
     }
 }

@@ -117,6 +117,7 @@ use std::sync::Arc;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio::sync::{Mutex, broadcast};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use self::conn::{ACQUIRE_TIMEOUT, Conn, SESSION_OPTIONS, conn, open_err, set_synchronous_commit};
 use self::handed::Handed;
@@ -148,6 +149,8 @@ pub struct PostgresStore {
     handed: Arc<Handed>,
     /// Destinations to notify the relays of (sent by a background task).
     notices: Arc<Notices>,
+    /// Claims being given back in the background (waited for by `close`).
+    give_backs: TaskTracker,
     /// New-delivery notifications from the listening connection; started on the first
     /// [`Store::subscribe`](super::Store::subscribe).
     wakes: std::sync::Mutex<Option<broadcast::Sender<Wake>>>,
@@ -233,12 +236,14 @@ impl PostgresStore {
         let queue = Arc::new(Mutex::new(queue));
         let instance = uuid::Uuid::now_v7().simple().to_string();
         let handed = Arc::new(Handed::default());
+        let give_backs = TaskTracker::new();
         for _ in 0..(config.pool_size / 2).clamp(1, 4) {
             let inserter = Inserter {
                 pool: pool.clone(),
                 instance: instance.clone(),
                 notices: Arc::clone(&notices),
                 handed: Arc::clone(&handed),
+                give_backs: give_backs.clone(),
             };
             tokio::spawn(insert_events(
                 inserter,
@@ -261,6 +266,7 @@ impl PostgresStore {
             locks: Arc::new(Locks::new(options.clone(), stop.child_token())),
             handed,
             notices,
+            give_backs,
             wakes: std::sync::Mutex::new(None),
             inserts,
             outcomes,

@@ -87,7 +87,8 @@ impl Store for PostgresStore {
         // may have run out while they waited for the rate limit); rows another claim is
         // locking right now are skipped. Each claim gets a new `claim_seq`.
         // Before the read: from here on the hand-off (see `handed`) holds what commits here.
-        self.handed.track(request.destination, request.lease);
+        self.handed
+            .track(request.destination, request.lease, request.want);
         let mut c = self.conn().await?;
         let r = sqlx::query(
             "WITH picked AS (
@@ -611,6 +612,7 @@ impl Store for PostgresStore {
         let handed = Arc::clone(&self.handed);
         let (pool, instance) = (self.pool.clone(), self.instance.clone());
         let notices = Arc::clone(&self.notices);
+        let give_backs = self.give_backs.clone();
         let destination = destination.to_string();
         Ok(Some(ownership.on_release(move || {
             let waiting = handed.disown(&destination, id);
@@ -620,13 +622,17 @@ impl Store for PostgresStore {
             let Ok(rt) = tokio::runtime::Handle::try_current() else {
                 return; // the process is ending: the claims run out with their lease
             };
-            rt.spawn(async move {
-                if let Err(e) = unclaim_rows(&pool, &instance, &waiting).await {
-                    tracing::warn!(destination = %destination, error = %e,
-                        "cannot give back deliveries claimed for this relay's dispatcher; they wait for their lease");
-                }
-                notices.notify([destination]);
-            });
+            give_backs.spawn_on(
+                async move {
+                    if let Err(e) = unclaim_rows(&pool, &instance, &waiting).await {
+                        tracing::warn!(destination = %destination, error = %e,
+                            "cannot give back deliveries claimed for this relay's dispatcher; they wait for their lease");
+                    }
+                    handed.untrack(&destination);
+                    notices.notify([destination]);
+                },
+                &rt,
+            );
         })))
     }
 
@@ -647,6 +653,9 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) {
+        // Claims being given back (the dispatchers have stopped) go first, on the pool.
+        self.give_backs.close();
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, self.give_backs.wait()).await;
         self.stop.cancel();
         // Give the destinations back now rather than when the process exits.
         self.locks.give_back().await;

@@ -162,11 +162,12 @@ pub(super) async fn listen(
                     }
                 }
                 last_wake_all = Some(Instant::now());
+                handed.set_listening(true);
                 handed.untrack_all();
                 let _ = tx.send(Wake::All);
                 let ended = listen_until_lost(&mut listener, &handed, &tx, &stop).await;
                 // Whatever is committed from here is not heard of until the next listen.
-                handed.untrack_all();
+                handed.set_listening(false);
                 if since.elapsed() >= LISTEN_STABLE {
                     backoff = LISTEN_BACKOFF;
                 }

@@ -12,6 +12,7 @@ use sqlx::postgres::PgPool;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::conn::{conn, unavailable};
 use super::handed::Handed;
@@ -92,6 +93,7 @@ pub(super) struct Inserter {
     pub(super) instance: String,
     pub(super) notices: Arc<Notices>,
     pub(super) handed: Arc<Handed>,
+    pub(super) give_backs: TaskTracker,
 }
 
 /// An inserter: takes every event waiting (up to [`MAX_INSERT_BATCH`]) and writes them in
@@ -110,10 +112,13 @@ pub(super) async fn insert_events(
         instance,
         notices,
         handed,
+        give_backs,
     } = inserter;
     let claim = Claim {
         instance: &instance,
         handed: &handed,
+        notices: &notices,
+        give_backs: &give_backs,
     };
     let mut batch = Vec::with_capacity(MAX_INSERT_BATCH);
     // One inserter gathers at a time; the others write meanwhile.
@@ -188,6 +193,9 @@ pub(super) async fn insert_events(
         if !orphans.is_empty() {
             if let Err(e) = unclaim_rows(&pool, &instance, &orphans).await {
                 tracing::warn!(error = %e, "cannot give back the claims of deliveries whose dispatcher stopped; they wait for their lease");
+            }
+            for d in &orphans {
+                handed.untrack(&d.destination);
             }
             committed.extend(orphans.into_iter().map(|d| d.destination));
         }
@@ -329,7 +337,10 @@ async fn write_outcomes(
 /// How an inserter claims deliveries as it inserts them.
 struct Claim<'a> {
     instance: &'a str,
-    handed: &'a Handed,
+    handed: &'a Arc<Handed>,
+    notices: &'a Arc<Notices>,
+    /// Background give-backs (waited for when the store closes).
+    give_backs: &'a TaskTracker,
 }
 
 /// Writes `events` and their deliveries, due now on the database's clock, in one
@@ -422,10 +433,77 @@ async fn write_group(
             handed_deliveries(events, &returned, asked)
                 .map_err(|e| Refused::Unreachable(unavailable(e)))
         });
-    if returned.is_err() {
-        claim.handed.abandon(claiming());
+    match &returned {
+        Err(Refused::Unreachable(_)) if claiming().next().is_some() => {
+            claim.handed.abandon(claiming());
+            // The statement may still commit (a timeout, a connection lost after the
+            // commit): its claims would keep the deliveries from every read for a lease.
+            let ids: HashSet<String> = events
+                .iter()
+                .filter(|e| {
+                    e.row
+                        .destinations
+                        .iter()
+                        .any(|d| claiming().any(|c| c == d))
+                })
+                .map(|e| e.row.id.clone())
+                .collect();
+            let destinations: HashSet<String> = claiming().map(str::to_string).collect();
+            claim.give_backs.spawn(give_back_inserted(
+                pool.clone(),
+                claim.instance.to_string(),
+                ids.into_iter().collect(),
+                destinations,
+                leases.iter().flatten().max().copied().unwrap_or_default(),
+                Arc::clone(claim.handed),
+                Arc::clone(claim.notices),
+            ));
+        }
+        // Refused: rolled back, nothing claimed.
+        Err(_) => claim.handed.abandon(claiming()),
+        Ok(_) => {}
     }
     returned
+}
+
+/// Gives back the claims an insert whose outcome is unknown may have made (`claim_seq`
+/// 1, this process's), trying every second until it finds them or their lease is over;
+/// then the destinations' dispatcher reads the store.
+async fn give_back_inserted(
+    pool: PgPool,
+    instance: String,
+    event_ids: Vec<String>,
+    destinations: HashSet<String>,
+    lease: Duration,
+    handed: Arc<Handed>,
+    notices: Arc<Notices>,
+) {
+    let until = Instant::now() + lease;
+    while Instant::now() < until {
+        let given = async {
+            let mut c = conn(&pool).await?;
+            let r = sqlx::query(
+                "UPDATE deliveries SET claimed_by = NULL, lease_until = NULL
+                 WHERE event_id = ANY($1) AND claimed_by = $2 AND claim_seq = 1
+                   AND state = 'pending'",
+            )
+            .bind(&event_ids)
+            .bind(&instance)
+            .execute(c.get())
+            .await;
+            Ok::<_, StoreError>(c.finish(r)?.rows_affected())
+        };
+        if let Ok(Ok(n)) = tokio::time::timeout(INSERT_TIMEOUT, given).await
+            && n > 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for d in &destinations {
+        handed.untrack(d);
+    }
+    notices.notify(destinations);
 }
 
 /// The claimed deliveries an insert returned, as the dispatcher attempts them. An
