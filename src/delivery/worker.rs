@@ -483,10 +483,13 @@ async fn permit(
     cancel: &CancellationToken,
     ownership: &Ownership,
 ) -> Option<OwnedSemaphorePermit> {
+    // Cancel and loss first: a dispatcher told to stop never reads the store again (a
+    // reload's new dispatcher may own the destination already).
     tokio::select! {
-        p = Arc::clone(semaphore).acquire_owned() => p.ok(),
+        biased;
         () = cancel.cancelled() => None,
         () = ownership.lost() => None,
+        p = Arc::clone(semaphore).acquire_owned() => p.ok(),
     }
 }
 

@@ -127,8 +127,10 @@ impl Handed {
     /// hears the other relays), and up to `max` new deliveries are claimed as they are
     /// inserted while this relay owns the destination.
     pub fn track(&self, destination: &str, lease: Duration, max: usize) {
-        let listening = self.listening.load(Ordering::SeqCst);
         let mut by_destination = self.lock();
+        // Read under the lock: `set_listening(false)` stores before `untrack_all` locks,
+        // so a listener lost meanwhile is either seen here or clears this afterwards.
+        let listening = self.listening.load(Ordering::SeqCst);
         let entry = by_destination.entry(destination.to_string()).or_default();
         entry.lease = Some(lease);
         entry.max = max.clamp(1, MAX_FRESH);

@@ -438,25 +438,28 @@ async fn write_group(
             claim.handed.abandon(claiming());
             // The statement may still commit (a timeout, a connection lost after the
             // commit): its claims would keep the deliveries from every read for a lease.
-            let ids: HashSet<String> = events
+            // Exactly the rows it claimed: a row inserted unclaimed may be claimed by a
+            // read meanwhile (also `claim_seq` 1), and that claim is an attempt's.
+            let (claimed_events, claimed_destinations): (Vec<&str>, Vec<&str>) = event_ids
                 .iter()
-                .filter(|e| {
-                    e.row
-                        .destinations
-                        .iter()
-                        .any(|d| claiming().any(|c| c == d))
-                })
-                .map(|e| e.row.id.clone())
-                .collect();
-            let destinations: HashSet<String> = claiming().map(str::to_string).collect();
+                .zip(&destinations)
+                .zip(&leases)
+                .filter(|(_, l)| l.is_some())
+                .map(|((e, d), _)| (*e, *d))
+                .unzip();
             claim.give_backs.spawn(give_back_inserted(
-                pool.clone(),
-                claim.instance.to_string(),
-                ids.into_iter().collect(),
-                destinations,
-                leases.iter().flatten().max().copied().unwrap_or_default(),
-                Arc::clone(claim.handed),
-                Arc::clone(claim.notices),
+                GiveBack {
+                    pool: pool.clone(),
+                    instance: claim.instance.to_string(),
+                    event_ids: claimed_events.iter().map(|e| e.to_string()).collect(),
+                    destinations: claimed_destinations.iter().map(|d| d.to_string()).collect(),
+                    lease: leases.iter().flatten().max().copied().unwrap_or_default(),
+                    handed: Arc::clone(claim.handed),
+                    notices: Arc::clone(claim.notices),
+                    closing: claim.give_backs.clone(),
+                },
+                // If it committed, its unclaimed rows were never notified either.
+                destinations.iter().map(|d| d.to_string()).collect(),
             ));
         }
         // Refused: rolled back, nothing claimed.
@@ -466,44 +469,62 @@ async fn write_group(
     returned
 }
 
-/// Gives back the claims an insert whose outcome is unknown may have made (`claim_seq`
-/// 1, this process's), trying every second until it finds them or their lease is over;
-/// then the destinations' dispatcher reads the store.
-async fn give_back_inserted(
+/// What [`give_back_inserted`] gives back, and where.
+struct GiveBack {
     pool: PgPool,
     instance: String,
+    /// The claimed deliveries, as `(event_ids[i], destinations[i])`.
     event_ids: Vec<String>,
-    destinations: HashSet<String>,
+    destinations: Vec<String>,
     lease: Duration,
     handed: Arc<Handed>,
     notices: Arc<Notices>,
-) {
+    /// Closed when the store closes: one last try, then stop.
+    closing: TaskTracker,
+}
+
+/// Gives back the claims an insert whose outcome is unknown may have made (`claim_seq`
+/// 1, this process's, exactly the claimed pairs), trying every second until it finds
+/// them, their lease is over or the store closes; then the group's destinations
+/// (`notify`) are read by their dispatchers.
+async fn give_back_inserted(give_back: GiveBack, notify: HashSet<String>) {
+    let GiveBack {
+        pool,
+        instance,
+        event_ids,
+        destinations,
+        lease,
+        handed,
+        notices,
+        closing,
+    } = give_back;
     let until = Instant::now() + lease;
     while Instant::now() < until {
         let given = async {
             let mut c = conn(&pool).await?;
             let r = sqlx::query(
-                "UPDATE deliveries SET claimed_by = NULL, lease_until = NULL
-                 WHERE event_id = ANY($1) AND claimed_by = $2 AND claim_seq = 1
-                   AND state = 'pending'",
+                "UPDATE deliveries d SET claimed_by = NULL, lease_until = NULL
+                 FROM unnest($1::text[], $2::text[]) AS g(ev, dest)
+                 WHERE d.event_id = g.ev AND d.destination = g.dest
+                   AND d.claimed_by = $3 AND d.claim_seq = 1 AND d.state = 'pending'",
             )
             .bind(&event_ids)
+            .bind(&destinations)
             .bind(&instance)
             .execute(c.get())
             .await;
             Ok::<_, StoreError>(c.finish(r)?.rows_affected())
         };
-        if let Ok(Ok(n)) = tokio::time::timeout(INSERT_TIMEOUT, given).await
-            && n > 0
-        {
+        let found = matches!(tokio::time::timeout(INSERT_TIMEOUT, given).await, Ok(Ok(n)) if n > 0);
+        if found || closing.is_closed() {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    for d in &destinations {
+    for d in &notify {
         handed.untrack(d);
     }
-    notices.notify(destinations);
+    notices.notify(notify);
 }
 
 /// The claimed deliveries an insert returned, as the dispatcher attempts them. An
