@@ -165,8 +165,9 @@ impl Store for PostgresStore {
     }
 
     fn hands_off(&self) -> bool {
-        // Only while another relay's insert is heard of (the listener clears the
-        // hand-off's completeness before passing its notification on).
+        // Once this relay listens: another relay's insert is heard of (the listener
+        // clears the hand-off's completeness before passing its notification on), and
+        // while the listening connection is down `take_fresh` says "read the store".
         self.wakes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
