@@ -338,15 +338,8 @@ impl Dispatcher {
         if handoff.complete(shared, self.poll_interval)
             && let Some(fresh) = shared.store.take_fresh(&shared.name, self.prefetch)
         {
-            let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            let read = claims.read_started();
-            for (d, asked) in fresh {
-                // Committed while the last read ran: that read returned it already.
-                if !handoff.seen.contains(&d.id) && claims.claim(d.id, read) {
-                    queue.push_back((d, asked));
-                }
-            }
-            claims.read_finished();
+            // Committed while the last read ran: that read returned it already.
+            admit(shared, queue, fresh, &handoff.seen);
             return Ok(false);
         }
         // A full read. From here, retries recorded and deliveries given back are noted
@@ -394,17 +387,9 @@ impl Dispatcher {
             return;
         }
         let claimed = shared.store.take_claimed(&shared.name, room);
-        if claimed.is_empty() {
-            return;
+        if !claimed.is_empty() {
+            admit(shared, queue, claimed, &HashSet::new());
         }
-        let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        let read = claims.read_started();
-        for (d, asked) in claimed {
-            if claims.claim(d.id, read) {
-                queue.push_back((d, asked));
-            }
-        }
-        claims.read_finished();
     }
 
     /// How long to sleep when nothing is due: until the next retry, at most one poll.
@@ -466,6 +451,24 @@ impl ReadAhead {
             Err(e) => Err(StoreError::Unavailable(format!("claiming deliveries: {e}"))),
         }
     }
+}
+
+/// Appends deliveries handed over in memory to `queue`, marking them in flight, except
+/// those in `seen` (the last read returned them) or already in flight.
+fn admit(
+    shared: &Shared,
+    queue: &mut Queue,
+    handed: Vec<(Delivery, Instant)>,
+    seen: &HashSet<i64>,
+) {
+    let mut claims = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+    let read = claims.read_started();
+    for (d, asked) in handed {
+        if !seen.contains(&d.id) && claims.claim(d.id, read) {
+            queue.push_back((d, asked));
+        }
+    }
+    claims.read_finished();
 }
 
 /// What one claim from the store returned.

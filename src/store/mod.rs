@@ -142,9 +142,7 @@ impl Ownership {
     pub fn lost_token(&self) -> CancellationToken {
         self.lost.clone()
     }
-}
 
-impl Ownership {
     /// The same ownership, running `first` on drop before its own release.
     pub(crate) fn on_release(mut self, first: impl FnOnce() + Send + Sync + 'static) -> Self {
         let then = self.release.take();
@@ -194,6 +192,22 @@ pub struct Delivery {
     /// the row still carries it, so a stale attempt never touches a newer claim. `None`
     /// in a store used by one daemon, which ignores it.
     pub claim: Option<i64>,
+}
+
+#[cfg(test)]
+impl Delivery {
+    /// A fresh delivery `id` of an empty event for `destination`, claimed by nobody.
+    pub(crate) fn fixture(id: i64, destination: &str) -> Self {
+        Self {
+            id,
+            event_id: format!("e{id}"),
+            destination: destination.into(),
+            attempts: 0,
+            received_at_ms: 0,
+            body: Bytes::from_static(b"{}"),
+            claim: None,
+        }
+    }
 }
 
 /// What [`Store::claim`] is asked for.

@@ -6,22 +6,34 @@ use std::time::Duration;
 
 use faceio_relay::event::now_ms;
 use faceio_relay::store::postgres::PostgresStore;
-use faceio_relay::store::{Delivery, Outcome, Store, Wake};
+use faceio_relay::store::{Delivery, Outcome, Ownership, Store, Wake};
 
 use crate::common::pg::{TestDb, within};
 use crate::common::store::{LONG, request, verified};
-use crate::pg_config;
+use crate::wakes::listening_pair;
 
-/// A store on `db` that listens for the other relays' notifications, ready to hear them.
-async fn listening(db: &TestDb) -> (PostgresStore, tokio::sync::broadcast::Receiver<Wake>) {
-    let store = PostgresStore::open(&pg_config(db)).await.unwrap();
-    let mut wakes = store.subscribe().expect("postgres notifies");
-    let first = tokio::time::timeout(Duration::from_secs(10), wakes.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(first, Wake::All, "listening");
-    (store, wakes)
+/// Two relays on one database: `one` listens for notifications, owns destination `h`
+/// and has read it once (as its dispatcher does on start, which starts the hand-off);
+/// `two` does neither.
+struct Pair {
+    one: PostgresStore,
+    wakes: tokio::sync::broadcast::Receiver<Wake>,
+    ownership: Ownership,
+    two: PostgresStore,
+}
+
+impl Pair {
+    async fn new(db: &TestDb) -> Self {
+        let (one, two, wakes) = listening_pair(db).await;
+        let ownership = one.own("h").await.unwrap().expect("free");
+        assert!(one.claim(request("h", LONG)).await.unwrap().is_empty());
+        Self {
+            one,
+            wakes,
+            ownership,
+            two,
+        }
+    }
 }
 
 /// Waits for the wake-up naming `destination`; returns the ones before it.
@@ -58,11 +70,12 @@ async fn claim_of(db: &TestDb, destination: &str) -> (Option<String>, Option<boo
 #[tokio::test]
 async fn an_owned_destinations_deliveries_are_claimed_as_inserted_and_handed_over() {
     let db = TestDb::create().await;
-    let (one, mut wakes) = listening(&db).await;
-    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
-    let ownership = one.own("h").await.unwrap().expect("free");
-    // The dispatcher's first read starts the hand-off.
-    assert!(one.claim(request("h", LONG)).await.unwrap().is_empty());
+    let Pair {
+        one,
+        mut wakes,
+        ownership,
+        two,
+    } = Pair::new(&db).await;
     assert!(one.hands_off());
     assert!(one.take_fresh("h", 10).unwrap().is_empty());
 
@@ -120,10 +133,12 @@ async fn an_owned_destinations_deliveries_are_claimed_as_inserted_and_handed_ove
 #[tokio::test]
 async fn another_relays_insert_sends_the_dispatcher_back_to_the_store() {
     let db = TestDb::create().await;
-    let (one, mut wakes) = listening(&db).await;
-    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
-    let _ownership = one.own("h").await.unwrap().expect("free");
-    assert!(one.claim(request("h", LONG)).await.unwrap().is_empty());
+    let Pair {
+        one,
+        mut wakes,
+        ownership: _ownership,
+        two,
+    } = Pair::new(&db).await;
     assert!(one.take_fresh("h", 10).unwrap().is_empty());
 
     // Two (not the owner) inserts: unclaimed, and notified.
@@ -151,10 +166,12 @@ async fn another_relays_insert_sends_the_dispatcher_back_to_the_store() {
 #[tokio::test]
 async fn deliveries_claimed_for_an_ownership_that_ended_are_given_back_at_once() {
     let db = TestDb::create().await;
-    let (one, mut wakes) = listening(&db).await;
-    let two = PostgresStore::open(&pg_config(&db)).await.unwrap();
-    let ownership = one.own("h").await.unwrap().expect("free");
-    assert!(one.claim(request("h", LONG)).await.unwrap().is_empty());
+    let Pair {
+        one,
+        mut wakes,
+        ownership,
+        two,
+    } = Pair::new(&db).await;
     one.insert_event(&verified("AUTH"), &["h"]).await.unwrap();
     assert_eq!(claim_of(&db, "h").await.0.as_deref(), Some(one.instance()));
 

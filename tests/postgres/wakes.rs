@@ -11,7 +11,7 @@ use crate::common::store::verified;
 use crate::pg_config;
 
 /// Two stores on `db`; the first listens for wake-ups and is ready to hear them.
-async fn listening_pair(
+pub(crate) async fn listening_pair(
     db: &TestDb,
 ) -> (
     PostgresStore,

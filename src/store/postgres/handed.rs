@@ -97,12 +97,11 @@ impl Handed {
         id
     }
 
-    /// Whether the listener is connected (set by it).
+    /// Whether the listener is connected (set by it). Either way nothing is complete
+    /// any more: notifications were missed while it was down, or will be now.
     pub fn set_listening(&self, listening: bool) {
         self.listening.store(listening, Ordering::SeqCst);
-        if !listening {
-            self.untrack_all();
-        }
+        self.untrack_all();
     }
 
     /// Ownership `id` of `destination` ended: nothing more is claimed as it is inserted,
@@ -235,21 +234,15 @@ impl Handed {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
 
     const LEASE: Duration = Duration::from_secs(40);
 
+    /// A delivery claimed as inserted (`claim_seq` 1).
     fn delivery(id: i64, destination: &str) -> (Delivery, Instant) {
         let d = Delivery {
-            id,
-            event_id: format!("e{id}"),
-            destination: destination.into(),
-            attempts: 0,
-            received_at_ms: 0,
-            body: Bytes::from_static(b"{}"),
             claim: Some(1),
+            ..Delivery::fixture(id, destination)
         };
         (d, Instant::now())
     }

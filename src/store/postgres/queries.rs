@@ -1,6 +1,5 @@
 //! The [`Store`] implementation: the statements behind each operation.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use super::PostgresStore;
 use super::conn::{CONNECT_TIMEOUT, conn, unavailable};
 use super::rows::{dead_letter_row, delivery_row, selection_query};
 use super::wakes::{CHANNEL, WAKE_BUFFER, listen};
-use super::writers::{PendingInsert, PendingOutcome, hand_over, unclaim_rows};
+use super::writers::{PendingInsert, PendingOutcome, give_back, hand_over, millis};
 use crate::event::VerifiedEvent;
 use crate::event::now_ms;
 use crate::store::shared::{DEAD_LETTER_COLUMNS, ORPHANED, PRUNE_CHUNK};
@@ -32,10 +31,6 @@ const ANNOUNCEMENT_RETENTION: Duration = Duration::from_secs(86_400);
 /// statements add to the database's clock.
 fn offset_from_now(at_ms: i64) -> i64 {
     at_ms - now_ms()
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[async_trait]
@@ -152,16 +147,16 @@ impl Store for PostgresStore {
     }
 
     async fn unclaim(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
-        unclaim_rows(&self.pool, &self.instance, deliveries).await?;
         // Due again without an insert: whichever dispatcher has the destination (another
         // of this relay's after a reload, or another relay's) reads the store.
-        let destinations: HashSet<String> =
-            deliveries.iter().map(|d| d.destination.clone()).collect();
-        for d in &destinations {
-            self.handed.untrack(d);
-        }
-        self.notices.notify(destinations);
-        Ok(())
+        give_back(
+            &self.pool,
+            &self.instance,
+            deliveries,
+            &self.handed,
+            &self.notices,
+        )
+        .await
     }
 
     fn hands_off(&self) -> bool {
@@ -625,12 +620,11 @@ impl Store for PostgresStore {
             };
             give_backs.spawn_on(
                 async move {
-                    if let Err(e) = unclaim_rows(&pool, &instance, &waiting).await {
+                    let given = give_back(&pool, &instance, &waiting, &handed, &notices).await;
+                    if let Err(e) = given {
                         tracing::warn!(destination = %destination, error = %e,
                             "cannot give back deliveries claimed for this relay's dispatcher; they wait for their lease");
                     }
-                    handed.untrack(&destination);
-                    notices.notify([destination]);
                 },
                 &rt,
             );

@@ -163,7 +163,6 @@ pub(super) async fn listen(
                 }
                 last_wake_all = Some(Instant::now());
                 handed.set_listening(true);
-                handed.untrack_all();
                 let _ = tx.send(Wake::All);
                 let ended = listen_until_lost(&mut listener, &handed, &tx, &stop).await;
                 // Whatever is committed from here is not heard of until the next listen.

@@ -190,14 +190,8 @@ pub(super) async fn insert_events(
         }
         // Claimed for a dispatcher that stopped meanwhile: given back, and the
         // destination's next owner told.
-        if !orphans.is_empty() {
-            if let Err(e) = unclaim_rows(&pool, &instance, &orphans).await {
-                tracing::warn!(error = %e, "cannot give back the claims of deliveries whose dispatcher stopped; they wait for their lease");
-            }
-            for d in &orphans {
-                handed.untrack(&d.destination);
-            }
-            committed.extend(orphans.into_iter().map(|d| d.destination));
+        if let Err(e) = give_back(&pool, &instance, &orphans, &handed, &notices).await {
+            tracing::warn!(error = %e, "cannot give back the claims of deliveries whose dispatcher stopped; they wait for their lease");
         }
         // Committed: now tell the other relays (in the background, see `send_notices`).
         notices.notify(committed);
@@ -440,19 +434,19 @@ async fn write_group(
             // commit): its claims would keep the deliveries from every read for a lease.
             // Exactly the rows it claimed: a row inserted unclaimed may be claimed by a
             // read meanwhile (also `claim_seq` 1), and that claim is an attempt's.
-            let (claimed_events, claimed_destinations): (Vec<&str>, Vec<&str>) = event_ids
+            let (claimed_events, claimed_destinations) = event_ids
                 .iter()
                 .zip(&destinations)
                 .zip(&leases)
                 .filter(|(_, l)| l.is_some())
-                .map(|((e, d), _)| (*e, *d))
+                .map(|((e, d), _)| (e.to_string(), d.to_string()))
                 .unzip();
             claim.give_backs.spawn(give_back_inserted(
                 GiveBack {
                     pool: pool.clone(),
                     instance: claim.instance.to_string(),
-                    event_ids: claimed_events.iter().map(|e| e.to_string()).collect(),
-                    destinations: claimed_destinations.iter().map(|d| d.to_string()).collect(),
+                    event_ids: claimed_events,
+                    destinations: claimed_destinations,
                     lease: leases.iter().flatten().max().copied().unwrap_or_default(),
                     handed: Arc::clone(claim.handed),
                     notices: Arc::clone(claim.notices),
@@ -521,10 +515,7 @@ async fn give_back_inserted(give_back: GiveBack, notify: HashSet<String>) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    for d in &notify {
-        handed.untrack(d);
-    }
-    notices.notify(notify);
+    reread(&handed, &notices, notify);
 }
 
 /// The claimed deliveries an insert returned, as the dispatcher attempts them. An
@@ -535,6 +526,9 @@ fn handed_deliveries(
     returned: &[sqlx::postgres::PgRow],
     asked: Instant,
 ) -> Result<Vec<(Delivery, Instant)>, sqlx::Error> {
+    if returned.is_empty() {
+        return Ok(Vec::new()); // nothing claimed: the usual case where another relay owns
+    }
     let by_id: HashMap<&str, &EventRow> =
         events.iter().map(|e| (e.row.id.as_str(), &e.row)).collect();
     let mut bodies: HashMap<&str, Bytes> = HashMap::new();
@@ -564,7 +558,7 @@ fn handed_deliveries(
 
 /// Gives back this process's claims on `deliveries` (each still carrying the claim its
 /// `claim` names), so they are due to whoever dispatches their destination.
-pub(super) async fn unclaim_rows(
+async fn unclaim_rows(
     pool: &PgPool,
     instance: &str,
     deliveries: &[Delivery],
@@ -594,6 +588,35 @@ pub(super) async fn unclaim_rows(
     Ok(())
 }
 
-fn millis(d: Duration) -> i64 {
+/// Gives back this process's claims on `deliveries` ([`unclaim_rows`]); once given back,
+/// their destinations are read again ([`reread`]): due without an insert, they would
+/// otherwise wait for a poll.
+pub(super) async fn give_back(
+    pool: &PgPool,
+    instance: &str,
+    deliveries: &[Delivery],
+    handed: &Handed,
+    notices: &Notices,
+) -> Result<(), StoreError> {
+    if deliveries.is_empty() {
+        return Ok(());
+    }
+    unclaim_rows(pool, instance, deliveries).await?;
+    let destinations = deliveries.iter().map(|d| d.destination.clone()).collect();
+    reread(handed, notices, destinations);
+    Ok(())
+}
+
+/// Has the dispatchers of `destinations` read the store: this relay's (the hand-off no
+/// longer holds everything) and, by a notification, whichever relay owns each.
+fn reread(handed: &Handed, notices: &Notices, destinations: HashSet<String>) {
+    for d in &destinations {
+        handed.untrack(d);
+    }
+    notices.notify(destinations);
+}
+
+/// A duration in whole milliseconds, as the statements take it.
+pub(super) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

@@ -21,6 +21,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
+use tokio::time::Instant;
+
 use crate::store::Delivery;
 
 /// Most deliveries held per destination; past it the dispatcher reads the store.
@@ -55,13 +57,15 @@ impl Fresh {
         self.lock().remove(destination);
     }
 
-    /// Up to `max` deliveries for `destination`, oldest first; `None` if it is not
+    /// Up to `max` deliveries for `destination`, oldest first, each with now as the
+    /// moment its claim was asked for (this store claims nothing); `None` if it is not
     /// tracked (read the store).
-    pub fn take(&self, destination: &str, max: usize) -> Option<Vec<Delivery>> {
+    pub fn take(&self, destination: &str, max: usize) -> Option<Vec<(Delivery, Instant)>> {
+        let now = Instant::now();
         let mut by_destination = self.lock();
         let q = by_destination.get_mut(destination)?;
         let n = q.len().min(max);
-        Some(q.drain(..n).collect())
+        Some(q.drain(..n).map(|d| (d, now)).collect())
     }
 
     /// Appends committed deliveries to the queues of tracked destinations.
@@ -85,20 +89,10 @@ impl Fresh {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
 
     fn delivery(id: i64, destination: &str) -> Delivery {
-        Delivery {
-            id,
-            event_id: format!("e{id}"),
-            destination: destination.into(),
-            attempts: 0,
-            received_at_ms: 0,
-            body: Bytes::from_static(b"{}"),
-            claim: None,
-        }
+        Delivery::fixture(id, destination)
     }
 
     #[test]
@@ -108,7 +102,12 @@ mod tests {
         assert!(fresh.take("a", 10).is_none(), "not tracked: read the store");
         fresh.track("a");
         fresh.push(vec![delivery(2, "a"), delivery(3, "b"), delivery(4, "a")]);
-        let ids: Vec<i64> = fresh.take("a", 10).unwrap().iter().map(|d| d.id).collect();
+        let ids: Vec<i64> = fresh
+            .take("a", 10)
+            .unwrap()
+            .iter()
+            .map(|(d, _)| d.id)
+            .collect();
         assert_eq!(ids, [2, 4], "in commit order, only a's");
         assert!(fresh.take("a", 10).unwrap().is_empty());
 

@@ -117,9 +117,7 @@ impl Store for SqliteStore {
         destination: &str,
         max: usize,
     ) -> Option<Vec<(Delivery, tokio::time::Instant)>> {
-        let fresh = self.fresh.as_ref()?.take(destination, max)?;
-        let now = tokio::time::Instant::now();
-        Some(fresh.into_iter().map(|d| (d, now)).collect())
+        self.fresh.as_ref()?.take(destination, max)
     }
 
     async fn next_due_after(
